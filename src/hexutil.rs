@@ -1,0 +1,86 @@
+//! Hex text in and out: the `decode` command's input, fixtures and log fields.
+
+use std::fmt::Write as _;
+
+/// A token that is not an even-length run of hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not hex: {token:?}{}", if *.odd { " (odd number of digits)" } else { "" })]
+pub struct HexError {
+    /// The offending whitespace-separated token.
+    pub token: String,
+    /// Whether the token was hex with an odd digit count.
+    pub odd: bool,
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Parses whitespace-separated hex tokens (`"23 00 0a"`, `"23000a"`, or a mix) into bytes.
+pub fn parse_hex(s: &str) -> Result<Vec<u8>, HexError> {
+    let mut out = Vec::with_capacity(s.len() / 2);
+    for token in s.split_whitespace() {
+        let t = token.as_bytes();
+        if t.iter().any(|&c| nibble(c).is_none()) {
+            return Err(HexError {
+                token: token.to_owned(),
+                odd: false,
+            });
+        }
+        if t.len() % 2 != 0 {
+            return Err(HexError {
+                token: token.to_owned(),
+                odd: true,
+            });
+        }
+        for pair in t.chunks_exact(2) {
+            // Both digits were checked above.
+            let hi = nibble(pair[0]).unwrap_or(0);
+            let lo = nibble(pair[1]).unwrap_or(0);
+            out.push(hi << 4 | lo);
+        }
+    }
+    Ok(out)
+}
+
+/// Lower-case hex with no separators.
+pub fn to_hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for byte in b {
+        let _ = write!(s, "{byte:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_formats() {
+        assert_eq!(parse_hex("23 00 0A ff").unwrap(), vec![0x23, 0, 0x0a, 0xff]);
+        assert_eq!(
+            parse_hex("  2300\n0aff ").unwrap(),
+            vec![0x23, 0, 0x0a, 0xff]
+        );
+        assert_eq!(parse_hex("").unwrap(), Vec::<u8>::new());
+        assert_eq!(to_hex(&[0x7e, 0x0a]), "7e0a");
+    }
+
+    #[test]
+    fn names_the_bad_token() {
+        let e = parse_hex("23 00 zz 11").unwrap_err();
+        assert_eq!(e.token, "zz");
+        assert!(e.to_string().contains("\"zz\""));
+        let e = parse_hex("23 0").unwrap_err();
+        assert!(e.odd);
+        assert_eq!(e.token, "0");
+        assert!(parse_hex("0x23").is_err());
+        assert!(parse_hex("…").is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! cync-mitm: a transparent TLS man-in-the-middle sidecar between GE Cync devices and the Cync
+//! cloud. It relays every byte unchanged, decodes every frame to label logs, metrics and captures,
+//! and (in later milestones) mirrors and routes traffic to a new reliable path.
+//!
+//! # Layout
+//! - [`codec`]: the Cync wire protocol, sans-IO (frames, inner frames, escaping, checksum, TLV
+//!   records, command/status layouts, streaming framer, answer matching).
+//! - [`hexutil`]: hex text in and out.
+//! - [`cmd`]: the command-line tools (`decode`), callable from tests.
+//!
+//! `src/main.rs` only parses arguments and wires these together.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cmd;
+pub mod codec;
+pub mod hexutil;
