@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn firmware_opener_only_for_fa_00() {
         let fw = hex(
-            "00 00 00 00 00 fa 00 20 00 00 00 00 00 00 00 00 00 ea 00 00 00 86 01 01 31 30 32 39 38 00 00 00 00 00 00 00 00 00 00 00 00 96 7e",
+            "00 00 00 00 00 fa 00 20 00 00 00 00 00 00 00 00 ea 00 00 00 86 01 01 31 30 32 39 38 00 00 00 00 00 00 00 00 00 00 00 00 00 96 7e",
         );
         let f = InnerFrame::decode(&fw).unwrap();
         assert_eq!(f.opener, FIRMWARE_OPENER);

@@ -411,13 +411,14 @@ pub struct FirmwareVersion {
 
 /// Data length of a firmware-version frame.
 pub const FIRMWARE_DATA_LEN: usize = 0x20;
-const FIRMWARE_PREFIX: [u8; 14] = [0, 0, 0, 0, 0, 0, 0, 0, 0xea, 0, 0, 0, 0x86, 0x01];
+/// Data before the kind byte: seven zeros, `ea 00 00 00`, `86 01` (as in every captured sample).
+const FIRMWARE_PREFIX: [u8; 13] = [0, 0, 0, 0, 0, 0, 0, 0xea, 0, 0, 0, 0x86, 0x01];
 
 impl FirmwareVersion {
     /// Parses `fa 00` data.
     pub fn parse(data: &[u8]) -> Option<Self> {
         let (prefix, rest) = data.split_at_checked(FIRMWARE_PREFIX.len())?;
-        if prefix[8..] != FIRMWARE_PREFIX[8..] {
+        if prefix[7..] != FIRMWARE_PREFIX[7..] {
             return None;
         }
         let (&kind, text) = rest.split_first()?;
@@ -616,7 +617,7 @@ mod tests {
     #[test]
     fn firmware() {
         let f = inner(
-            "00 00 00 00 00 fa 00 20 00 00 00 00 00 00 00 00 00 ea 00 00 00 86 01 01 31 30 32 39 38 00 00 00 00 00 00 00 00 00 00 00 00 96 7e",
+            "00 00 00 00 00 fa 00 20 00 00 00 00 00 00 00 00 ea 00 00 00 86 01 01 31 30 32 39 38 00 00 00 00 00 00 00 00 00 00 00 00 00 96 7e",
         );
         let Payload::Firmware(v) = decode_payload(&f) else {
             panic!()
