@@ -64,11 +64,11 @@ fn decodable_frames_re_encode_byte_exact() {
         let bytes = parse_hex(&v.hex).unwrap();
         let mut framer = Framer::default();
         for ev in framer.feed(&bytes) {
-            if let FramerEvent::Frame(raw) = ev {
-                if let Ok(f) = Frame::decode(raw.bytes()) {
-                    let again = f.encode().unwrap();
-                    assert_eq!(Bytes::from(again), raw.bytes().clone(), "{}", v.name);
-                }
+            if let FramerEvent::Frame(raw) = ev
+                && let Ok(f) = Frame::decode(raw.bytes())
+            {
+                let again = f.encode().unwrap();
+                assert_eq!(Bytes::from(again), raw.bytes().clone(), "{}", v.name);
             }
         }
     }
