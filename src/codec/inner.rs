@@ -70,9 +70,6 @@ pub enum InnerError {
     /// The last byte of the body is not the closing 0x7e.
     #[error("inner frame does not end with 0x7e (last byte 0x{0:02x})")]
     MissingCloser(u8),
-    /// A 0x7d escape byte with nothing after it.
-    #[error("inner frame ends inside an escape sequence")]
-    DanglingEscape,
     /// Fewer un-escaped bytes than the fixed fields need.
     #[error("inner frame has {got} bytes between the delimiters, need at least {need}")]
     Truncated {
@@ -142,21 +139,29 @@ pub fn escape_into(src: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Un-escapes `src`. `7d X` becomes `X ^ 0x20`; a trailing lone 0x7d is an error.
-pub fn unescape(src: &[u8]) -> Result<Vec<u8>, InnerError> {
+/// Un-escapes `src`: `7d 5e` becomes 0x7e and `7d 5d` becomes 0x7d. A 0x7d followed by anything
+/// else is kept as a literal 0x7d, as senders that escape only 0x7e (pycync) mean it.
+pub fn unescape(src: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(src.len());
-    let mut it = src.iter();
-    while let Some(&b) = it.next() {
-        if b == ESCAPE {
-            match it.next() {
-                Some(&n) => out.push(n ^ 0x20),
-                None => return Err(InnerError::DanglingEscape),
+    let mut i = 0;
+    while i < src.len() {
+        let b = src[i];
+        match (b, src.get(i + 1)) {
+            (ESCAPE, Some(&0x5e)) => {
+                out.push(DELIMITER);
+                i += 2;
             }
-        } else {
-            out.push(b);
+            (ESCAPE, Some(&0x5d)) => {
+                out.push(ESCAPE);
+                i += 2;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 // === impl InnerFrame ===
@@ -202,7 +207,7 @@ impl InnerFrame {
         }
         // Fast path: most frames carry no escape byte and need no copy.
         let plain: std::borrow::Cow<'_, [u8]> = if body.contains(&ESCAPE) {
-            std::borrow::Cow::Owned(unescape(body)?)
+            std::borrow::Cow::Owned(unescape(body))
         } else {
             std::borrow::Cow::Borrowed(body)
         };
@@ -317,6 +322,14 @@ mod tests {
     }
 
     #[test]
+    fn lone_escape_is_literal() {
+        assert_eq!(
+            unescape(&[0x7d, 0x5e, 0x7d, 0x5d, 0x7d, 0x41, 0x7d]),
+            vec![0x7e, 0x7d, 0x7d, 0x41, 0x7d]
+        );
+    }
+
+    #[test]
     fn escapes_7d_too() {
         let f = InnerFrame::new(0x7d7e, Direction::Request, 0x7d, vec![0x7e, 0x7d, 0x01]);
         let wire = f.encode().unwrap();
@@ -362,10 +375,10 @@ mod tests {
             InnerFrame::decode(&[0x7e, 0x01, 0x02]),
             Err(InnerError::MissingCloser(0x02))
         );
-        assert_eq!(
+        assert!(matches!(
             InnerFrame::decode(&[0x7e, 0x7d, 0x7e]),
-            Err(InnerError::DanglingEscape)
-        );
+            Err(InnerError::Truncated { need: 9, got: 1 })
+        ));
         assert!(matches!(
             InnerFrame::decode(&hex("7e 21 00 00 00 f9 d0 05 00 00 d1 7e")),
             Err(InnerError::LengthMismatch {
