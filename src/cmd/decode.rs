@@ -3,7 +3,7 @@
 //! Each argument list, and each stdin line, is one stream: it is framed by length, so a line may
 //! hold several frames; bytes left over that do not make a whole frame print `{"incomplete": N}`.
 
-use crate::codec::view::{frame_json, frame_summary, framer_error_json};
+use crate::codec::view::{frame_json, framer_error_json, summarize};
 use crate::codec::{Framer, FramerEvent};
 use crate::hexutil::{HexError, parse_hex, to_hex};
 use serde_json::{Value, json};
@@ -79,15 +79,27 @@ fn table_rows(bytes: &[u8], opts: &Options) -> Vec<String> {
     for ev in framer.feed(bytes) {
         match ev {
             FramerEvent::Frame(raw) => {
-                let b = raw.bytes();
-                rows.push(format!("{:>6}  {}", b.len(), frame_summary(b)));
+                let s = summarize(raw.bytes());
+                rows.push(
+                    format!(
+                        "{:<5} {:<14} {:>5} {:>10} {:<6} {}",
+                        s.ptype.to_string(),
+                        s.ptype.name(),
+                        raw.len(),
+                        s.id.map(|i| format!("{i:08x}")).unwrap_or_default(),
+                        s.msg.map(|m| m.to_string()).unwrap_or_default(),
+                        s.detail
+                    )
+                    .trim_end()
+                    .to_owned(),
+                );
             }
-            FramerEvent::Error(e) => rows.push(format!("{:>6}  framing error: {e}", "-")),
+            FramerEvent::Error(e) => rows.push(format!("{:<5} framing error: {e}", "-")),
         }
     }
     if framer.buffered() > 0 {
         rows.push(format!(
-            "{:>6}  incomplete: {} bytes",
+            "{:<5} incomplete: {} bytes",
             "-",
             framer.buffered()
         ));
@@ -119,7 +131,11 @@ pub fn run(
     out: &mut impl Write,
 ) -> Result<(), Error> {
     if opts.format == Format::Table {
-        writeln!(out, "{:>6}  FRAME", "BYTES")?;
+        writeln!(
+            out,
+            "{:<5} {:<14} {:>5} {:>10} {:<6} DETAIL",
+            "TYPE", "NAME", "BYTES", "ID", "MSG"
+        )?;
     }
     if args.iter().any(|a| a == "-") {
         for line in stdin.lines() {
@@ -198,7 +214,7 @@ mod tests {
             ..Options::default()
         };
         let s = run_str(&["d3000000 00 ff"], "", &opts).unwrap();
-        assert!(s.contains("0xd3 ping"), "{s}");
+        assert!(s.contains("0xd3  ping"), "{s}");
         assert!(s.contains("incomplete: 1 bytes"), "{s}");
     }
 }

@@ -194,6 +194,25 @@ impl InnerFrame {
     /// Decodes an inner frame from the wire bytes that follow an outer id/msg, opener through
     /// closer. `wire` must be exactly the inner frame (the outer length delimits it).
     pub fn decode(wire: &[u8]) -> Result<Self, InnerError> {
+        Self::decode_with(wire, |plain, range| Bytes::copy_from_slice(&plain[range]))
+    }
+
+    /// Like [`InnerFrame::decode`], but the data shares `wire`'s buffer when nothing was escaped.
+    pub fn decode_bytes(wire: &Bytes) -> Result<Self, InnerError> {
+        Self::decode_with(wire, |plain, range| {
+            if plain.len() + 2 == wire.len() {
+                // No escapes: plain is wire[1..len-1], so offsets shift by one.
+                wire.slice(range.start + 1..range.end + 1)
+            } else {
+                Bytes::copy_from_slice(&plain[range])
+            }
+        })
+    }
+
+    fn decode_with(
+        wire: &[u8],
+        take: impl FnOnce(&[u8], std::ops::Range<usize>) -> Bytes,
+    ) -> Result<Self, InnerError> {
         let (&opener, rest) = wire.split_first().ok_or(InnerError::Missing)?;
         if opener != DELIMITER && opener != FIRMWARE_OPENER {
             return Err(InnerError::BadOpener(opener));
@@ -230,7 +249,7 @@ impl InnerFrame {
         if declared != actual {
             return Err(InnerError::LengthMismatch { declared, actual });
         }
-        let data = Bytes::copy_from_slice(&plain[FIXED_LEN..FIXED_LEN + declared]);
+        let data = take(&plain, FIXED_LEN..FIXED_LEN + declared);
         Ok(Self {
             opener,
             seq,
@@ -319,6 +338,20 @@ mod tests {
         assert_eq!(&f.data[5..7], &[0x7e, 0x00]);
         assert!(f.checksum_ok());
         assert_eq!(f.encode().unwrap(), wire);
+    }
+
+    #[test]
+    fn zero_copy_decode_matches() {
+        for s in [
+            "7e01010000f8d00d0001010000007d5e00d01102010000417e",
+            "7e 21 00 00 00 f8 d0 0d 00 21 00 00 00 00 05 00 d0 11 02 01 00 00 e7 7e",
+        ] {
+            let w = hex(s);
+            assert_eq!(
+                InnerFrame::decode_bytes(&Bytes::from(w.clone())),
+                InnerFrame::decode(&w)
+            );
+        }
     }
 
     #[test]

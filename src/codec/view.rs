@@ -350,42 +350,72 @@ pub fn inner_summary(f: &InnerFrame) -> String {
     s
 }
 
-/// One-line description of a whole frame, for logs, tables and capture comments.
-pub fn frame_summary(bytes: &Bytes) -> String {
-    let Some(&t) = bytes.first() else {
-        return "empty".into();
+/// The parts of a one-line frame description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameSummary {
+    /// Packet type.
+    pub ptype: super::PacketType,
+    /// The 4-byte id, where present.
+    pub id: Option<u32>,
+    /// The message field, where present.
+    pub msg: Option<Msg>,
+    /// What the body says (device id, inner frame, records, time, or the decode error).
+    pub detail: String,
+}
+
+impl std::fmt::Display for FrameSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.ptype, self.ptype.name())?;
+        if let Some(id) = self.id {
+            write!(f, " id={id:08x}")?;
+        }
+        if let Some(m) = self.msg {
+            write!(f, " msg={m}")?;
+        }
+        if !self.detail.is_empty() {
+            write!(f, " {}", self.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// Describes a whole frame's bytes (never fails; an empty slice is type 0x00 "unknown").
+pub fn summarize(bytes: &Bytes) -> FrameSummary {
+    let ptype = super::PacketType(bytes.first().copied().unwrap_or(0));
+    let mut out = FrameSummary {
+        ptype,
+        id: None,
+        msg: None,
+        detail: String::new(),
     };
-    let ptype = super::PacketType(t);
-    let mut s = format!("{ptype} {}", ptype.name());
     match Frame::decode(bytes) {
         Ok(f) => {
-            if let Some(id) = f.id() {
-                s.push_str(&format!(" id={id}"));
-            }
-            if let Some(m) = f.msg() {
-                s.push_str(&format!(" msg={m}"));
-            }
-            match &f.body {
-                Body::Handshake(h) => s.push_str(&format!(" device={}", h.device_id)),
-                Body::Login(l) => s.push_str(&format!(" user={}", l.user_id)),
+            out.id = f.id();
+            out.msg = f.msg();
+            out.detail = match &f.body {
+                Body::Handshake(h) => format!("device={}", h.device_id),
+                Body::Login(l) => format!("user={:08x}", l.user_id),
                 Body::Pipe(p) => match &p.inner {
-                    Ok(i) => {
-                        s.push(' ');
-                        s.push_str(&inner_summary(i));
-                    }
-                    Err(bad) => s.push_str(&format!(" error: inner frame: {}", bad.error)),
+                    Ok(i) => inner_summary(i),
+                    Err(bad) => format!("error: inner frame: {}", bad.error),
                 },
-                Body::Sync(sy) => s.push_str(&format!(" records={}", sy.records.len())),
-                Body::TimeAnswer(t) => {
-                    s.push_str(&format!(" {} {}{}", t.date(), t.time(), t.offset()))
-                }
-                Body::CloudStatus(c) => s.push_str(&format!(" status=0x{:02x}", c.status())),
-                _ => {}
-            }
+                Body::Sync(sy) => format!("records={}", sy.records.len()),
+                Body::TimeAnswer(t) => format!("{} {}{}", t.date(), t.time(), t.offset()),
+                Body::CloudStatus(c) => format!("status=0x{:02x}", c.status()),
+                _ => String::new(),
+            };
         }
-        Err(e) => s.push_str(&format!(" error: {e}")),
+        Err(e) => out.detail = format!("error: {e}"),
     }
-    s
+    out
+}
+
+/// One-line description of a whole frame, for logs, tables and capture comments.
+pub fn frame_summary(bytes: &Bytes) -> String {
+    if bytes.is_empty() {
+        return "empty".into();
+    }
+    summarize(bytes).to_string()
 }
 
 /// JSON object for a framing error.
