@@ -227,6 +227,12 @@ fn fill_frame(o: &mut Obj, f: &Frame) {
     if let Some(m) = f.msg() {
         o.insert("msg".into(), msg_json(m));
     }
+    if let Some(req) = super::answer::answered_request_type(f.ptype) {
+        o.insert("acks".into(), json!(req.to_string()));
+    }
+    if let Some(ans) = super::answer::expected_answer_type(f.ptype) {
+        o.insert("expects".into(), json!(ans.to_string()));
+    }
     match &f.body {
         Body::Login(l) => {
             o.insert("version".into(), json!(l.version));
