@@ -13,6 +13,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod app;
 pub mod cmd;
 pub mod codec;
+pub mod config;
 pub mod hexutil;
+pub mod metrics;
+pub mod proxy;
+pub mod sim;
+pub mod tls;

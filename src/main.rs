@@ -2,10 +2,16 @@
 
 #![forbid(unsafe_code)]
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use cync_mitm::cmd::decode;
+use cync_mitm::config::{Config, EXIT_INVALID_CONFIG, LogFormat};
 use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Transparent MITM sidecar for GE Cync devices.
 #[derive(Parser, Debug)]
@@ -17,6 +23,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Run the proxy (built-in defaults when no config file is given).
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Certificate management.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
     /// Decode Cync frames from hex: arguments form one stream; `-` reads stdin, one stream per line.
     Decode {
         /// Hex bytes (spaces allowed), or `-` for stdin.
@@ -32,6 +54,107 @@ enum Cmd {
         #[arg(long)]
         with_hex: bool,
     },
+    /// Device and cloud simulators.
+    Sim {
+        #[command(subcommand)]
+        cmd: SimCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Mint the CA and the device-facing leaf certificates (keys written 0600).
+    Init {
+        /// Output folder.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate a file: exit 0, or 64 with the file, line and field at fault.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print the effective configuration (a file's, or the defaults) as TOML.
+    Show {
+        /// The file.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SimServerTls {
+    /// OpenSSL with the legacy suites, like the real cloud.
+    Legacy,
+    /// rustls.
+    Modern,
+    /// Plain TCP.
+    Plain,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SimClientTls {
+    /// Device fingerprint 2: TLS 1.2, static-RSA AES-CBC only, no SNI.
+    Fp2,
+    /// OpenSSL defaults.
+    Modern,
+    /// Plain TCP.
+    Plain,
+}
+
+#[derive(Subcommand, Debug)]
+enum SimCmd {
+    /// Run a simulated cloud.
+    Cloud {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:23780")]
+        listen: SocketAddr,
+        /// TLS flavour.
+        #[arg(long, value_enum, default_value_t = SimServerTls::Legacy)]
+        tls: SimServerTls,
+        /// Certificates folder (created when missing).
+        #[arg(long, default_value = "certs")]
+        cert_dir: PathBuf,
+        /// Send each connected device a command this often (e.g. 5s); none by default.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        command_interval: Option<Duration>,
+        /// Print a JSON report this often.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        report_every: Duration,
+    },
+    /// Run a fleet of simulated devices.
+    Devices {
+        /// Where to connect (the proxy, or a cloud).
+        #[arg(long, default_value = "127.0.0.1:23779")]
+        target: SocketAddr,
+        /// Number of devices.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        /// Seed for ids and auth codes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Heartbeat period.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "21s")]
+        heartbeat: Duration,
+        /// TLS flavour.
+        #[arg(long, value_enum, default_value_t = SimClientTls::Fp2)]
+        tls: SimClientTls,
+        /// Stop after this long (runs until Ctrl-C otherwise).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Spread the first connects over this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        ramp: Duration,
+        /// Print a JSON report this often.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        report_every: Duration,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -40,9 +163,98 @@ enum OutFormat {
     Table,
 }
 
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(io::stderr().is_terminal())
+        .with_writer(io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn load_config(file: Option<&Path>) -> Result<Config, ExitCode> {
+    match file {
+        None => Ok(Config::default()),
+        Some(f) => Config::load(f).map_err(|e| {
+            eprintln!("cync-mitm: invalid configuration: {e}");
+            ExitCode::from(EXIT_INVALID_CONFIG)
+        }),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cync-mitm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Cmd::Run { config } => {
+            let cfg = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            init_logging(cfg.log.format, &cfg.log.filter);
+            runtime()?.block_on(cync_mitm::app::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Certs {
+            cmd: CertsCmd::Init { dir, force },
+        } => {
+            let p = cync_mitm::tls::init_certs(&dir, force)?;
+            println!("CA:          {}", p.ca_cert.display());
+            println!(
+                "RSA leaf:    {}  (key {})",
+                p.rsa_cert.display(),
+                p.rsa_key.display()
+            );
+            println!(
+                "ECDSA leaf:  {}  (key {})",
+                p.ecdsa_cert.display(),
+                p.ecdsa_key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(EXIT_INVALID_CONFIG))
+            }
+        },
+        Cmd::Config {
+            cmd: ConfigCmd::Show { file },
+        } => match load_config(file.as_deref()) {
+            Ok(c) => {
+                print!("{}", c.to_toml());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(code) => Ok(code),
+        },
         Cmd::Decode {
             hex,
             format,
@@ -60,16 +272,116 @@ fn main() -> ExitCode {
             let stdin = io::stdin().lock();
             let mut stdout = io::stdout().lock();
             match decode::run(&hex, &opts, stdin, &mut stdout) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(decode::Error::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
-                    ExitCode::SUCCESS
+                    Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
                     let _ = stdout.flush();
                     eprintln!("cync-mitm decode: {e}");
-                    ExitCode::from(2)
+                    Ok(ExitCode::from(2))
                 }
             }
         }
+        Cmd::Sim { cmd } => {
+            init_logging(LogFormat::Text, "info");
+            runtime()?.block_on(sim(cmd))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
+    use cync_mitm::sim::cloud::{CloudSim, CloudSimConfig, ServerTls};
+    use cync_mitm::sim::devices::{ClientTls, Fleet, FleetConfig};
+    use cync_mitm::tls::{ClientProfile, DeviceAcceptor, LegacyClient, ModernServer};
+    match cmd {
+        SimCmd::Cloud {
+            listen,
+            tls,
+            cert_dir,
+            command_interval,
+            report_every,
+        } => {
+            let (certs, _) = cync_mitm::tls::ensure_certs(&cert_dir)?;
+            let server_tls = match tls {
+                SimServerTls::Legacy => ServerTls::Legacy(DeviceAcceptor::new(
+                    &cync_mitm::config::TlsConfig::default(),
+                    &certs,
+                )?),
+                SimServerTls::Modern => ServerTls::Modern(ModernServer::new(&certs)?),
+                SimServerTls::Plain => ServerTls::Plain,
+            };
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            eprintln!("sim cloud listening on {}", listener.local_addr()?);
+            let sim = CloudSim::new(
+                CloudSimConfig {
+                    command_interval,
+                    ..CloudSimConfig::default()
+                },
+                server_tls,
+            );
+            let s2 = sim.clone();
+            tokio::spawn(async move { s2.run(listener).await });
+            let mut every = tokio::time::interval(report_every);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = every.tick() => println!("{}", serde_json::to_string(&sim.stats().report())?),
+                }
+            }
+            sim.stop().await;
+            println!("{}", serde_json::to_string(&sim.stats().report())?);
+        }
+        SimCmd::Devices {
+            target,
+            count,
+            seed,
+            heartbeat,
+            tls,
+            duration,
+            ramp,
+            report_every,
+        } => {
+            let client = match tls {
+                SimClientTls::Fp2 => ClientTls::Tls(LegacyClient::new(ClientProfile::DeviceFp2)?),
+                SimClientTls::Modern => ClientTls::Tls(LegacyClient::new(ClientProfile::Modern)?),
+                SimClientTls::Plain => ClientTls::Plain,
+            };
+            let fleet = Fleet::start(
+                FleetConfig {
+                    count,
+                    target,
+                    seed,
+                    heartbeat,
+                    ramp,
+                    ..FleetConfig::default()
+                },
+                client,
+            );
+            let until = async {
+                match duration {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(until);
+            let mut every = tokio::time::interval(report_every);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = &mut until => break,
+                    _ = every.tick() => println!("{}", serde_json::to_string(&fleet.report())?),
+                }
+            }
+            let fleet: Arc<Fleet> = fleet;
+            fleet.stop().await;
+            println!("{}", serde_json::to_string(&fleet.report())?);
+        }
+    }
+    Ok(())
 }

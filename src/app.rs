@@ -1,0 +1,138 @@
+//! `cync-mitm run`: binds the listeners, starts the proxy and the admin server, and shuts down
+//! gracefully on SIGTERM or Ctrl-C (stop accepting, not ready, close sessions, drain, exit).
+
+use crate::admin::{self, AdminState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{ListenerKind, Proxy, ProxyError};
+use crate::tls::{self, TlsError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Certificates could not be read or minted.
+    #[error("certificates: {0}")]
+    Certs(#[from] TlsError),
+    /// Proxy setup failed.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// Signal handling could not be set up.
+    #[error("signals: {0}")]
+    Signals(std::io::Error),
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() -> Result<&'static str, AppError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// Runs the proxy until a termination signal, then drains.
+pub async fn run(cfg: Config) -> Result<(), AppError> {
+    let (certs, created) = tls::ensure_certs(&cfg.tls.cert_dir)?;
+    if created {
+        tracing::warn!(dir = %cfg.tls.cert_dir.display(), "minted a new CA and device certificates");
+    }
+    if cfg.upstream.tls && !cfg.upstream.verify && cfg.upstream.pin_sha256.is_empty() {
+        tracing::warn!(
+            "upstream certificate verification is OFF (the real cloud's certificate is self-signed \
+             and expired); set upstream.pin_sha256 to pin it"
+        );
+    }
+    let metrics = Arc::new(Metrics::new(cfg.metrics.per_device_labels));
+    let drain = cfg.timeouts.drain;
+    let tls_addr = cfg.listen.tls;
+    let plain_addr = cfg.listen.plain;
+    let admin_cfg = cfg.admin.clone();
+    let proxy = Proxy::new(cfg, &certs, metrics.clone(), Vec::new())?;
+
+    let tls_listener = bind(tls_addr).await?;
+    let plain_listener = match plain_addr {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    let admin_listener = if admin_cfg.enabled {
+        Some(bind(admin_cfg.listen).await?)
+    } else {
+        None
+    };
+    let bound = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        tls = %bound(&tls_listener),
+        plain = %plain_listener.as_ref().map(bound).unwrap_or_else(|| "off".into()),
+        admin = %admin_listener.as_ref().map(bound).unwrap_or_else(|| "off".into()),
+        "listening"
+    );
+
+    let admin_state = AdminState::new(metrics);
+    let admin_stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    if let Some(l) = admin_listener {
+        tasks.push(tokio::spawn(admin::run(
+            l,
+            admin_state.clone(),
+            admin_stop.clone(),
+        )));
+    }
+    {
+        let p = proxy.clone();
+        tasks.push(tokio::spawn(async move {
+            p.serve(tls_listener, ListenerKind::Tls).await
+        }));
+    }
+    if let Some(l) = plain_listener {
+        let p = proxy.clone();
+        tasks.push(tokio::spawn(async move {
+            p.serve(l, ListenerKind::Plain).await
+        }));
+    }
+    admin_state.ready.store(true, Ordering::Relaxed);
+
+    let sig = terminated().await?;
+    admin_state.ready.store(false, Ordering::Relaxed);
+    let open = proxy.sessions();
+    tracing::info!(
+        signal = sig,
+        sessions = open,
+        ?drain,
+        "shutting down: closing sessions"
+    );
+    let clean = proxy.shutdown(drain).await;
+    if clean {
+        tracing::info!("all sessions closed");
+    } else {
+        tracing::warn!(
+            left = proxy.sessions(),
+            "drain timeout: exiting with sessions still open"
+        );
+    }
+    admin_stop.cancel();
+    for t in tasks {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), t).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,601 @@
+//! Configuration: the TOML schema with a documented default for every option, validation, and
+//! loading with errors that name the file, line, column and field at fault.
+//!
+//! Loading is parse → validate; the running proxy holds the result in an
+//! [`arc_swap::ArcSwap`] so later reloads can swap it in whole.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Exit status for an invalid configuration at start (`EX_USAGE`).
+pub const EXIT_INVALID_CONFIG: u8 = 64;
+
+/// Cipher list offered to devices (OpenSSL syntax). Modern ECDHE/AEAD suites first for capable
+/// clients, then the ECDHE-ECDSA CBC/CCM suites of fingerprint 1 (used when the ECDSA leaf is
+/// enabled), then the static-RSA CBC/CCM suites that every captured device offers (reference §1.3).
+pub const DEFAULT_DEVICE_CIPHERS: &str = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
+ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:\
+ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-CCM:ECDHE-ECDSA-AES128-CCM:\
+ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA:ECDHE-ECDSA-AES128-SHA:\
+ECDHE-ECDSA-AES256-CCM8:ECDHE-ECDSA-AES128-CCM8:AES256-SHA256:AES128-SHA256:AES256-SHA:AES128-SHA:\
+AES256-CCM:AES128-CCM:AES256-CCM8:AES128-CCM8:@SECLEVEL=0";
+
+/// Cipher list offered to the cloud: modern suites, then the static-RSA CBC suites the real cloud
+/// is reported to pick (AES256-SHA256).
+pub const DEFAULT_UPSTREAM_CIPHERS: &str = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
+ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-SHA384:\
+ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA:ECDHE-RSA-AES128-SHA:AES256-GCM-SHA384:\
+AES128-GCM-SHA256:AES256-SHA256:AES128-SHA256:AES256-SHA:AES128-SHA:@SECLEVEL=0";
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where devices connect.
+    pub listen: ListenConfig,
+    /// Where the proxy connects for each device (the real cloud, or a local controller).
+    pub upstream: UpstreamConfig,
+    /// The device-facing TLS server.
+    pub tls: TlsConfig,
+    /// Session timeouts.
+    pub timeouts: Timeouts,
+    /// Resource limits.
+    pub limits: Limits,
+    /// The admin HTTP server (metrics, health).
+    pub admin: AdminConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Metrics options.
+    pub metrics: MetricsConfig,
+}
+
+/// `[listen]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// TLS listener for devices (the address `cm.gelighting.com` resolves to on your LAN).
+    /// Default `0.0.0.0:23779`. Changing it needs a restart.
+    pub tls: SocketAddr,
+    /// Optional plaintext listener (the old app port 23778). Off by default.
+    pub plain: Option<SocketAddr>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            tls: SocketAddr::from(([0, 0, 0, 0], 23779)),
+            plain: None,
+        }
+    }
+}
+
+/// How the upstream address is chosen.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamMode {
+    /// Connect to `upstream.addresses`, in order, first that answers.
+    #[default]
+    Fixed,
+    /// Connect to the connection's original destination (iptables REDIRECT, SO_ORIGINAL_DST).
+    Transparent,
+}
+
+/// `[upstream]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `fixed` (default) or `transparent`.
+    pub mode: UpstreamMode,
+    /// `host:port` candidates tried in order in fixed mode. Defaults to the cloud's published
+    /// addresses (newer then older firmware), since local DNS for the cloud names is redirected.
+    pub addresses: Vec<String>,
+    /// Speak TLS to the upstream (default true); false for plaintext local controllers.
+    pub tls: bool,
+    /// Verify the upstream certificate against `ca_file` (default false: the real cloud's
+    /// certificate is self-signed and expired). A warning is logged at start while it is off.
+    pub verify: bool,
+    /// CA bundle (PEM) used when `verify = true`.
+    pub ca_file: Option<PathBuf>,
+    /// Accept only upstream certificates whose DER SHA-256 is in this list (64 hex digits each;
+    /// `:` separators allowed). Empty = no pinning.
+    pub pin_sha256: Vec<String>,
+    /// SNI to send upstream. Default none, as devices send none.
+    pub sni: Option<String>,
+    /// OpenSSL cipher list offered upstream.
+    pub ciphers: String,
+    /// When no upstream answers, keep the device connection open this long before closing it
+    /// (devices reconnect at once; a short delay causes reconnect storms). Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub cloud_down_close_delay: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            mode: UpstreamMode::Fixed,
+            addresses: vec!["35.196.85.236:23779".into(), "34.73.130.191:23779".into()],
+            tls: true,
+            verify: false,
+            ca_file: None,
+            pin_sha256: Vec::new(),
+            sni: None,
+            ciphers: DEFAULT_UPSTREAM_CIPHERS.into(),
+            cloud_down_close_delay: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Lowest TLS version accepted from devices.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.0.
+    #[serde(rename = "1.0")]
+    Tls10,
+    /// TLS 1.1.
+    #[serde(rename = "1.1")]
+    Tls11,
+    /// TLS 1.2 (every captured device speaks it).
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Folder holding the CA and leaf certificates; created by `certs init` or at first run.
+    pub cert_dir: PathBuf,
+    /// OpenSSL cipher list offered to devices (TLS 1.2 and below).
+    pub ciphers: String,
+    /// Lowest protocol version accepted: "1.0", "1.1", "1.2" (default) or "1.3".
+    pub min_version: TlsVersion,
+    /// Also serve the ECDSA P-256 leaf, so fingerprint-1 devices can use ECDHE-ECDSA suites.
+    pub ecdsa: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_dir: PathBuf::from("certs"),
+            ciphers: DEFAULT_DEVICE_CIPHERS.into(),
+            min_version: TlsVersion::Tls12,
+            ecdsa: true,
+        }
+    }
+}
+
+/// `[timeouts]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Device TLS handshake. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub handshake: Duration,
+    /// From the end of the handshake to the first whole frame. Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub first_frame: Duration,
+    /// Upstream TCP connect plus TLS handshake, per address. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect: Duration,
+    /// Close a connection with no bytes in either direction for this long. Default 90 s (devices
+    /// send a heartbeat about every 21 s).
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// On SIGTERM/Ctrl-C, how long open sessions get to close before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            first_frame: Duration::from_secs(15),
+            upstream_connect: Duration::from_secs(5),
+            idle: Duration::from_secs(90),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections handled at once (devices and apps); more are closed at accept. Default 4096.
+    pub max_connections: usize,
+    /// Largest frame the decoder accepts, header included (bytes are forwarded regardless).
+    /// Default 65536.
+    pub max_frame: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_frame: crate::codec::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve `/metrics`, `/healthz`, `/readyz`. Default true.
+    pub enabled: bool,
+    /// Admin address. Default `127.0.0.1:9400` (loopback only).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+    /// Filter in `RUST_LOG` syntax (e.g. `info,cync_mitm::proxy=debug`); `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Add per-device series (`device_id` label). Off by default: cardinality grows with devices.
+    pub per_device_labels: bool,
+}
+
+// === impl ConfigError ===
+
+/// Why a configuration was rejected: the file, where, which field, and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file (or `<string>`).
+    pub file: PathBuf,
+    /// 1-based line, where known.
+    pub line: Option<usize>,
+    /// 1-based column, where known.
+    pub column: Option<usize>,
+    /// Dotted field path (`upstream.pin_sha256`), where known.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        write!(f, ": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |p| before.len() - p - 1)
+        + 1;
+    (line, col)
+}
+
+/// The dotted key defined on the line containing `offset`, qualified by its `[table]`.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let mut table = String::new();
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let end = pos + line.len();
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+            if offset < end {
+                return Some(table);
+            }
+        } else if offset < end {
+            let key = t.split('=').next()?.trim();
+            if key.is_empty() || key.starts_with('#') {
+                return (!table.is_empty()).then_some(table);
+            }
+            return Some(if table.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{table}.{key}")
+            });
+        }
+        pos = end;
+    }
+    None
+}
+
+/// Line and column where `field` (dotted) is set in `text`, found by scanning tables and keys.
+fn locate(text: &str, field: &str) -> Option<(usize, usize)> {
+    let (table, key) = field.rsplit_once('.').unwrap_or(("", field));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim_start();
+        if t.starts_with('[') {
+            current = t
+                .trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
+            continue;
+        }
+        let Some(k) = t.split('=').next().map(str::trim) else {
+            continue;
+        };
+        let full = if current.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{current}.{k}")
+        };
+        if full == field || (current == table && k == key) {
+            return Some((i + 1, line.len() - t.len() + 1));
+        }
+    }
+    None
+}
+
+// === impl Config ===
+
+fn invalid(field: &str, message: impl Into<String>) -> (String, String) {
+    (field.to_owned(), message.into())
+}
+
+/// Parses a pin string (64 hex digits, `:` allowed) into bytes.
+pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
+    let clean: String = s.chars().filter(|c| *c != ':').collect();
+    let v = crate::hexutil::parse_hex(&clean).ok()?;
+    v.try_into().ok()
+}
+
+fn check_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+impl Config {
+    /// Parses TOML text (unknown keys rejected) and validates it. `file` names the source in errors.
+    pub fn from_toml(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column, field) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(text, span.start);
+                    (Some(l), Some(c), field_at(text, span.start))
+                }
+                None => (None, None, None),
+            };
+            ConfigError {
+                file: file.to_owned(),
+                line,
+                column,
+                field,
+                message: e.message().to_owned(),
+            }
+        })?;
+        cfg.validate().map_err(|(field, message)| {
+            let pos = locate(text, &field);
+            ConfigError {
+                file: file.to_owned(),
+                line: pos.map(|p| p.0),
+                column: pos.map(|p| p.1),
+                field: Some(field),
+                message,
+            }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            column: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks values that parse but make no sense. Returns the dotted field and the problem.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let u = &self.upstream;
+        if u.mode == UpstreamMode::Fixed && u.addresses.is_empty() {
+            return Err(invalid(
+                "upstream.addresses",
+                "at least one host:port is needed in fixed mode",
+            ));
+        }
+        if let Some(bad) = u.addresses.iter().find(|a| !check_host_port(a)) {
+            return Err(invalid(
+                "upstream.addresses",
+                format!("{bad:?} is not host:port"),
+            ));
+        }
+        if let Some(bad) = u.pin_sha256.iter().find(|p| parse_pin(p).is_none()) {
+            return Err(invalid(
+                "upstream.pin_sha256",
+                format!("{bad:?} is not 64 hex digits (a SHA-256 of the certificate's DER)"),
+            ));
+        }
+        if u.verify && u.ca_file.is_none() {
+            return Err(invalid(
+                "upstream.verify",
+                "verify = true needs upstream.ca_file (the cloud's certificate is self-signed); use pin_sha256 to pin it instead",
+            ));
+        }
+        if u.ciphers.trim().is_empty() {
+            return Err(invalid("upstream.ciphers", "must not be empty"));
+        }
+        if self.tls.ciphers.trim().is_empty() {
+            return Err(invalid("tls.ciphers", "must not be empty"));
+        }
+        let t = &self.timeouts;
+        for (name, d) in [
+            ("timeouts.handshake", t.handshake),
+            ("timeouts.first_frame", t.first_frame),
+            ("timeouts.upstream_connect", t.upstream_connect),
+            ("timeouts.idle", t.idle),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(name, "must be greater than zero"));
+            }
+        }
+        if self.limits.max_connections == 0 {
+            return Err(invalid("limits.max_connections", "must be at least 1"));
+        }
+        if !(crate::codec::HEADER_LEN + 7..=16 * 1024 * 1024).contains(&self.limits.max_frame) {
+            return Err(invalid(
+                "limits.max_frame",
+                "must be between 12 bytes and 16 MiB",
+            ));
+        }
+        if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
+            return Err(invalid("log.filter", e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML (what `config show` prints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen.tls.port(), 23779);
+        assert_eq!(c.admin.listen.ip().to_string(), "127.0.0.1");
+        assert_eq!(c.timeouts.idle, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_field() {
+        let e = parse("[upstream]\ntls = true\nbogus = 1\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert_eq!(e.field.as_deref(), Some("upstream.bogus"));
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("test.toml:3:1: upstream.bogus: unknown field"),
+            "{e}"
+        );
+        let e = parse("[nope]\n").unwrap_err();
+        assert_eq!(e.line, Some(1));
+    }
+
+    #[test]
+    fn type_errors_and_durations() {
+        let e = parse("[timeouts]\nidle = \"soon\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert_eq!(e.field.as_deref(), Some("timeouts.idle"));
+        let c = parse("[timeouts]\nidle = \"2m 30s\"\n").unwrap();
+        assert_eq!(c.timeouts.idle, Duration::from_secs(150));
+    }
+
+    #[test]
+    fn validation_names_the_field_line() {
+        let e = parse("# pins\n[upstream]\naddresses = [\"a:1\"]\npin_sha256 = [\"abcd\"]\n")
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("upstream.pin_sha256"));
+        assert_eq!(e.line, Some(4));
+        let e = parse("[upstream]\naddresses = [\"nohostport\"]\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("upstream.addresses"));
+        let e = parse("[limits]\nmax_connections = 0\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limits.max_connections"));
+        assert_eq!(e.line, Some(2));
+        let e = parse("[upstream]\nverify = true\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("upstream.verify"));
+        let e = parse("[log]\nfilter = \"info,[[[\"\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("log.filter"));
+    }
+
+    #[test]
+    fn pins_parse_with_colons() {
+        let hex64 = "ab".repeat(32);
+        assert!(parse_pin(&hex64).is_some());
+        let colons: Vec<String> = (0..32).map(|_| "ab".to_string()).collect();
+        assert!(parse_pin(&colons.join(":")).is_some());
+        assert!(parse_pin("abc").is_none());
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        for f in ["config/cync-mitm.toml", "config/default.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // default.toml is exactly the built-in defaults.
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        assert_eq!(Config::load(&p).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = Config::default();
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+}

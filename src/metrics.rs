@@ -1,0 +1,370 @@
+//! Prometheus metrics of the proxy. Names start with `cync_mitm_`; the transport/SLO metrics of
+//! later milestones use the rollout plan's `tcp_comm_*` names. Hot-path counters are resolved
+//! once per label set, so counting a frame is one atomic add.
+
+use crate::codec::PacketType;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Which way bytes flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flow {
+    /// Device (or app) to cloud.
+    DeviceToCloud,
+    /// Cloud to device (or app).
+    CloudToDevice,
+}
+
+impl Flow {
+    /// Label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::DeviceToCloud => "device_to_cloud",
+            Self::CloudToDevice => "cloud_to_device",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::DeviceToCloud => 0,
+            Self::CloudToDevice => 1,
+        }
+    }
+}
+
+/// Kinds of decode problem (label `kind` of `cync_mitm_decode_errors_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodeProblem {
+    /// A header declared more than `limits.max_frame`.
+    TooLarge,
+    /// Bytes skipped while resynchronising.
+    Skipped,
+    /// A whole frame whose body does not fit its type's layout.
+    Frame,
+    /// A pipe frame whose inner frame is malformed.
+    Inner,
+    /// An inner frame with a wrong checksum.
+    Checksum,
+    /// A frame of a type nobody has named.
+    UnknownType,
+}
+
+impl DecodeProblem {
+    /// Label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Skipped => "skipped",
+            Self::Frame => "frame",
+            Self::Inner => "inner",
+            Self::Checksum => "checksum",
+            Self::UnknownType => "unknown_type",
+        }
+    }
+
+    const ALL: [Self; 6] = [
+        Self::TooLarge,
+        Self::Skipped,
+        Self::Frame,
+        Self::Inner,
+        Self::Checksum,
+        Self::UnknownType,
+    ];
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|p| *p == self).unwrap_or(0)
+    }
+}
+
+/// All proxy metrics and their registry.
+pub struct Metrics {
+    registry: Registry,
+    /// Connections accepted, by listener.
+    pub accepted: IntCounterVec,
+    /// Connections refused at accept, by reason.
+    pub rejected: IntCounterVec,
+    /// Accept errors (the loop backs off and goes on).
+    pub accept_errors: IntCounter,
+    /// Open connections by peer kind.
+    pub active: IntGaugeVec,
+    /// Connections closed, by reason.
+    pub closed: IntCounterVec,
+    /// Device TLS handshake failures, by reason.
+    pub handshake_failures: IntCounterVec,
+    /// Connections that never produced a first frame, by reason.
+    pub first_frame_failures: IntCounterVec,
+    /// Older connections of a device closed because the device connected again.
+    pub replaced: IntCounter,
+    /// Upstream connection attempts, by result.
+    pub upstream_connects: IntCounterVec,
+    /// Upstream connect (TCP + TLS) time.
+    pub upstream_connect_seconds: Histogram,
+    /// Device connections closed because no upstream answered.
+    pub cloud_down_closes: IntCounter,
+    /// Session lifetime.
+    pub session_seconds: Histogram,
+    bytes: [IntCounter; 2],
+    frames: [Vec<IntCounter>; 2],
+    decode_errors: [Vec<IntCounter>; 2],
+    device_frames: Option<IntCounterVec>,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let v =
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+    r.register(Box::new(v.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    v
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    h
+}
+
+impl Metrics {
+    /// Registers every metric. Panics only on a programming error (duplicate or invalid names),
+    /// which the unit tests catch.
+    pub fn new(per_device_labels: bool) -> Self {
+        let r = Registry::new();
+        let accepted = counter_vec(
+            &r,
+            "cync_mitm_connections_accepted_total",
+            "Connections accepted, by listener.",
+            &["listener"],
+        );
+        let rejected = counter_vec(
+            &r,
+            "cync_mitm_connections_rejected_total",
+            "Connections refused at accept, by reason.",
+            &["reason"],
+        );
+        let accept_errors = IntCounter::new(
+            "cync_mitm_accept_errors_total",
+            "Errors from accept(); the listener backs off and continues.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(accept_errors.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let active = IntGaugeVec::new(
+            Opts::new(
+                "cync_mitm_connections_active",
+                "Open connections by peer kind.",
+            ),
+            &["peer"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(active.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let closed = counter_vec(
+            &r,
+            "cync_mitm_connections_closed_total",
+            "Connections closed, by reason.",
+            &["reason"],
+        );
+        let handshake_failures = counter_vec(
+            &r,
+            "cync_mitm_handshake_failures_total",
+            "Device TLS handshake failures, by reason.",
+            &["reason"],
+        );
+        let first_frame_failures = counter_vec(
+            &r,
+            "cync_mitm_first_frame_failures_total",
+            "Connections closed before a first whole frame, by reason.",
+            &["reason"],
+        );
+        let replaced = IntCounter::new(
+            "cync_mitm_connections_replaced_total",
+            "Connections closed because the same device connected again.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(replaced.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let upstream_connects = counter_vec(
+            &r,
+            "cync_mitm_upstream_connects_total",
+            "Upstream connection attempts, by result.",
+            &["result"],
+        );
+        let upstream_connect_seconds = histogram(
+            &r,
+            "cync_mitm_upstream_connect_seconds",
+            "Upstream TCP+TLS connect time.",
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        );
+        let cloud_down_closes = IntCounter::new(
+            "cync_mitm_cloud_down_closes_total",
+            "Device connections closed because no upstream answered.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(cloud_down_closes.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let session_seconds = histogram(
+            &r,
+            "cync_mitm_session_duration_seconds",
+            "How long relayed sessions lasted.",
+            vec![1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0],
+        );
+        let bytes_v = counter_vec(
+            &r,
+            "cync_mitm_bytes_total",
+            "Bytes relayed, by direction.",
+            &["direction"],
+        );
+        let frames_v = counter_vec(
+            &r,
+            "cync_mitm_frames_total",
+            "Frames decoded, by direction and packet type.",
+            &["direction", "type"],
+        );
+        let dec_v = counter_vec(
+            &r,
+            "cync_mitm_decode_errors_total",
+            "Decode problems (the bytes are still relayed), by direction and kind.",
+            &["direction", "kind"],
+        );
+        let device_frames = per_device_labels.then(|| {
+            counter_vec(
+                &r,
+                "cync_mitm_device_frames_total",
+                "Frames by device and direction (metrics.per_device_labels).",
+                &["device_id", "direction"],
+            )
+        });
+        let flows = [Flow::DeviceToCloud, Flow::CloudToDevice];
+        let bytes = flows.map(|f| bytes_v.with_label_values(&[f.label()]));
+        let frames = flows.map(|f| {
+            (0..=255u8)
+                .map(|t| frames_v.with_label_values(&[f.label(), PacketType(t).name()]))
+                .collect()
+        });
+        let decode_errors = flows.map(|f| {
+            DecodeProblem::ALL
+                .iter()
+                .map(|p| dec_v.with_label_values(&[f.label(), p.label()]))
+                .collect()
+        });
+        for peer in ["device", "app", "unknown", "pending"] {
+            active.with_label_values(&[peer]).set(0);
+        }
+        Self {
+            registry: r,
+            accepted,
+            rejected,
+            accept_errors,
+            active,
+            closed,
+            handshake_failures,
+            first_frame_failures,
+            replaced,
+            upstream_connects,
+            upstream_connect_seconds,
+            cloud_down_closes,
+            session_seconds,
+            bytes,
+            frames,
+            decode_errors,
+            device_frames,
+        }
+    }
+
+    /// Counts relayed bytes.
+    pub fn add_bytes(&self, flow: Flow, n: usize) {
+        self.bytes[flow.index()].inc_by(n as u64);
+    }
+
+    /// Counts one decoded frame.
+    pub fn add_frame(&self, flow: Flow, ptype: PacketType, device: Option<&str>) {
+        if let Some(c) = self.frames[flow.index()].get(usize::from(ptype.0)) {
+            c.inc();
+        }
+        if let (Some(v), Some(d)) = (&self.device_frames, device) {
+            v.with_label_values(&[d, flow.label()]).inc();
+        }
+    }
+
+    /// Counts one decode problem.
+    pub fn add_decode_error(&self, flow: Flow, p: DecodeProblem) {
+        if let Some(c) = self.decode_errors[flow.index()].get(p.index()) {
+            c.inc();
+        }
+    }
+
+    /// Current value of a decode-error counter (tests and reports).
+    pub fn decode_errors(&self, flow: Flow, p: DecodeProblem) -> u64 {
+        self.decode_errors[flow.index()]
+            .get(p.index())
+            .map_or(0, IntCounter::get)
+    }
+
+    /// Current frame count of a type and direction.
+    pub fn frames(&self, flow: Flow, ptype: PacketType) -> u64 {
+        self.frames[flow.index()]
+            .get(usize::from(ptype.0))
+            .map_or(0, IntCounter::get)
+    }
+
+    /// Bytes relayed in a direction.
+    pub fn bytes(&self, flow: Flow) -> u64 {
+        self.bytes[flow.index()].get()
+    }
+
+    /// Gauge for a peer kind.
+    pub fn active(&self, peer: &str) -> IntGauge {
+        self.active.with_label_values(&[peer])
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The registry, so later milestones can register their own metrics beside these.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_and_renders() {
+        let m = Metrics::new(true);
+        m.add_frame(Flow::DeviceToCloud, PacketType::PING, Some("37962469"));
+        m.add_frame(Flow::DeviceToCloud, PacketType(0x33), None);
+        m.add_decode_error(Flow::CloudToDevice, DecodeProblem::Checksum);
+        m.add_bytes(Flow::DeviceToCloud, 5);
+        let text = m.render();
+        assert!(
+            text.contains("cync_mitm_frames_total{direction=\"device_to_cloud\",type=\"ping\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "cync_mitm_frames_total{direction=\"device_to_cloud\",type=\"unknown\"} 1"
+            )
+        );
+        assert!(text.contains(
+            "cync_mitm_decode_errors_total{direction=\"cloud_to_device\",kind=\"checksum\"} 1"
+        ));
+        assert!(text.contains(
+            "cync_mitm_device_frames_total{device_id=\"37962469\",direction=\"device_to_cloud\"} 1"
+        ));
+        assert_eq!(m.bytes(Flow::DeviceToCloud), 5);
+        assert!(
+            !Metrics::new(false)
+                .render()
+                .contains("cync_mitm_device_frames_total")
+        );
+    }
+}

@@ -1,0 +1,186 @@
+//! Per-session control: why a session is being closed from outside, and the registry that keeps
+//! one live connection per device id.
+
+use crate::codec::DeviceId;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Why a session was closed from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Cause {
+    /// Not closed from outside.
+    None = 0,
+    /// The same device connected again.
+    Replaced = 1,
+    /// The proxy is shutting down.
+    Shutdown = 2,
+    /// An operator or the routing drain asked the device to reconnect.
+    Drained = 3,
+}
+
+impl Cause {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Replaced,
+            2 => Self::Shutdown,
+            3 => Self::Drained,
+            _ => Self::None,
+        }
+    }
+
+    /// Label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Replaced => "replaced",
+            Self::Shutdown => "shutdown",
+            Self::Drained => "drained",
+        }
+    }
+}
+
+/// Lets the proxy close one session and say why.
+#[derive(Debug)]
+pub struct SessionControl {
+    token: CancellationToken,
+    cause: AtomicU8,
+}
+
+impl SessionControl {
+    /// A control whose token is a child of `parent` (the proxy's shutdown token).
+    pub fn new(parent: &CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            token: parent.child_token(),
+            cause: AtomicU8::new(Cause::None as u8),
+        })
+    }
+
+    /// Closes the session for `cause` (the first cause given wins).
+    pub fn close(&self, cause: Cause) {
+        let _ = self.cause.compare_exchange(
+            Cause::None as u8,
+            cause as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.token.cancel();
+    }
+
+    /// Resolves when the session should close.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// Why it was closed; `Shutdown` when the parent token fired.
+    pub fn cause(&self) -> Cause {
+        match Cause::from_u8(self.cause.load(Ordering::Acquire)) {
+            Cause::None if self.token.is_cancelled() => Cause::Shutdown,
+            c => c,
+        }
+    }
+}
+
+/// One entry of the device registry.
+#[derive(Clone, Debug)]
+pub struct LiveSession {
+    /// Connection id.
+    pub conn: Uuid,
+    /// Its control.
+    pub control: Arc<SessionControl>,
+    /// When it registered.
+    pub since: std::time::SystemTime,
+}
+
+/// Live device sessions by device id: a new connection of a device replaces the old one.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<HashMap<DeviceId, LiveSession>>,
+}
+
+impl Registry {
+    /// Registers `conn` for `device`; returns the session it replaced (already told to close).
+    pub fn register(
+        &self,
+        device: DeviceId,
+        conn: Uuid,
+        control: Arc<SessionControl>,
+    ) -> Option<LiveSession> {
+        let old = {
+            let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            m.insert(
+                device,
+                LiveSession {
+                    conn,
+                    control,
+                    since: std::time::SystemTime::now(),
+                },
+            )
+        };
+        if let Some(o) = &old {
+            o.control.close(Cause::Replaced);
+        }
+        old
+    }
+
+    /// Removes `device` if it is still registered to `conn`.
+    pub fn unregister(&self, device: DeviceId, conn: Uuid) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&device).is_some_and(|s| s.conn == conn) {
+            m.remove(&device);
+        }
+    }
+
+    /// Number of live device sessions.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no device is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of the live sessions.
+    pub fn snapshot(&self) -> Vec<(DeviceId, LiveSession)> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
+    /// Whether `device` is connected.
+    pub fn contains(&self, device: DeviceId) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_closes_old_and_unregister_is_owner_only() {
+        let root = CancellationToken::new();
+        let r = Registry::default();
+        let (a, b) = (SessionControl::new(&root), SessionControl::new(&root));
+        let (ca, cb) = (Uuid::now_v7(), Uuid::now_v7());
+        assert!(r.register(DeviceId(1), ca, a.clone()).is_none());
+        let old = r.register(DeviceId(1), cb, b.clone()).unwrap();
+        assert_eq!(old.conn, ca);
+        assert!(a.token().is_cancelled());
+        assert_eq!(a.cause(), Cause::Replaced);
+        assert!(!b.token().is_cancelled());
+        r.unregister(DeviceId(1), ca);
+        assert!(r.contains(DeviceId(1)));
+        r.unregister(DeviceId(1), cb);
+        assert!(r.is_empty());
+        root.cancel();
+        assert_eq!(b.cause(), Cause::Shutdown);
+    }
+}

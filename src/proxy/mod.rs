@@ -1,0 +1,472 @@
+//! The proxy: listeners, one session per connection, and graceful shutdown.
+//!
+//! A session terminates the device's TLS, reads the first frame to learn who is connecting
+//! (0x23 → device id, 0x13 → phone app), connects upstream, forwards what it has read, and then
+//! relays both ways byte for byte while the taps decode and count. Nothing slow runs on the
+//! accept loop: handshakes and connects run in the session task, under the configured timeouts.
+
+pub mod control;
+pub mod relay;
+pub mod tap;
+pub mod upstream;
+
+use crate::codec::{Frame, Framer, FramerEvent};
+use crate::config::Config;
+use crate::metrics::{Flow, Metrics};
+use crate::tls::{CertPaths, DeviceAcceptor, TlsError, UpstreamConnector};
+use arc_swap::ArcSwap;
+use control::{Registry, SessionControl};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+use tap::{ConnMeta, DirectionTap, PeerKind, TapSink};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// A bidirectional byte stream (TLS or plain) the relay can own.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Which listener a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// TLS (23779).
+    Tls,
+    /// Plaintext (23778).
+    Plain,
+}
+
+impl ListenerKind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Plain => "plain",
+        }
+    }
+}
+
+/// Errors building the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// The running proxy's shared state.
+pub struct Proxy {
+    config: Arc<ArcSwap<Config>>,
+    acceptor: DeviceAcceptor,
+    connector: UpstreamConnector,
+    metrics: Arc<Metrics>,
+    registry: Registry,
+    limit: Arc<Semaphore>,
+    stop_accepting: CancellationToken,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    sinks: Arc<[Arc<dyn TapSink>]>,
+}
+
+struct GaugeGuard(prometheus::IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Proxy {
+    /// Builds the proxy from a validated config and the certificates to serve.
+    pub fn new(
+        config: Config,
+        certs: &CertPaths,
+        metrics: Arc<Metrics>,
+        sinks: Vec<Arc<dyn TapSink>>,
+    ) -> Result<Arc<Self>, ProxyError> {
+        let acceptor = DeviceAcceptor::new(&config.tls, certs)?;
+        let connector = UpstreamConnector::new(&config.upstream)?;
+        let limit = Arc::new(Semaphore::new(config.limits.max_connections));
+        Ok(Arc::new(Self {
+            config: Arc::new(ArcSwap::from_pointee(config)),
+            acceptor,
+            connector,
+            metrics,
+            registry: Registry::default(),
+            limit,
+            stop_accepting: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            sinks: sinks.into(),
+        }))
+    }
+
+    /// The live configuration.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The config holder (reloads store into it).
+    pub fn config_handle(&self) -> &Arc<ArcSwap<Config>> {
+        &self.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Live device sessions.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Sessions (of any kind) still running.
+    pub fn sessions(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Accepts on `listener` until [`Proxy::shutdown`]. Accept errors back off and continue.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, kind: ListenerKind) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = self.stop_accepting.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    self.metrics
+                        .accepted
+                        .with_label_values(&[kind.label()])
+                        .inc();
+                    match self.limit.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let me = self.clone();
+                            self.tracker
+                                .spawn(async move { me.session(tcp, peer, kind, permit).await });
+                        }
+                        Err(_) => {
+                            self.metrics.rejected.with_label_values(&["limit"]).inc();
+                            tracing::warn!(%peer, "connection limit reached; closing new connection");
+                            drop(tcp);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics.accept_errors.inc();
+                    tracing::warn!(error = %e, ?backoff, "accept failed; backing off");
+                    tokio::select! {
+                        _ = self.stop_accepting.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, closes every session, and waits up to `drain` for them to finish.
+    /// Returns whether all finished in time.
+    pub async fn shutdown(&self, drain: Duration) -> bool {
+        self.stop_accepting.cancel();
+        self.shutdown.cancel();
+        self.tracker.close();
+        tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        kind: ListenerKind,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let conn = Uuid::now_v7();
+        let span = tracing::info_span!("conn", id = %conn, %peer, device = tracing::field::Empty);
+        self.session_inner(tcp, peer, kind, conn)
+            .instrument(span)
+            .await;
+    }
+
+    async fn session_inner(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        kind: ListenerKind,
+        conn: Uuid,
+    ) {
+        let cfg = self.config.load_full();
+        let started = Instant::now();
+        let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().unwrap_or(peer);
+        let orig_dst = match cfg.upstream.mode {
+            crate::config::UpstreamMode::Transparent => upstream::original_dst(&tcp),
+            crate::config::UpstreamMode::Fixed => None,
+        };
+        let pending = self.metrics.active("pending");
+        pending.inc();
+        let pending_guard = GaugeGuard(pending);
+
+        // 1. Device TLS.
+        let mut device: Box<dyn Io> = match kind {
+            ListenerKind::Plain => Box::new(tcp),
+            ListenerKind::Tls => {
+                let hs = tokio::time::timeout(cfg.timeouts.handshake, self.acceptor.accept(tcp));
+                let r = tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    r = hs => r,
+                };
+                match r {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        let reason = match &e {
+                            TlsError::Handshake(r) => r.clone(),
+                            other => other.to_string(),
+                        };
+                        self.metrics
+                            .handshake_failures
+                            .with_label_values(&[&handshake_label(&reason)])
+                            .inc();
+                        tracing::info!(error = %reason, "device TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        self.metrics
+                            .handshake_failures
+                            .with_label_values(&["timeout"])
+                            .inc();
+                        tracing::info!(after = ?cfg.timeouts.handshake, "device TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+        };
+
+        // 2. The first frame says who this is.
+        let mut initial = Vec::with_capacity(256);
+        let first = tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            r = tokio::time::timeout(
+                cfg.timeouts.first_frame,
+                read_first_frame(&mut device, &mut initial, cfg.limits.max_frame),
+            ) => r,
+        };
+        let first = match first {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                let label = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "eof"
+                } else {
+                    "error"
+                };
+                self.metrics
+                    .first_frame_failures
+                    .with_label_values(&[label])
+                    .inc();
+                tracing::info!(error = %e, bytes = initial.len(), "no first frame");
+                return;
+            }
+            Err(_) => {
+                self.metrics
+                    .first_frame_failures
+                    .with_label_values(&["timeout"])
+                    .inc();
+                tracing::info!(after = ?cfg.timeouts.first_frame, bytes = initial.len(), "no first frame in time");
+                return;
+            }
+        };
+        let peer_kind = PeerKind::from_first_frame(first.as_ref());
+        if let Some(id) = peer_kind.id_label() {
+            tracing::Span::current().record("device", tracing::field::display(&id));
+        }
+        drop(pending_guard);
+        let active = self.metrics.active(peer_kind.label());
+        active.inc();
+        let _active_guard = GaugeGuard(active);
+
+        let control = SessionControl::new(&self.shutdown);
+        if let PeerKind::Device(id) = peer_kind
+            && self.registry.register(id, conn, control.clone()).is_some()
+        {
+            self.metrics.replaced.inc();
+            tracing::info!("device connected again; closing its older connection");
+        }
+        let meta = Arc::new(ConnMeta {
+            id: conn,
+            device_addr: peer,
+            proxy_device_addr: local,
+            peer: peer_kind,
+            started: SystemTime::now(),
+            upstream: OnceLock::new(),
+        });
+
+        let reason = self
+            .connect_and_relay(&cfg, device, initial, &meta, &control, orig_dst)
+            .await;
+        if let PeerKind::Device(id) = peer_kind {
+            self.registry.unregister(id, conn);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        self.metrics.session_seconds.observe(secs);
+        self.metrics.closed.with_label_values(&[&reason]).inc();
+        for s in self.sinks.iter() {
+            s.on_close(&meta, &reason);
+        }
+        tracing::info!(reason = %reason, duration_s = format_args!("{secs:.1}"), "connection closed");
+    }
+
+    async fn connect_and_relay(
+        &self,
+        cfg: &Config,
+        mut device: Box<dyn Io>,
+        initial: Vec<u8>,
+        meta: &Arc<ConnMeta>,
+        control: &Arc<SessionControl>,
+        orig_dst: Option<SocketAddr>,
+    ) -> String {
+        // 3. Upstream.
+        let up = tokio::select! {
+            _ = control.token().cancelled() => return control.cause().label().to_owned(),
+            r = upstream::connect(cfg, &self.connector, orig_dst, &self.metrics) => r,
+        };
+        let up = match up {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, delay = ?cfg.upstream.cloud_down_close_delay,
+                    "no upstream reachable; closing the device connection after the delay");
+                hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control).await;
+                self.metrics.cloud_down_closes.inc();
+                return "cloud_down".to_owned();
+            }
+        };
+        let _ = meta.upstream.set((up.local, up.remote));
+        match meta.peer {
+            PeerKind::Device(id) => {
+                tracing::info!(device_id = %id, upstream = %up.remote, "device connected")
+            }
+            PeerKind::App(user) => {
+                tracing::info!(user_id = format_args!("{user:08x}"), upstream = %up.remote, "phone app connected")
+            }
+            PeerKind::Unknown => {
+                tracing::info!(upstream = %up.remote, "unidentified peer connected (relaying anyway)")
+            }
+        }
+        for s in self.sinks.iter() {
+            s.on_open(meta);
+        }
+        let mut upstream_io = up.io;
+        let mut d2c = DirectionTap::new(
+            Flow::DeviceToCloud,
+            cfg.limits.max_frame,
+            self.metrics.clone(),
+            meta.clone(),
+            self.sinks.clone(),
+        );
+        let mut c2d = DirectionTap::new(
+            Flow::CloudToDevice,
+            cfg.limits.max_frame,
+            self.metrics.clone(),
+            meta.clone(),
+            self.sinks.clone(),
+        );
+        // 4. What was read while identifying goes first, unchanged.
+        if let Err(e) = async {
+            upstream_io.write_all(&initial).await?;
+            upstream_io.flush().await
+        }
+        .await
+        {
+            return relay::CloseReason::Error {
+                side: relay::Side::Cloud,
+                message: e.to_string(),
+            }
+            .label()
+            .to_owned();
+        }
+        d2c.on_chunk(&initial);
+        // 5. Relay.
+        let reason = relay::run(
+            device,
+            upstream_io,
+            &mut d2c,
+            &mut c2d,
+            control,
+            cfg.timeouts.idle,
+        )
+        .await;
+        if let relay::CloseReason::Error { .. } = &reason {
+            tracing::info!(%reason, "relay ended");
+        }
+        tracing::debug!(
+            frames_up = d2c.frames(),
+            frames_down = c2d.frames(),
+            problems = d2c.problems() + c2d.problems(),
+            "session totals"
+        );
+        reason.label().to_owned()
+    }
+}
+
+fn handshake_label(reason: &str) -> String {
+    // Keep the label set small: the OpenSSL reason strings are a bounded set; io kinds too.
+    let r = reason.to_ascii_lowercase().replace(' ', "_");
+    r.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+        .take(48)
+        .collect()
+}
+
+/// Reads until the first whole frame (or a framing error) and returns it decoded. Every byte
+/// read is appended to `initial` so it can be forwarded unchanged.
+async fn read_first_frame(
+    device: &mut Box<dyn Io>,
+    initial: &mut Vec<u8>,
+    max_frame: usize,
+) -> std::io::Result<Option<Frame>> {
+    let mut framer = Framer::new(max_frame);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = device.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        initial.extend_from_slice(&buf[..n]);
+        framer.push(&buf[..n]);
+        match framer.next_event() {
+            Some(FramerEvent::Frame(raw)) => return Ok(raw.decode().ok()),
+            Some(FramerEvent::Error(_)) => return Ok(None),
+            None => {}
+        }
+    }
+}
+
+/// Keeps a device connection open (reading and discarding) for `delay`, then lets it close.
+async fn hold_then_close(device: &mut Box<dyn Io>, delay: Duration, control: &SessionControl) {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::sleep(delay);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => break,
+            _ = control.token().cancelled() => break,
+            r = device.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+    let _ = device.shutdown().await;
+}

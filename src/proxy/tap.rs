@@ -1,0 +1,230 @@
+//! Session taps: what each relayed chunk and frame is shown to, without ever delaying the relay.
+//!
+//! Every session owns one [`DirectionTap`] per direction. It counts bytes and frames, decodes
+//! every frame (problems are counted, and logged once per connection and direction), and hands
+//! chunks and frames to the registered [`TapSink`]s: the capture writer, the mirror and the SLO
+//! recorder of later milestones. A sink must return at once: it copies what it needs into a
+//! bounded channel and drops (and counts) when that channel is full.
+
+use crate::codec::{Body, DecodeError, Frame, Framer, FramerError, FramerEvent, RawFrame};
+use crate::metrics::{DecodeProblem, Flow, Metrics};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+use uuid::Uuid;
+
+/// Who is on the device side of a connection, learned from its first frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerKind {
+    /// A device (0x23 handshake) and its cloud id.
+    Device(crate::codec::DeviceId),
+    /// A phone app (0x13 login) and its user id.
+    App(u32),
+    /// The first frame was neither.
+    Unknown,
+}
+
+impl PeerKind {
+    /// Metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Device(_) => "device",
+            Self::App(_) => "app",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Identify the peer from its first frame.
+    pub fn from_first_frame(f: Option<&Frame>) -> Self {
+        match f.map(|f| &f.body) {
+            Some(Body::Handshake(h)) => Self::Device(h.device_id),
+            Some(Body::Login(l)) => Self::App(l.user_id),
+            _ => Self::Unknown,
+        }
+    }
+
+    /// A short id for logs, file names and labels: device id or user id in hex.
+    pub fn id_label(self) -> Option<String> {
+        match self {
+            Self::Device(d) => Some(d.to_string()),
+            Self::App(u) => Some(format!("app-{u:08x}")),
+            Self::Unknown => None,
+        }
+    }
+}
+
+/// Facts about one connection that every tap may need (addresses of both legs for captures).
+#[derive(Debug)]
+pub struct ConnMeta {
+    /// UUIDv7 connection id.
+    pub id: Uuid,
+    /// The device's address.
+    pub device_addr: SocketAddr,
+    /// Our address on the device leg.
+    pub proxy_device_addr: SocketAddr,
+    /// Who the device side is.
+    pub peer: PeerKind,
+    /// When the connection was accepted.
+    pub started: SystemTime,
+    /// Our address on the upstream leg and the upstream's, once connected.
+    pub upstream: OnceLock<(SocketAddr, SocketAddr)>,
+}
+
+/// Receives copies of what a session relays. Implementations must not block.
+pub trait TapSink: Send + Sync {
+    /// A session started relaying.
+    fn on_open(&self, _meta: &Arc<ConnMeta>) {}
+    /// A chunk was relayed (already written to the other side).
+    fn on_chunk(&self, _meta: &Arc<ConnMeta>, _flow: Flow, _at: SystemTime, _bytes: &[u8]) {}
+    /// A whole frame was seen; `decoded` is `None` when its body did not decode.
+    fn on_frame(
+        &self,
+        _meta: &Arc<ConnMeta>,
+        _flow: Flow,
+        _raw: &RawFrame,
+        _decoded: Option<&Frame>,
+    ) {
+    }
+    /// The session ended.
+    fn on_close(&self, _meta: &Arc<ConnMeta>, _reason: &str) {}
+}
+
+/// The tap of one direction of one session.
+pub struct DirectionTap {
+    flow: Flow,
+    framer: Framer,
+    metrics: Arc<Metrics>,
+    label: Option<String>,
+    meta: Arc<ConnMeta>,
+    sinks: Arc<[Arc<dyn TapSink>]>,
+    logged: bool,
+    frames: u64,
+    problems: u64,
+}
+
+impl DirectionTap {
+    /// A tap for `flow` of the connection `meta`.
+    pub fn new(
+        flow: Flow,
+        max_frame: usize,
+        metrics: Arc<Metrics>,
+        meta: Arc<ConnMeta>,
+        sinks: Arc<[Arc<dyn TapSink>]>,
+    ) -> Self {
+        Self {
+            flow,
+            framer: Framer::new(max_frame),
+            metrics,
+            label: meta.peer.id_label(),
+            meta,
+            sinks,
+            logged: false,
+            frames: 0,
+            problems: 0,
+        }
+    }
+
+    /// Frames seen so far.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Decode problems seen so far.
+    pub fn problems(&self) -> u64 {
+        self.problems
+    }
+
+    fn problem(&mut self, p: DecodeProblem, what: &dyn std::fmt::Display) {
+        self.problems += 1;
+        self.metrics.add_decode_error(self.flow, p);
+        if self.logged {
+            tracing::debug!(
+                direction = self.flow.label(),
+                kind = p.label(),
+                "decode problem: {what}"
+            );
+        } else {
+            self.logged = true;
+            tracing::warn!(
+                direction = self.flow.label(),
+                kind = p.label(),
+                "decode problem (bytes still relayed; further ones on this connection are logged at debug): {what}"
+            );
+        }
+    }
+
+    fn framer_error(&mut self, e: &FramerError) {
+        let p = match e {
+            FramerError::TooLarge { .. } => DecodeProblem::TooLarge,
+            FramerError::Skipped { .. } => DecodeProblem::Skipped,
+        };
+        self.problem(p, e);
+    }
+
+    fn frame(&mut self, raw: &RawFrame) {
+        self.frames += 1;
+        let ptype = raw.ptype();
+        self.metrics
+            .add_frame(self.flow, ptype, self.label.as_deref());
+        if !ptype.is_known() {
+            self.problem(
+                DecodeProblem::UnknownType,
+                &format_args!("unknown packet type {ptype}"),
+            );
+        }
+        let decoded: Result<Frame, DecodeError> = raw.decode();
+        match &decoded {
+            Ok(f) => {
+                if let Some(e) = f.inner_error() {
+                    self.problem(
+                        DecodeProblem::Inner,
+                        &format_args!("{ptype} inner frame: {e}"),
+                    );
+                } else if let Some(i) = f.inner().filter(|i| !i.checksum_ok()) {
+                    self.problem(
+                        DecodeProblem::Checksum,
+                        &format_args!(
+                            "{ptype} inner checksum 0x{:02x}, expected 0x{:02x}",
+                            i.checksum,
+                            i.expected_checksum()
+                        ),
+                    );
+                }
+            }
+            Err(e) => self.problem(DecodeProblem::Frame, &format_args!("{ptype}: {e}")),
+        }
+        if tracing::enabled!(tracing::Level::TRACE) {
+            tracing::trace!(
+                direction = self.flow.label(),
+                "{}",
+                crate::codec::view::frame_summary(raw.bytes())
+            );
+        }
+        for s in self.sinks.iter() {
+            s.on_frame(&self.meta, self.flow, raw, decoded.as_ref().ok());
+        }
+    }
+
+    /// Shows a relayed chunk to the tap. Call after the chunk was written to the other side.
+    pub fn on_chunk(&mut self, chunk: &[u8]) {
+        self.metrics.add_bytes(self.flow, chunk.len());
+        if !self.sinks.is_empty() {
+            let now = SystemTime::now();
+            for s in self.sinks.iter() {
+                s.on_chunk(&self.meta, self.flow, now, chunk);
+            }
+        }
+        self.framer.push(chunk);
+        while let Some(ev) = self.framer.next_event() {
+            match ev {
+                FramerEvent::Frame(raw) => self.frame(&raw),
+                FramerEvent::Error(e) => self.framer_error(&e),
+            }
+        }
+    }
+
+    /// Bytes held that do not make a whole frame yet.
+    pub fn buffered(&self) -> usize {
+        self.framer.buffered()
+    }
+}

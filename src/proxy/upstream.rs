@@ -1,0 +1,160 @@
+//! Reaching the upstream: the configured addresses in order, or the connection's original
+//! destination (iptables REDIRECT), over TLS (OpenSSL, optional pin) or plain TCP.
+
+use super::Io;
+use crate::config::{Config, UpstreamMode};
+use crate::metrics::Metrics;
+use crate::tls::{TlsError, UpstreamConnector};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// A connected upstream.
+pub struct Upstream {
+    /// The stream.
+    pub io: Box<dyn Io>,
+    /// Our address on this leg.
+    pub local: SocketAddr,
+    /// The upstream's address.
+    pub remote: SocketAddr,
+}
+
+/// Why no upstream could be reached (the last attempt's error).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Transparent mode, but the connection has no original destination.
+    #[error("no original destination (is the iptables REDIRECT rule in place?)")]
+    NoOriginalDst,
+    /// Name resolution or TCP connect failed.
+    #[error("{addr}: connect: {source}")]
+    Connect {
+        /// Target.
+        addr: String,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// The attempt took longer than `timeouts.upstream_connect`.
+    #[error("{addr}: timed out after {after:?}")]
+    Timeout {
+        /// Target.
+        addr: String,
+        /// Timeout.
+        after: Duration,
+    },
+    /// TLS failed (including a pin mismatch).
+    #[error("{addr}: {source}")]
+    Tls {
+        /// Target.
+        addr: String,
+        /// Error.
+        source: TlsError,
+    },
+}
+
+impl UpstreamError {
+    /// Metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NoOriginalDst => "no_original_dst",
+            Self::Connect { .. } => "connect_error",
+            Self::Timeout { .. } => "timeout",
+            Self::Tls {
+                source: TlsError::PinMismatch { .. },
+                ..
+            } => "pin_mismatch",
+            Self::Tls { .. } => "tls_error",
+        }
+    }
+}
+
+/// The original destination of a redirected connection, if it differs from where it landed.
+pub fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
+    let local = tcp.local_addr().ok()?;
+    let sock = socket2::SockRef::from(tcp);
+    let orig = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (orig != local).then_some(orig)
+}
+
+async fn attempt(addr: &str, tls: Option<&UpstreamConnector>) -> Result<Upstream, UpstreamError> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().map_err(|source| UpstreamError::Connect {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    let remote = tcp.peer_addr().map_err(|source| UpstreamError::Connect {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    let io: Box<dyn Io> = match tls {
+        Some(c) => Box::new(c.connect(tcp).await.map_err(|source| UpstreamError::Tls {
+            addr: addr.to_owned(),
+            source,
+        })?),
+        None => Box::new(tcp),
+    };
+    Ok(Upstream { io, local, remote })
+}
+
+/// Connects to the first upstream that answers.
+pub async fn connect(
+    cfg: &Config,
+    connector: &UpstreamConnector,
+    orig_dst: Option<SocketAddr>,
+    metrics: &Metrics,
+) -> Result<Upstream, UpstreamError> {
+    let targets: Vec<String> = match cfg.upstream.mode {
+        UpstreamMode::Transparent => match orig_dst {
+            Some(a) => vec![a.to_string()],
+            None => {
+                metrics
+                    .upstream_connects
+                    .with_label_values(&["no_original_dst"])
+                    .inc();
+                return Err(UpstreamError::NoOriginalDst);
+            }
+        },
+        UpstreamMode::Fixed => cfg.upstream.addresses.clone(),
+    };
+    let tls = cfg.upstream.tls.then_some(connector);
+    let limit = cfg.timeouts.upstream_connect;
+    let mut last = None;
+    for addr in &targets {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(limit, attempt(addr, tls)).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Timeout {
+                addr: addr.clone(),
+                after: limit,
+            }),
+        };
+        match r {
+            Ok(up) => {
+                metrics.upstream_connects.with_label_values(&["ok"]).inc();
+                metrics
+                    .upstream_connect_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                return Ok(up);
+            }
+            Err(e) => {
+                metrics
+                    .upstream_connects
+                    .with_label_values(&[e.label()])
+                    .inc();
+                tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or(UpstreamError::NoOriginalDst))
+}

@@ -1,0 +1,410 @@
+//! The cloud simulator: a TLS server (OpenSSL with the legacy suites, rustls, or plain TCP) that
+//! answers like the real cloud (0x28, 0x48, 0x88 echoing msg, 0xc8 with the current time, 0xd8,
+//! 0x18), acks devices' pipe frames with 0x7b as an app would, sends commands (0x73 f8 d0 / f0) to
+//! connected devices at a configurable rate, and records what it got.
+
+use super::Transcript;
+use super::stats::Latency;
+use crate::codec::{
+    Action, Body, Command, DeviceId, Frame, Framer, FramerEvent, Msg, PacketType, RecordValue,
+    TimeAnswer,
+};
+use crate::proxy::Io;
+use crate::tls::{DeviceAcceptor, ModernServer};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The app/user id the simulated cloud uses when it relays commands to devices.
+pub const SIM_APP_ID: u32 = 0x2de4_b5d2;
+
+/// How the simulator speaks TLS.
+#[derive(Clone)]
+pub enum ServerTls {
+    /// OpenSSL with the device-facing suite list (as the real cloud: static-RSA CBC).
+    Legacy(DeviceAcceptor),
+    /// rustls (TLS 1.2/1.3 AEAD suites).
+    Modern(ModernServer),
+    /// Plain TCP (a local controller).
+    Plain,
+}
+
+/// Options of the cloud simulator.
+#[derive(Clone, Debug)]
+pub struct CloudSimConfig {
+    /// Send a command to each connected device this often (none = never).
+    pub command_interval: Option<Duration>,
+    /// Keep a byte transcript of every connection (tests; off for load runs).
+    pub record: bool,
+    /// UTC offset of the wall-clock time in 0xc8 answers, in minutes (the cloud uses US Central).
+    pub utc_offset_minutes: i16,
+}
+
+impl Default for CloudSimConfig {
+    fn default() -> Self {
+        Self {
+            command_interval: None,
+            record: false,
+            utc_offset_minutes: -360,
+        }
+    }
+}
+
+/// What the simulator has seen and done.
+#[derive(Default)]
+pub struct CloudStats {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// TLS handshakes that failed.
+    pub tls_failures: AtomicU64,
+    /// Device handshakes (0x23) seen.
+    pub handshakes: AtomicU64,
+    /// App logins (0x13) seen.
+    pub logins: AtomicU64,
+    /// Frames received.
+    pub frames_in: AtomicU64,
+    /// Frames whose body did not decode.
+    pub bad_frames: AtomicU64,
+    /// Commands sent to devices.
+    pub commands_sent: AtomicU64,
+    /// 0x7b acks received for those commands.
+    pub command_acks: AtomicU64,
+    /// Command → 0x7b ack latency.
+    pub command_latency: Latency,
+    /// Devices connected now.
+    pub connected: Mutex<HashMap<DeviceId, u64>>,
+    /// Transcripts by connection number (when recording).
+    pub transcripts: Mutex<HashMap<u64, Transcript>>,
+}
+
+/// A summary for reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct CloudReport {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Devices connected now.
+    pub devices_connected: usize,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames that did not decode.
+    pub bad_frames: u64,
+    /// Commands sent.
+    pub commands_sent: u64,
+    /// Commands acked.
+    pub command_acks: u64,
+    /// Command → ack latency.
+    pub command_latency: super::stats::LatencySummary,
+}
+
+impl CloudStats {
+    /// A summary.
+    pub fn report(&self) -> CloudReport {
+        CloudReport {
+            connections: self.connections.load(Ordering::Relaxed),
+            devices_connected: self
+                .connected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+            frames_in: self.frames_in.load(Ordering::Relaxed),
+            bad_frames: self.bad_frames.load(Ordering::Relaxed),
+            commands_sent: self.commands_sent.load(Ordering::Relaxed),
+            command_acks: self.command_acks.load(Ordering::Relaxed),
+            command_latency: self.command_latency.summary(),
+        }
+    }
+
+    /// Transcripts of `device`'s connections.
+    pub fn transcripts_of(&self, device: DeviceId) -> Vec<Transcript> {
+        let t = self.transcripts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(u64, Transcript)> = t
+            .iter()
+            .filter(|(_, t)| t.device == Some(device))
+            .map(|(k, t)| (*k, t.clone()))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v.into_iter().map(|(_, t)| t).collect()
+    }
+}
+
+/// The cloud simulator.
+pub struct CloudSim {
+    cfg: CloudSimConfig,
+    tls: ServerTls,
+    stats: Arc<CloudStats>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+impl CloudSim {
+    /// A simulator speaking `tls`.
+    pub fn new(cfg: CloudSimConfig, tls: ServerTls) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            tls,
+            stats: Arc::new(CloudStats::default()),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            next_conn: AtomicU64::new(0),
+        })
+    }
+
+    /// Its statistics.
+    pub fn stats(&self) -> &Arc<CloudStats> {
+        &self.stats
+    }
+
+    /// Closes every connection and stops accepting.
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+    }
+
+    /// Accepts on `listener` until stopped.
+    pub async fn run(self: &Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let me = self.clone();
+            self.tracker
+                .spawn(async move { me.connection(tcp, peer).await });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, _peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let io: Box<dyn Io> = match &self.tls {
+            ServerTls::Plain => Box::new(tcp),
+            ServerTls::Legacy(a) => match a.accept(tcp).await {
+                Ok(s) => Box::new(s),
+                Err(_) => {
+                    self.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            ServerTls::Modern(m) => match m.accept(tcp).await {
+                Ok(s) => Box::new(s),
+                Err(_) => {
+                    self.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+        };
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let mut c = CloudConn {
+            sim: &self,
+            conn,
+            device: None,
+            mesh_id: 1,
+            msg: 0x1500,
+            seq: 0x100,
+            pending: HashMap::new(),
+            record: self.cfg.record,
+        };
+        if c.record {
+            self.stats
+                .transcripts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(conn, Transcript::default());
+        }
+        c.serve(io).await;
+        if let Some(d) = c.device {
+            let mut m = self
+                .stats
+                .connected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if m.get(&d) == Some(&conn) {
+                m.remove(&d);
+            }
+        }
+    }
+}
+
+struct CloudConn<'a> {
+    sim: &'a CloudSim,
+    conn: u64,
+    device: Option<DeviceId>,
+    mesh_id: u16,
+    msg: u16,
+    seq: u32,
+    pending: HashMap<Msg, Instant>,
+    record: bool,
+}
+
+impl CloudConn<'_> {
+    fn note(&self, sent: &[u8], received: &[u8]) {
+        if !self.record {
+            return;
+        }
+        let mut t = self
+            .sim
+            .stats
+            .transcripts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = t.get_mut(&self.conn) {
+            t.sent.extend_from_slice(sent);
+            t.received.extend_from_slice(received);
+            if t.device.is_none() {
+                t.device = self.device;
+            }
+        }
+    }
+
+    async fn serve(&mut self, io: Box<dyn Io>) {
+        let (mut r, mut w) = tokio::io::split(io);
+        let mut framer = Framer::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let period = self.sim.cfg.command_interval;
+        let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            let mut out = Vec::new();
+            tokio::select! {
+                _ = self.sim.shutdown.cancelled() => break,
+                n = r.read(&mut buf) => {
+                    let n = match n { Ok(0) | Err(_) => break, Ok(n) => n };
+                    self.note(&[], &buf[..n]);
+                    framer.push(&buf[..n]);
+                    while let Some(ev) = framer.next_event() {
+                        if let FramerEvent::Frame(raw) = ev {
+                            self.sim.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                            match raw.decode() {
+                                Ok(f) => self.answer(&f, &mut out),
+                                Err(_) => { self.sim.stats.bad_frames.fetch_add(1, Ordering::Relaxed); }
+                            }
+                        }
+                    }
+                }
+                _ = ticker.tick(), if period.is_some() && self.device.is_some() => {
+                    self.command(&mut out);
+                }
+            }
+            if !out.is_empty() {
+                if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+                    break;
+                }
+                self.note(&out, &[]);
+            }
+        }
+        let _ = w.shutdown().await;
+    }
+
+    fn push(out: &mut Vec<u8>, f: &Frame) {
+        if let Ok(b) = f.encode() {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    fn command(&mut self, out: &mut Vec<u8>) {
+        self.msg = self.msg.wrapping_add(1);
+        self.seq = self.seq.wrapping_add(1);
+        let n = self.sim.stats.commands_sent.load(Ordering::Relaxed);
+        let action = match n % 4 {
+            0 => Action::Power { on: true },
+            1 => Action::Combo {
+                on: true,
+                brightness: (n % 100) as u8,
+                mode: 0xff,
+                rgb: [0xff; 3],
+            },
+            2 => Action::Combo {
+                on: true,
+                brightness: 0xff,
+                mode: (n % 101) as u8,
+                rgb: [0; 3],
+            },
+            _ => Action::Power { on: false },
+        };
+        let cmd = Command {
+            seq: self.seq,
+            mesh_id: self.mesh_id,
+            action,
+        };
+        let msg = Msg::counter(self.msg);
+        Self::push(out, &Frame::pipe(SIM_APP_ID, msg, cmd.to_inner(self.seq)));
+        self.pending.insert(msg, Instant::now());
+        self.sim.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn answer(&mut self, f: &Frame, out: &mut Vec<u8>) {
+        match (f.ptype, &f.body) {
+            (PacketType::HANDSHAKE, Body::Handshake(h)) => {
+                self.device = Some(h.device_id);
+                self.sim.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+                self.sim
+                    .stats
+                    .connected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(h.device_id, self.conn);
+                Self::push(out, &Frame::handshake_ack());
+            }
+            (PacketType::LOGIN, _) => {
+                self.sim.stats.logins.fetch_add(1, Ordering::Relaxed);
+                Self::push(out, &Frame::login_ok());
+            }
+            (PacketType::SYNC, Body::Sync(s)) => {
+                for r in &s.records {
+                    if let RecordValue::Status(st) = r.decode()
+                        && st.relayed == Some(0)
+                    {
+                        self.mesh_id = u16::from(st.mesh_id);
+                    }
+                }
+                Self::push(out, &Frame::sync_ack());
+            }
+            (PacketType::PIPE_SYNC, _) => {
+                if let Some(m) = f.msg() {
+                    Self::push(out, &Frame::pipe_sync_ack(m));
+                }
+            }
+            (PacketType::PIPE, _) => {
+                if let (Some(id), Some(m)) = (f.id(), f.msg()) {
+                    Self::push(out, &Frame::pipe_ack(id, m));
+                }
+            }
+            (PacketType::PIPE_ACK, _) => {
+                if let Some(sent) = f.msg().and_then(|m| self.pending.remove(&m)) {
+                    self.sim.stats.command_acks.fetch_add(1, Ordering::Relaxed);
+                    self.sim.stats.command_latency.record(sent.elapsed());
+                }
+            }
+            (PacketType::TIME_REQUEST, _) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                Self::push(
+                    out,
+                    &Frame::time_answer(TimeAnswer::from_unix(
+                        now,
+                        self.sim.cfg.utc_offset_minutes,
+                    )),
+                );
+            }
+            (PacketType::PING, _) => Self::push(out, &Frame::pong()),
+            _ => {}
+        }
+    }
+}

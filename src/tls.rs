@@ -1,0 +1,509 @@
+//! TLS for every leg: the project CA and leaf certificates (minted with rcgen), the OpenSSL
+//! acceptor for devices and connector for the cloud (the legacy suites real devices and the cloud
+//! speak, reference §1.3), certificate pinning, and rustls for the modern legs we control.
+//!
+//! Each leg sits behind one small type (`DeviceAcceptor`, `UpstreamConnector`, `LegacyClient`,
+//! `ModernServer`), so a TLS stack can be swapped in one place.
+
+use crate::config::{TlsConfig, TlsVersion, UpstreamConfig, parse_pin};
+use openssl::pkey::PKey;
+use openssl::ssl::{
+    Ssl, SslAcceptor, SslConnector, SslContext, SslContextBuilder, SslMethod, SslVerifyMode,
+    SslVersion,
+};
+use openssl::x509::X509;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_openssl::SslStream;
+
+/// Host names the device leaf certificate covers (the names users redirect in DNS).
+pub const LEAF_NAMES: [&str; 4] = [
+    "cm.gelighting.com",
+    "cm-sec.gelighting.com",
+    "cm-ge.xlink.cn",
+    "*.xlink.cn",
+];
+
+/// TLS errors, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Certificate files exist and `--force` was not given.
+    #[error("certificates already exist in {0} (use --force to replace them)")]
+    Exists(PathBuf),
+    /// Reading or writing certificate files.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Minting certificates.
+    #[error("minting certificates: {0}")]
+    Mint(#[from] rcgen::Error),
+    /// OpenSSL setup.
+    #[error("openssl: {0}")]
+    OpenSsl(#[from] openssl::error::ErrorStack),
+    /// rustls setup.
+    #[error("rustls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(String),
+    /// The peer's certificate is not one of the pinned ones.
+    #[error("upstream certificate sha256 {got} matches no pin")]
+    PinMismatch {
+        /// Hex SHA-256 of the certificate presented.
+        got: String,
+    },
+    /// A PEM file held nothing usable.
+    #[error("{0}: no usable PEM item")]
+    Pem(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+// === certificates ===
+
+/// The files `certs init` writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertPaths {
+    /// CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// CA private key (PEM, 0600).
+    pub ca_key: PathBuf,
+    /// RSA-2048 leaf certificate followed by the CA (PEM).
+    pub rsa_cert: PathBuf,
+    /// RSA leaf key (PEM, 0600).
+    pub rsa_key: PathBuf,
+    /// ECDSA P-256 leaf certificate followed by the CA (PEM).
+    pub ecdsa_cert: PathBuf,
+    /// ECDSA leaf key (PEM, 0600).
+    pub ecdsa_key: PathBuf,
+}
+
+impl CertPaths {
+    /// File names inside `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca-key.pem"),
+            rsa_cert: dir.join("server-rsa.pem"),
+            rsa_key: dir.join("server-rsa-key.pem"),
+            ecdsa_cert: dir.join("server-ecdsa.pem"),
+            ecdsa_key: dir.join("server-ecdsa-key.pem"),
+        }
+    }
+
+    fn all(&self) -> [&PathBuf; 6] {
+        [
+            &self.ca_cert,
+            &self.ca_key,
+            &self.rsa_cert,
+            &self.rsa_key,
+            &self.ecdsa_cert,
+            &self.ecdsa_key,
+        ]
+    }
+
+    /// Whether every file exists.
+    pub fn complete(&self) -> bool {
+        self.all().iter().all(|p| p.exists())
+    }
+}
+
+fn write_file(path: &Path, data: &str, private: bool) -> Result<(), TlsError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    opts.mode(if private { 0o600 } else { 0o644 });
+    let mut f = opts.open(path).map_err(io_err(path))?;
+    // An existing file keeps its old mode on open: set it explicitly.
+    use std::os::unix::fs::PermissionsExt as _;
+    f.set_permissions(std::fs::Permissions::from_mode(if private {
+        0o600
+    } else {
+        0o644
+    }))
+    .map_err(io_err(path))?;
+    f.write_all(data.as_bytes()).map_err(io_err(path))
+}
+
+fn validity(params: &mut rcgen::CertificateParams) {
+    // Devices may have no clock: valid from the epoch until far in the future.
+    params.not_before = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2099, 12, 31);
+}
+
+/// Mints the CA and both leaves into `dir`. Refuses to overwrite unless `force`.
+pub fn init_certs(dir: &Path, force: bool) -> Result<CertPaths, TlsError> {
+    let paths = CertPaths::in_dir(dir);
+    if !force && paths.all().iter().any(|p| p.exists()) {
+        return Err(TlsError::Exists(dir.to_owned()));
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "cync-mitm local CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca_params);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+
+    let leaf = |alg: &'static rcgen::SignatureAlgorithm| -> Result<(String, String), TlsError> {
+        let key = rcgen::KeyPair::generate_for(alg)?;
+        let mut p = rcgen::CertificateParams::new(
+            LEAF_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )?;
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, LEAF_NAMES[0]);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut p);
+        let cert = p.signed_by(&key, &issuer)?;
+        Ok((
+            format!("{}{}", cert.pem(), ca_cert.pem()),
+            key.serialize_pem(),
+        ))
+    };
+    let (rsa_cert, rsa_key) = leaf(&rcgen::PKCS_RSA_SHA256)?;
+    let (ec_cert, ec_key) = leaf(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+
+    write_file(&paths.ca_cert, &ca_cert.pem(), false)?;
+    write_file(&paths.ca_key, &ca_key.serialize_pem(), true)?;
+    write_file(&paths.rsa_cert, &rsa_cert, false)?;
+    write_file(&paths.rsa_key, &rsa_key, true)?;
+    write_file(&paths.ecdsa_cert, &ec_cert, false)?;
+    write_file(&paths.ecdsa_key, &ec_key, true)?;
+    Ok(paths)
+}
+
+/// Uses the certificates in `dir`, minting them first when any is missing. Returns whether they
+/// were created.
+pub fn ensure_certs(dir: &Path) -> Result<(CertPaths, bool), TlsError> {
+    let paths = CertPaths::in_dir(dir);
+    if paths.complete() {
+        return Ok((paths, false));
+    }
+    Ok((init_certs(dir, true)?, true))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(io_err(path))
+}
+
+fn load_chain(ctx: &mut SslContextBuilder, cert: &Path, key: &Path) -> Result<(), TlsError> {
+    let mut chain = X509::stack_from_pem(&read(cert)?)?.into_iter();
+    let leaf = chain.next().ok_or_else(|| TlsError::Pem(cert.to_owned()))?;
+    let pkey = PKey::private_key_from_pem(&read(key)?)?;
+    ctx.set_certificate(&leaf)?;
+    ctx.set_private_key(&pkey)?;
+    for extra in chain {
+        ctx.add_extra_chain_cert(extra)?;
+    }
+    ctx.check_private_key()?;
+    Ok(())
+}
+
+fn ssl_version(v: TlsVersion) -> SslVersion {
+    match v {
+        TlsVersion::Tls10 => SslVersion::TLS1,
+        TlsVersion::Tls11 => SslVersion::TLS1_1,
+        TlsVersion::Tls12 => SslVersion::TLS1_2,
+        TlsVersion::Tls13 => SslVersion::TLS1_3,
+    }
+}
+
+/// SHA-256 of a certificate's DER, in hex.
+pub fn cert_sha256_hex(der: &[u8]) -> String {
+    crate::hexutil::to_hex(&openssl::sha::sha256(der))
+}
+
+/// An established OpenSSL stream.
+pub type OsslStream<S> = SslStream<S>;
+
+/// Accepts device TLS with the legacy suites (static-RSA CBC/CCM, ECDHE-ECDSA) and modern ones.
+#[derive(Clone)]
+pub struct DeviceAcceptor {
+    ctx: SslContext,
+}
+
+impl DeviceAcceptor {
+    /// Builds the acceptor from `[tls]` and the certificates in `paths`.
+    pub fn new(cfg: &TlsConfig, paths: &CertPaths) -> Result<Self, TlsError> {
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+        b.set_security_level(0);
+        b.set_cipher_list(&cfg.ciphers)?;
+        b.set_min_proto_version(Some(ssl_version(cfg.min_version)))?;
+        b.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
+        load_chain(&mut b, &paths.rsa_cert, &paths.rsa_key)?;
+        if cfg.ecdsa {
+            load_chain(&mut b, &paths.ecdsa_cert, &paths.ecdsa_key)?;
+        }
+        Ok(Self {
+            ctx: b.build().into_context(),
+        })
+    }
+
+    /// Runs the server handshake on `stream`.
+    pub async fn accept<S>(&self, stream: S) -> Result<SslStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ssl = Ssl::new(&self.ctx)?;
+        let mut s = SslStream::new(ssl, stream)?;
+        Pin::new(&mut s)
+            .accept()
+            .await
+            .map_err(|e| TlsError::Handshake(describe_ssl_error(&e)))?;
+        Ok(s)
+    }
+}
+
+/// A short, stable reason for a handshake failure (used as a metrics label).
+pub fn describe_ssl_error(e: &openssl::ssl::Error) -> String {
+    if let Some(io) = e.io_error() {
+        return format!("io: {}", io.kind());
+    }
+    match e.ssl_error() {
+        Some(stack) => stack
+            .errors()
+            .first()
+            .and_then(|x| x.reason())
+            .unwrap_or("tls error")
+            .to_owned(),
+        None if e.code() == openssl::ssl::ErrorCode::ZERO_RETURN => "closed".into(),
+        None if e.code() == openssl::ssl::ErrorCode::SYSCALL => "eof".into(),
+        None => format!("ssl error {:?}", e.code()),
+    }
+}
+
+/// Connects to the cloud (or another upstream) over OpenSSL, with optional pinning.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    connector: Arc<SslConnector>,
+    verify: bool,
+    sni: Option<String>,
+    pins: Vec<[u8; 32]>,
+}
+
+impl UpstreamConnector {
+    /// Builds the connector from `[upstream]`.
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, TlsError> {
+        let mut b = SslConnector::builder(SslMethod::tls_client())?;
+        b.set_security_level(0);
+        b.set_cipher_list(&cfg.ciphers)?;
+        b.set_min_proto_version(Some(SslVersion::TLS1))?;
+        if cfg.verify {
+            if let Some(ca) = &cfg.ca_file {
+                b.set_ca_file(ca)?;
+            }
+            b.set_verify(SslVerifyMode::PEER);
+        } else {
+            b.set_verify(SslVerifyMode::NONE);
+        }
+        Ok(Self {
+            connector: Arc::new(b.build()),
+            verify: cfg.verify,
+            sni: cfg.sni.clone(),
+            pins: cfg.pin_sha256.iter().filter_map(|p| parse_pin(p)).collect(),
+        })
+    }
+
+    /// Runs the client handshake on `stream` and checks the pins.
+    pub async fn connect<S>(&self, stream: S) -> Result<SslStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ssl = self
+            .connector
+            .configure()?
+            .use_server_name_indication(self.sni.is_some())
+            .verify_hostname(self.verify && self.sni.is_some())
+            .into_ssl(self.sni.as_deref().unwrap_or("cm.gelighting.com"))?;
+        let mut s = SslStream::new(ssl, stream)?;
+        Pin::new(&mut s)
+            .connect()
+            .await
+            .map_err(|e| TlsError::Handshake(describe_ssl_error(&e)))?;
+        if !self.pins.is_empty() {
+            let der = s
+                .ssl()
+                .peer_certificate()
+                .ok_or_else(|| TlsError::Handshake("no peer certificate".into()))?
+                .to_der()?;
+            let got = openssl::sha::sha256(&der);
+            if !self.pins.contains(&got) {
+                return Err(TlsError::PinMismatch {
+                    got: crate::hexutil::to_hex(&got),
+                });
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// Which suites a simulated or test client offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientProfile {
+    /// Like device fingerprint 2: TLS 1.2, static-RSA AES-CBC only, no SNI.
+    DeviceFp2,
+    /// Only AES256-SHA256, TLS 1.2, no SNI.
+    Aes256Sha256Only,
+    /// Whatever OpenSSL offers by default (TLS 1.3 and AEAD suites).
+    Modern,
+}
+
+/// An OpenSSL client used by the device simulator and tests.
+#[derive(Clone)]
+pub struct LegacyClient {
+    connector: Arc<SslConnector>,
+}
+
+impl LegacyClient {
+    /// A client offering `profile`'s suites, verifying nothing.
+    pub fn new(profile: ClientProfile) -> Result<Self, TlsError> {
+        let mut b = SslConnector::builder(SslMethod::tls_client())?;
+        b.set_verify(SslVerifyMode::NONE);
+        b.set_security_level(0);
+        match profile {
+            ClientProfile::DeviceFp2 => {
+                b.set_cipher_list("AES256-SHA256:AES256-SHA:AES128-SHA256:AES128-SHA")?;
+                b.set_max_proto_version(Some(SslVersion::TLS1_2))?;
+            }
+            ClientProfile::Aes256Sha256Only => {
+                b.set_cipher_list("AES256-SHA256")?;
+                b.set_max_proto_version(Some(SslVersion::TLS1_2))?;
+            }
+            ClientProfile::Modern => {}
+        }
+        Ok(Self {
+            connector: Arc::new(b.build()),
+        })
+    }
+
+    /// Handshakes on `stream` without SNI.
+    pub async fn connect<S>(&self, stream: S) -> Result<SslStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ssl = self
+            .connector
+            .configure()?
+            .use_server_name_indication(false)
+            .verify_hostname(false)
+            .into_ssl("cm.gelighting.com")?;
+        let mut s = SslStream::new(ssl, stream)?;
+        Pin::new(&mut s)
+            .connect()
+            .await
+            .map_err(|e| TlsError::Handshake(describe_ssl_error(&e)))?;
+        Ok(s)
+    }
+}
+
+/// A rustls server (TLS 1.2/1.3, AEAD suites) for the legs we control: the cloud simulator's
+/// modern mode and, later, the new-path backend.
+#[derive(Clone)]
+pub struct ModernServer {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl ModernServer {
+    /// Serves the RSA leaf from `paths`.
+    pub fn new(paths: &CertPaths) -> Result<Self, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.rsa_cert)
+            .map_err(|_| TlsError::Pem(paths.rsa_cert.clone()))?
+            .collect::<Result<_, _>>()
+            .map_err(|_| TlsError::Pem(paths.rsa_cert.clone()))?;
+        let key = PrivateKeyDer::from_pem_file(&paths.rsa_key)
+            .map_err(|_| TlsError::Pem(paths.rsa_key.clone()))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)?;
+        Ok(Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        })
+    }
+
+    /// Runs the server handshake.
+    pub async fn accept<S>(&self, stream: S) -> Result<tokio_rustls::server::TlsStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| TlsError::Handshake(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn init_writes_private_keys_0600_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = init_certs(dir.path(), false).unwrap();
+        for key in [&p.ca_key, &p.rsa_key, &p.ecdsa_key] {
+            let mode = std::fs::metadata(key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+        assert!(matches!(
+            init_certs(dir.path(), false),
+            Err(TlsError::Exists(_))
+        ));
+        let before = std::fs::read(&p.rsa_cert).unwrap();
+        init_certs(dir.path(), true).unwrap();
+        assert_ne!(std::fs::read(&p.rsa_cert).unwrap(), before);
+        let (_, created) = ensure_certs(dir.path()).unwrap();
+        assert!(!created);
+    }
+
+    #[test]
+    fn leaf_covers_the_cloud_names_and_is_backdated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = init_certs(dir.path(), false).unwrap();
+        let chain = X509::stack_from_pem(&std::fs::read(&p.rsa_cert).unwrap()).unwrap();
+        assert_eq!(chain.len(), 2);
+        let leaf = &chain[0];
+        let names: Vec<String> = leaf
+            .subject_alt_names()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.dnsname().map(str::to_owned))
+            .collect();
+        for n in LEAF_NAMES {
+            assert!(names.contains(&n.to_string()), "{n} missing from {names:?}");
+        }
+        let pk = leaf.public_key().unwrap();
+        assert_eq!(pk.rsa().unwrap().size() * 8, 2048);
+        assert!(leaf.not_before() < openssl::asn1::Asn1Time::from_unix(86_400).unwrap());
+        assert!(leaf.not_after() > openssl::asn1::Asn1Time::from_unix(4_000_000_000).unwrap());
+        let ca = X509::from_pem(&std::fs::read(&p.ca_cert).unwrap()).unwrap();
+        assert!(leaf.verify(&ca.public_key().unwrap()).unwrap());
+        let ec = X509::stack_from_pem(&std::fs::read(&p.ecdsa_cert).unwrap()).unwrap();
+        assert!(ec[0].public_key().unwrap().ec_key().is_ok());
+    }
+}
