@@ -142,9 +142,15 @@ pub struct CloudSim {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     next_conn: AtomicU64,
+    commands_on: std::sync::atomic::AtomicBool,
 }
 
 impl CloudSim {
+    /// Pauses or resumes sending commands (tests pause to reach a quiet moment).
+    pub fn set_commands(&self, on: bool) {
+        self.commands_on.store(on, Ordering::Relaxed);
+    }
+
     /// A simulator speaking `tls`.
     pub fn new(cfg: CloudSimConfig, tls: ServerTls) -> Arc<Self> {
         Arc::new(Self {
@@ -154,6 +160,7 @@ impl CloudSim {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn: AtomicU64::new(0),
+            commands_on: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -298,7 +305,9 @@ impl CloudConn<'_> {
                     }
                 }
                 _ = ticker.tick(), if period.is_some() && self.device.is_some() => {
-                    self.command(&mut out);
+                    if self.sim.commands_on.load(Ordering::Relaxed) {
+                        self.command(&mut out);
+                    }
                 }
             }
             if !out.is_empty() {

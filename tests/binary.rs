@@ -1,0 +1,231 @@
+//! The real binary: `run` with a config file, SIGTERM drain, `config check`, `certs init`.
+
+mod common;
+
+use common::harness::*;
+use cync_mitm::sim::cloud::CloudSimConfig;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+}
+
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    line[start..].split_whitespace().next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n[timeouts]\ndrain = \"5s\"\n",
+            dir.path().join("certs").display()
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let listening = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no 'listening' line");
+        log.push(line.clone());
+        if line.contains("listening") {
+            break line;
+        }
+    };
+    let tls: std::net::SocketAddr = field(&listening, "tls").unwrap().parse().unwrap();
+    let admin = field(&listening, "admin").unwrap().to_owned();
+    // Certificates were minted with private keys 0600.
+    let key = dir.path().join("certs/server-rsa-key.pem");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let fleet = start_fleet(fleet_config(tls, 3));
+    assert!(
+        wait_until(Duration::from_secs(15), || fleet
+            .stats()
+            .online
+            .load(Ordering::Relaxed)
+            == 3)
+        .await
+    );
+    assert_eq!(http_get(&admin, "/readyz").await.0, 200);
+    assert_eq!(http_get(&admin, "/healthz").await.0, 200);
+    let (code, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("cync_mitm_connections_active{peer=\"device\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("cync_mitm_frames_total{direction=\"device_to_cloud\",type=\"handshake\"} 3")
+    );
+
+    let pid = child.id().to_string();
+    let t0 = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    while let Ok(l) = rx.recv_timeout(Duration::from_millis(500)) {
+        log.push(l);
+    }
+    let log = log.join("\n");
+    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(log.contains("all sessions closed"), "{log}");
+    assert!(
+        wait_until(Duration::from_secs(5), || fleet
+            .stats()
+            .disconnects
+            .load(Ordering::Relaxed)
+            >= 3)
+        .await
+    );
+    fleet.stop().await;
+    cloud.stop().await;
+}
+
+#[test]
+fn config_check_reports_file_line_and_field_with_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[upstream]\nmode = \"fixed\"\npin_sha256 = [\"xyz\"]\n",
+    )
+    .unwrap();
+    let out = bin().args(["config", "check"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3:1: upstream.pin_sha256:"), "{err}");
+
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "[timeouts]\nidle = \"90s\"\nidel = \"1s\"\n").unwrap();
+    let out = bin()
+        .args(["config", "check"])
+        .arg(&unknown)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown.toml:3:1: timeouts.idel: unknown field"),
+        "{err}"
+    );
+
+    // `run` refuses an invalid start config with the same status.
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(&unknown)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+
+    for good in ["config/cync-mitm.toml", "config/default.toml"] {
+        let out = bin()
+            .args(["config", "check", good])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{good}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn certs_init_refuses_to_overwrite_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("c");
+    let out = bin()
+        .args(["certs", "init", "--dir"])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let before = std::fs::read(d.join("server-rsa.pem")).unwrap();
+    let out = bin()
+        .args(["certs", "init", "--dir"])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(d.join("server-rsa.pem")).unwrap(), before);
+    let out = bin()
+        .args(["certs", "init", "--force", "--dir"])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_ne!(std::fs::read(d.join("server-rsa.pem")).unwrap(), before);
+    for k in ["ca-key.pem", "server-rsa-key.pem", "server-ecdsa-key.pem"] {
+        assert_eq!(
+            std::fs::metadata(d.join(k)).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{k}"
+        );
+    }
+}

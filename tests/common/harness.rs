@@ -1,0 +1,117 @@
+//! Starts simulated clouds, proxies and fleets on 127.0.0.1:0 for the integration tests.
+
+use cync_mitm::config::Config;
+use cync_mitm::metrics::Metrics;
+use cync_mitm::proxy::{ListenerKind, Proxy};
+use cync_mitm::sim::cloud::{CloudSim, CloudSimConfig, ServerTls};
+use cync_mitm::sim::devices::{ClientTls, Fleet, FleetConfig};
+use cync_mitm::tls::{CertPaths, ClientProfile, DeviceAcceptor, LegacyClient, ModernServer};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// Certificates minted once per test binary.
+pub fn certs() -> &'static CertPaths {
+    static DIR: OnceLock<(tempfile::TempDir, CertPaths)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let p = cync_mitm::tls::init_certs(d.path(), false).unwrap();
+        (d, p)
+    })
+    .1
+}
+
+/// Which TLS the simulated cloud speaks.
+#[derive(Clone, Copy)]
+pub enum CloudTls {
+    Legacy,
+    Modern,
+}
+
+pub async fn start_cloud_on(
+    listener: TcpListener,
+    cfg: CloudSimConfig,
+    tls: CloudTls,
+) -> Arc<CloudSim> {
+    let server = match tls {
+        CloudTls::Legacy => {
+            ServerTls::Legacy(DeviceAcceptor::new(&Default::default(), certs()).unwrap())
+        }
+        CloudTls::Modern => ServerTls::Modern(ModernServer::new(certs()).unwrap()),
+    };
+    let sim = CloudSim::new(cfg, server);
+    let s = sim.clone();
+    tokio::spawn(async move { s.run(listener).await });
+    sim
+}
+
+pub async fn start_cloud(cfg: CloudSimConfig) -> (Arc<CloudSim>, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    (start_cloud_on(l, cfg, CloudTls::Legacy).await, addr)
+}
+
+/// A config for tests: loopback, upstream `cloud`, short timeouts, test certificates.
+pub fn proxy_config(cloud: SocketAddr) -> Config {
+    let mut c = Config::default();
+    c.listen.tls = "127.0.0.1:0".parse().unwrap();
+    c.upstream.addresses = vec![cloud.to_string()];
+    c.upstream.cloud_down_close_delay = Duration::from_millis(300);
+    c.timeouts.upstream_connect = Duration::from_secs(2);
+    c.timeouts.handshake = Duration::from_secs(2);
+    c.timeouts.first_frame = Duration::from_secs(2);
+    c.tls.cert_dir = certs().ca_cert.parent().unwrap().to_owned();
+    c
+}
+
+pub struct RunningProxy {
+    pub proxy: Arc<Proxy>,
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+}
+
+pub async fn start_proxy(cfg: Config) -> RunningProxy {
+    let metrics = Arc::new(Metrics::new(cfg.metrics.per_device_labels));
+    let listener = TcpListener::bind(cfg.listen.tls).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Proxy::new(cfg, certs(), metrics.clone(), Vec::new()).unwrap();
+    let p = proxy.clone();
+    tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
+    RunningProxy {
+        proxy,
+        addr,
+        metrics,
+    }
+}
+
+pub fn fleet_config(target: SocketAddr, count: u32) -> FleetConfig {
+    FleetConfig {
+        count,
+        target,
+        seed: 42,
+        heartbeat: Duration::from_secs(3600),
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_millis(400),
+        ..FleetConfig::default()
+    }
+}
+
+pub fn start_fleet(cfg: FleetConfig) -> Arc<Fleet> {
+    Fleet::start(
+        cfg,
+        ClientTls::Tls(LegacyClient::new(ClientProfile::DeviceFp2).unwrap()),
+    )
+}
+
+/// Polls `f` until it holds or `limit` passes.
+pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
