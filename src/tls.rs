@@ -251,6 +251,8 @@ impl DeviceAcceptor {
         b.set_cipher_list(&cfg.ciphers)?;
         b.set_min_proto_version(Some(ssl_version(cfg.min_version)))?;
         b.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
+        // Idle device sessions are the norm: free OpenSSL's record buffers between reads.
+        b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
         load_chain(&mut b, &paths.rsa_cert, &paths.rsa_key)?;
         if cfg.ecdsa {
             load_chain(&mut b, &paths.ecdsa_cert, &paths.ecdsa_key)?;
@@ -309,6 +311,7 @@ impl UpstreamConnector {
         b.set_security_level(0);
         b.set_cipher_list(&cfg.ciphers)?;
         b.set_min_proto_version(Some(SslVersion::TLS1))?;
+        b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
         if cfg.verify {
             if let Some(ca) = &cfg.ca_file {
                 b.set_ca_file(ca)?;

@@ -102,7 +102,7 @@ impl Framer {
     /// A framer accepting frames up to `max_frame` bytes (at least the 5-byte header).
     pub fn new(max_frame: usize) -> Self {
         Self {
-            buf: BytesMut::with_capacity(4096),
+            buf: BytesMut::new(),
             max_frame: max_frame.max(HEADER_LEN),
             resyncing: false,
             skipped: 0,

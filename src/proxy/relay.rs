@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
-/// Size of one read.
-const CHUNK: usize = 16 * 1024;
+/// Size of one read. Frames are small (the largest seen is 1 KiB), and each idle session holds
+/// two of these, so keep it modest.
+const CHUNK: usize = 4 * 1024;
 
 /// Which leg an event happened on (`Side` of the design).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
