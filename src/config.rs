@@ -599,3 +599,35 @@ mod tests {
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// Every option of the schema is documented in docs/configuration.md.
+    #[test]
+    fn every_option_is_in_the_reference() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+        )
+        .unwrap();
+        let mut c = Config::default();
+        // Give optional keys a value so they appear in the serialised form.
+        c.listen.plain = Some("127.0.0.1:23778".parse().unwrap());
+        c.upstream.ca_file = Some("ca.pem".into());
+        c.upstream.sni = Some("x".into());
+        let v: toml::Table = toml::from_str(&c.to_toml()).unwrap();
+        let mut n = 0;
+        for (section, keys) in &v {
+            for key in keys.as_table().unwrap().keys() {
+                let k = format!("`{section}.{key}`");
+                assert!(
+                    doc.contains(&k),
+                    "{k} is not documented in docs/configuration.md"
+                );
+                n += 1;
+            }
+        }
+        assert!(n > 20);
+    }
+}
