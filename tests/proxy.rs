@@ -487,3 +487,89 @@ async fn modern_upstream_and_certificate_pinning() {
     );
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_still_delivers_the_answers_in_flight() {
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let p = start_proxy(proxy_config(cloud_addr)).await;
+    let mut s = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    let mut out = handshake(0x4a1f);
+    for _ in 0..3 {
+        out.extend(Frame::ping().encode().unwrap());
+    }
+    s.write_all(&out).await.unwrap();
+    s.shutdown().await.unwrap(); // close_notify + FIN: we send nothing more, but keep reading.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("no EOF after half-close"),
+        }
+    }
+    let mut framer = Framer::default();
+    let types: Vec<PacketType> = framer
+        .feed(&got)
+        .into_iter()
+        .filter_map(|e| match e {
+            FramerEvent::Frame(r) => Some(r.ptype()),
+            FramerEvent::Error(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            PacketType::HANDSHAKE_ACK,
+            PacketType::PONG,
+            PacketType::PONG,
+            PacketType::PONG
+        ]
+    );
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["device_closed"])
+            .get()
+            == 1)
+        .await
+    );
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_listener_and_plaintext_upstream() {
+    use cync_mitm::proxy::ListenerKind;
+    use cync_mitm::sim::cloud::{CloudSim, ServerTls};
+    use cync_mitm::sim::devices::{ClientTls, Fleet};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cloud_addr = l.local_addr().unwrap();
+    let cloud = CloudSim::new(
+        CloudSimConfig {
+            command_interval: Some(Duration::from_millis(50)),
+            ..Default::default()
+        },
+        ServerTls::Plain,
+    );
+    let c = cloud.clone();
+    tokio::spawn(async move { c.run(l).await });
+    let mut cfg = proxy_config(cloud_addr);
+    cfg.upstream.tls = false;
+    let metrics = std::sync::Arc::new(cync_mitm::metrics::Metrics::new(false));
+    let proxy = cync_mitm::proxy::Proxy::new(cfg, certs(), metrics.clone(), Vec::new()).unwrap();
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = plain.local_addr().unwrap();
+    let pr = proxy.clone();
+    tokio::spawn(async move { pr.serve(plain, ListenerKind::Plain).await });
+    let fleet = Fleet::start(fleet_config(addr, 3), ClientTls::Plain);
+    assert!(
+        wait_until(T, || fleet.stats().commands.load(Ordering::Relaxed) >= 6).await,
+        "{:?}",
+        fleet.report()
+    );
+    assert_eq!(metrics.accepted.with_label_values(&["plain"]).get(), 3);
+    assert!(metrics.frames(Flow::CloudToDevice, PacketType::PIPE) >= 6);
+    fleet.stop().await;
+    cloud.stop().await;
+}
