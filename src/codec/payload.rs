@@ -134,6 +134,18 @@ pub enum Action {
     },
 }
 
+/// What a combo command's raw bytes ask for: a brightness and a colour, each `None` when the
+/// command leaves it unchanged (`0xff`).
+pub fn combo_effect(brightness: u8, mode: u8, rgb: [u8; 3]) -> (Option<u8>, Option<Color>) {
+    let bri = (brightness != UNCHANGED).then_some(brightness);
+    let color = match mode {
+        UNCHANGED => None,
+        RGB_MODE => Some(Color::Rgb(rgb)),
+        t => Some(Color::Temp(t)),
+    };
+    (bri, color)
+}
+
 impl Action {
     /// Inner opcode for this action.
     pub fn opcode(&self) -> u8 {

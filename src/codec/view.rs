@@ -5,7 +5,7 @@
 use super::frame::{Body, Frame, Msg};
 use super::framer::FramerError;
 use super::inner::InnerFrame;
-use super::payload::{Action, Color, LightState, Payload, UNCHANGED, decode_payload};
+use super::payload::{Action, Color, LightState, Payload, decode_payload};
 use super::tlv::{Record, RecordValue};
 use crate::hexutil::to_hex;
 use bytes::Bytes;
@@ -103,17 +103,12 @@ fn command_json(c: &super::payload::Command) -> Value {
             rgb,
         } => {
             o.insert("on".into(), json!(on));
-            if *brightness != UNCHANGED {
-                o.insert("brightness".into(), json!(brightness));
+            let (bri, color) = super::payload::combo_effect(*brightness, *mode, *rgb);
+            if let Some(b) = bri {
+                o.insert("brightness".into(), json!(b));
             }
-            match *mode {
-                UNCHANGED => {}
-                super::payload::RGB_MODE => {
-                    o.insert("rgb".into(), json!(rgb));
-                }
-                t => {
-                    o.insert("color_temp".into(), json!(t));
-                }
+            if let Some(c) = color {
+                insert_color(&mut o, c);
             }
         }
         Action::MeshRelay { ops } => {

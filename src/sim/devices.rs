@@ -343,13 +343,14 @@ impl SimDevice<'_> {
                 rgb,
             } => {
                 self.state.on = *on;
-                if *brightness != crate::codec::payload::UNCHANGED {
-                    self.state.brightness = (*brightness).min(100);
+                let (bri, color) = crate::codec::payload::combo_effect(*brightness, *mode, *rgb);
+                if let Some(b) = bri {
+                    self.state.brightness = b.min(100);
                 }
-                match *mode {
-                    crate::codec::payload::UNCHANGED => {}
-                    crate::codec::payload::RGB_MODE => self.state.color = Color::Rgb(*rgb),
-                    t => self.state.color = Color::Temp(t.min(100)),
+                match color {
+                    Some(Color::Temp(t)) => self.state.color = Color::Temp(t.min(100)),
+                    Some(c) => self.state.color = c,
+                    None => {}
                 }
             }
             Action::Effect { .. } | Action::MeshRelay { .. } => {}
