@@ -1,18 +1,29 @@
-//! The admin HTTP server (hyper): `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive), `/readyz` (listening and not draining). Binds 127.0.0.1 by default; later milestones
-//! add `/routing`, `/config` and `POST /reload` here.
+//! The admin HTTP server (hyper), 127.0.0.1 by default:
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /healthz` | the process is alive |
+//! | `GET /readyz` | listening and not draining |
+//! | `GET /routing` | each connected device: path, reason, since |
+//! | `GET /config` | generation, source, pending restarts, the config (secrets masked) |
+//! | `POST /reload` | re-read the config file (from loopback only) |
 
 use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::reload::Trigger;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -22,19 +33,24 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Whether the proxy accepts connections (false before binding and while draining).
     pub ready: AtomicBool,
+    /// The proxy, for `/routing`, `/config` and `/reload`.
+    pub proxy: Option<Arc<Proxy>>,
 }
 
 impl AdminState {
     /// State with readiness off.
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, proxy: Option<Arc<Proxy>>) -> Arc<Self> {
         Arc::new(Self {
             metrics,
             ready: AtomicBool::new(false),
+            proxy,
         })
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, ctype: &'static str) -> Response<Full<Bytes>> {
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>, ctype: &'static str) -> Resp {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
@@ -42,25 +58,126 @@ fn text(status: StatusCode, body: impl Into<Bytes>, ctype: &'static str) -> Resp
     r
 }
 
-/// Answers one request.
-pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    const PLAIN: &str = "text/plain; charset=utf-8";
-    if method != Method::GET && method != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed\n",
-            PLAIN,
-        );
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    let mut body = serde_json::to_string_pretty(v).unwrap_or_default();
+    body.push('\n');
+    text(status, body, "application/json")
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Replaces values of keys that look secret (`seed`, `*password*`, `*token*`, `*secret*`,
+/// `*_key`) with `"***"`.
+pub fn mask_secrets(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                let secret = k == "seed"
+                    || k.contains("password")
+                    || k.contains("token")
+                    || k.contains("secret")
+                    || k.ends_with("_key");
+                if secret && !val.is_null() {
+                    *val = json!("***");
+                } else {
+                    mask_secrets(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(mask_secrets),
+        _ => {}
     }
-    match path {
-        "/metrics" => text(
+}
+
+fn routing(proxy: &Proxy) -> Value {
+    let loaded = proxy.config();
+    let mut devices: Vec<Value> = proxy
+        .registry()
+        .snapshot()
+        .into_iter()
+        .map(|(id, s)| {
+            json!({
+                "device_id": id.to_string(),
+                "path": s.decision.path.label(),
+                "mirror": s.decision.mirror,
+                "fallback": s.decision.fallback,
+                "mode": s.decision.mode.label(),
+                "reason": s.decision.reason,
+                "reason_text": s.decision.reason.to_string(),
+                "bucket": loaded.policy.bucket(id),
+                "since": rfc3339(s.since),
+                "peer": s.peer.to_string(),
+                "connection": s.conn.to_string(),
+            })
+        })
+        .collect();
+    devices.sort_by(|a, b| a["device_id"].as_str().cmp(&b["device_id"].as_str()));
+    let r = &loaded.config.routing;
+    json!({
+        "generation": loaded.generation,
+        "mode": r.mode.label(),
+        "canary_percent": r.canary_percent,
+        "devices": devices,
+    })
+}
+
+fn config(proxy: &Proxy) -> Value {
+    let loaded = proxy.config();
+    let mut cfg = serde_json::to_value(&loaded.config).unwrap_or(Value::Null);
+    mask_secrets(&mut cfg);
+    json!({
+        "generation": loaded.generation,
+        "source": proxy.live().source().map(|p| p.display().to_string()),
+        "loaded_at": rfc3339(loaded.loaded_at),
+        "pending_restart": loaded.pending_restart,
+        "env_overrides": loaded.env_overrides,
+        "config": cfg,
+    })
+}
+
+/// Answers one request from `remote`.
+pub async fn route(state: &AdminState, method: &Method, path: &str, remote: SocketAddr) -> Resp {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let get = method == Method::GET || method == Method::HEAD;
+    match (path, get, &state.proxy) {
+        ("/metrics", true, _) => text(
             StatusCode::OK,
             state.metrics.render(),
             "text/plain; version=0.0.4; charset=utf-8",
         ),
-        "/healthz" => text(StatusCode::OK, "ok\n", PLAIN),
-        "/readyz" if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n", PLAIN),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", PLAIN),
+        ("/healthz", true, _) => text(StatusCode::OK, "ok\n", PLAIN),
+        ("/readyz", true, _) if state.ready.load(Ordering::Relaxed) => {
+            text(StatusCode::OK, "ready\n", PLAIN)
+        }
+        ("/readyz", true, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", PLAIN),
+        ("/routing", true, Some(p)) => json_resp(StatusCode::OK, &routing(p)),
+        ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
+        ("/reload", false, Some(p)) if method == Method::POST => {
+            if !remote.ip().is_loopback() {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "state-changing endpoints answer loopback only\n",
+                    PLAIN,
+                );
+            }
+            let live = p.live().clone();
+            match tokio::task::spawn_blocking(move || live.reload(Trigger::Admin)).await {
+                Ok(Ok(outcome)) => json_resp(StatusCode::OK, &json!(outcome)),
+                Ok(Err(e)) => json_resp(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"result": "error", "error": e.to_string(), "generation": p.config().generation}),
+                ),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), PLAIN),
+            }
+        }
+        ("/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload", _, _) => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n",
+            PLAIN,
+        ),
         _ => text(StatusCode::NOT_FOUND, "not found\n", PLAIN),
     }
 }
@@ -68,7 +185,7 @@ pub fn route(state: &AdminState, method: &Method, path: &str) -> Response<Full<B
 /// Serves the admin endpoints on `listener` until `shutdown`.
 pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -83,8 +200,11 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(&state, req.method(), req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
+                let state = state.clone();
+                async move {
+                    let resp = route(&state, req.method(), req.uri().path(), remote).await;
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -93,5 +213,57 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
                 _ = shutdown.cancelled() => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_secret_looking_keys() {
+        let mut v = json!({"routing": {"seed": "abc", "mode": "shadow"}, "x": [{"api_token": "t"}], "ca_file": null});
+        mask_secrets(&mut v);
+        assert_eq!(v["routing"]["seed"], "***");
+        assert_eq!(v["routing"]["mode"], "shadow");
+        assert_eq!(v["x"][0]["api_token"], "***");
+        assert!(v["ca_file"].is_null());
+    }
+
+    #[tokio::test]
+    async fn reload_is_loopback_only_and_unknown_paths_404() {
+        let m = Arc::new(Metrics::new(false));
+        let live =
+            crate::reload::LiveConfig::fixed(crate::config::Config::default(), m.clone()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = crate::tls::init_certs(dir.path(), false).unwrap();
+        let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
+        let st = AdminState::new(m, Some(proxy));
+        let outside: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(
+            route(&st, &Method::POST, "/reload", outside).await.status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            route(&st, &Method::POST, "/reload", local).await.status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route(&st, &Method::GET, "/reload", local).await.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            route(&st, &Method::GET, "/nope", local).await.status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&st, &Method::GET, "/readyz", local).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            route(&st, &Method::GET, "/routing", local).await.status(),
+            StatusCode::OK
+        );
     }
 }

@@ -5,6 +5,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{ListenerKind, Proxy, ProxyError};
+use crate::reload::LiveConfig;
 use crate::tls::{self, TlsError};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,9 @@ pub enum AppError {
         /// Error.
         source: std::io::Error,
     },
+    /// The configuration (with environment overrides) is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
     /// Signal handling could not be set up.
     #[error("signals: {0}")]
     Signals(std::io::Error),
@@ -51,8 +55,8 @@ async fn terminated() -> Result<&'static str, AppError> {
     })
 }
 
-/// Runs the proxy until a termination signal, then drains.
-pub async fn run(cfg: Config) -> Result<(), AppError> {
+/// Runs the proxy until a termination signal, then drains. `source` is the file reloads read.
+pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), AppError> {
     let (certs, created) = tls::ensure_certs(&cfg.tls.cert_dir)?;
     if created {
         tracing::warn!(dir = %cfg.tls.cert_dir.display(), "minted a new CA and device certificates");
@@ -68,7 +72,25 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     let tls_addr = cfg.listen.tls;
     let plain_addr = cfg.listen.plain;
     let admin_cfg = cfg.admin.clone();
-    let proxy = Proxy::new(cfg, &certs, metrics.clone(), Vec::new())?;
+    let reload_cfg = cfg.reload.clone();
+    let live = LiveConfig::new(cfg, source, metrics.clone(), |k| std::env::var(k).ok())?;
+    for o in &live.current().env_overrides {
+        tracing::info!("environment override: {o}");
+    }
+    let proxy = Proxy::new(live.clone(), &certs, metrics.clone(), Vec::new())?;
+    let _watcher = match (reload_cfg.watch, live.source()) {
+        (true, Some(path)) => match crate::reload::watch_file(live.clone(), reload_cfg.debounce) {
+            Ok(w) => {
+                tracing::info!(file = %path.display(), "watching the configuration file for changes");
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the configuration file; SIGHUP and POST /reload still work");
+                None
+            }
+        },
+        _ => None,
+    };
 
     let tls_listener = bind(tls_addr).await?;
     let plain_listener = match plain_addr {
@@ -88,7 +110,7 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         "listening"
     );
 
-    let admin_state = AdminState::new(metrics);
+    let admin_state = AdminState::new(metrics, Some(proxy.clone()));
     let admin_stop = CancellationToken::new();
     let mut tasks = Vec::new();
     if let Some(l) = admin_listener {
@@ -112,7 +134,21 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     }
     admin_state.ready.store(true, Ordering::Relaxed);
 
-    let sig = terminated().await?;
+    let sig = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
+        let term = terminated();
+        tokio::pin!(term);
+        loop {
+            tokio::select! {
+                s = &mut term => break s?,
+                _ = hup.recv() => {
+                    let l = live.clone();
+                    let _ = tokio::task::spawn_blocking(move || l.reload(crate::reload::Trigger::Signal)).await;
+                }
+            }
+        }
+    };
     admin_state.ready.store(false, Ordering::Relaxed);
     let open = proxy.sessions();
     tracing::info!(

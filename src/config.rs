@@ -50,6 +50,231 @@ pub struct Config {
     pub log: LogConfig,
     /// Metrics options.
     pub metrics: MetricsConfig,
+    /// Which devices take the new path (reloads live).
+    pub routing: RoutingConfig,
+    /// The new-path backend (reloads live).
+    pub new_path: NewPathConfig,
+    /// Moving devices after a routing change (reloads live).
+    pub drain: DrainConfig,
+    /// Watching the config file.
+    pub reload: ReloadConfig,
+}
+
+/// `[routing]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// `legacy_only` (default), `shadow`, `new_primary` or `new_only`.
+    pub mode: crate::route::Mode,
+    /// Share of devices (0–100, fractions allowed) selected for the new path. Sticky per device:
+    /// raising it only adds devices.
+    pub canary_percent: f64,
+    /// Key of the sticky hash. Replicas with the same seed pick the same devices; a new seed
+    /// reshuffles who is in the canary.
+    pub seed: String,
+    /// Device ids (hex, as in the logs) always selected.
+    pub cohort: Vec<String>,
+    /// Device ids never selected (wins over `cohort`).
+    pub exclude: Vec<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            mode: crate::route::Mode::LegacyOnly,
+            canary_percent: 0.0,
+            seed: "cync-mitm".into(),
+            cohort: Vec::new(),
+            exclude: Vec::new(),
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// The pure policy this section describes (ids already validated).
+    pub fn policy(&self) -> crate::route::Policy {
+        let ids = |v: &[String]| -> Vec<crate::codec::DeviceId> {
+            v.iter()
+                .filter_map(|s| crate::route::parse_device_id(s))
+                .collect()
+        };
+        crate::route::Policy::new(
+            self.mode,
+            self.canary_percent,
+            &self.seed,
+            ids(&self.cohort),
+            ids(&self.exclude),
+        )
+    }
+}
+
+/// `[new_path]`: where devices routed to the new path are relayed.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NewPathConfig {
+    /// `host:port` candidates, in order. Required once any device can be routed `new_*`.
+    pub addresses: Vec<String>,
+    /// Speak TLS (default true).
+    pub tls: bool,
+    /// Verify the backend certificate against `ca_file`.
+    pub verify: bool,
+    /// CA bundle for `verify`.
+    pub ca_file: Option<PathBuf>,
+    /// Certificate pins (SHA-256 of the DER, hex).
+    pub pin_sha256: Vec<String>,
+    /// SNI to send.
+    pub sni: Option<String>,
+    /// OpenSSL cipher list.
+    pub ciphers: String,
+}
+
+impl Default for NewPathConfig {
+    fn default() -> Self {
+        Self {
+            addresses: Vec::new(),
+            tls: true,
+            verify: false,
+            ca_file: None,
+            pin_sha256: Vec::new(),
+            sni: None,
+            ciphers: DEFAULT_UPSTREAM_CIPHERS.into(),
+        }
+    }
+}
+
+/// TLS client settings shared by the upstream and the new path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientTlsSettings {
+    /// Verify the peer certificate.
+    pub verify: bool,
+    /// CA bundle.
+    pub ca_file: Option<PathBuf>,
+    /// Pins.
+    pub pin_sha256: Vec<String>,
+    /// SNI.
+    pub sni: Option<String>,
+    /// Ciphers.
+    pub ciphers: String,
+}
+
+impl UpstreamConfig {
+    /// Its TLS client settings.
+    pub fn client_tls(&self) -> ClientTlsSettings {
+        ClientTlsSettings {
+            verify: self.verify,
+            ca_file: self.ca_file.clone(),
+            pin_sha256: self.pin_sha256.clone(),
+            sni: self.sni.clone(),
+            ciphers: self.ciphers.clone(),
+        }
+    }
+}
+
+impl NewPathConfig {
+    /// Its TLS client settings.
+    pub fn client_tls(&self) -> ClientTlsSettings {
+        ClientTlsSettings {
+            verify: self.verify,
+            ca_file: self.ca_file.clone(),
+            pin_sha256: self.pin_sha256.clone(),
+            sni: self.sni.clone(),
+            ciphers: self.ciphers.clone(),
+        }
+    }
+}
+
+/// `[drain]`, or `drain = false`: after a routing change, close the connections of devices whose
+/// path changed, a few at a time, so they reconnect through the new decision.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DrainConfig {
+    /// Drain at all (default true). `drain = false` is short for `[drain] enabled = false`.
+    pub enabled: bool,
+    /// Connections closed per step. Default 10.
+    pub batch: usize,
+    /// Time between steps. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            batch: 10,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DrainTable {
+    enabled: bool,
+    batch: usize,
+    #[serde(with = "humantime_serde")]
+    interval: Duration,
+}
+
+impl Default for DrainTable {
+    fn default() -> Self {
+        let d = DrainConfig::default();
+        Self {
+            enabled: d.enabled,
+            batch: d.batch,
+            interval: d.interval,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DrainConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DrainConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a [drain] table or a boolean")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<DrainConfig, E> {
+                Ok(DrainConfig {
+                    enabled: v,
+                    ..DrainConfig::default()
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<DrainConfig, A::Error> {
+                let t = DrainTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(DrainConfig {
+                    enabled: t.enabled,
+                    batch: t.batch,
+                    interval: t.interval,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `[reload]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Watch the config file's folder and reload on change (SIGHUP and `POST /reload` always
+    /// work). Default true. Needs a restart to change.
+    pub watch: bool,
+    /// Wait this long for a burst of file events to settle. Default 25 ms.
+    #[serde(with = "humantime_serde")]
+    pub debounce: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce: Duration::from_millis(25),
+        }
+    }
 }
 
 /// `[listen]`
@@ -506,7 +731,175 @@ impl Config {
         if let Err(e) = self.log.filter.parse::<tracing_subscriber::EnvFilter>() {
             return Err(invalid("log.filter", e.to_string()));
         }
+        let r = &self.routing;
+        if !(0.0..=100.0).contains(&r.canary_percent) {
+            return Err(invalid(
+                "routing.canary_percent",
+                format!("{} is not between 0 and 100", r.canary_percent),
+            ));
+        }
+        for (field, list) in [
+            ("routing.cohort", &r.cohort),
+            ("routing.exclude", &r.exclude),
+        ] {
+            if let Some(bad) = list
+                .iter()
+                .find(|s| crate::route::parse_device_id(s).is_none())
+            {
+                return Err(invalid(
+                    field,
+                    format!("{bad:?} is not a device id (hex, up to 8 digits, as in the logs)"),
+                ));
+            }
+        }
+        let n = &self.new_path;
+        if let Some(bad) = n.addresses.iter().find(|a| !check_host_port(a)) {
+            return Err(invalid(
+                "new_path.addresses",
+                format!("{bad:?} is not host:port"),
+            ));
+        }
+        if let Some(bad) = n.pin_sha256.iter().find(|p| parse_pin(p).is_none()) {
+            return Err(invalid(
+                "new_path.pin_sha256",
+                format!("{bad:?} is not 64 hex digits"),
+            ));
+        }
+        if n.verify && n.ca_file.is_none() {
+            return Err(invalid(
+                "new_path.verify",
+                "verify = true needs new_path.ca_file",
+            ));
+        }
+        let routes_new = matches!(
+            r.mode,
+            crate::route::Mode::NewPrimary | crate::route::Mode::NewOnly
+        ) && (r.canary_percent > 0.0 || !r.cohort.is_empty());
+        if routes_new && n.addresses.is_empty() {
+            return Err(invalid(
+                "routing.mode",
+                format!(
+                    "mode {} routes devices to the new path, but new_path.addresses is empty",
+                    r.mode.label()
+                ),
+            ));
+        }
+        if self.drain.batch == 0 {
+            return Err(invalid("drain.batch", "must be at least 1"));
+        }
+        if self.drain.interval.is_zero() {
+            return Err(invalid("drain.interval", "must be greater than zero"));
+        }
         Ok(())
+    }
+
+    /// Applies the rollout plan's environment flags on top of the file: `CANARY_PERCENTAGE`
+    /// (0–100), `DARK_LAUNCH` (`true` = shadow mode), `CANARY_COHORT` (comma-separated device
+    /// ids). Returns the overrides applied, or the variable at fault.
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let bad = |var: &str, msg: String| ConfigError {
+            file: PathBuf::from(format!("${var}")),
+            line: None,
+            column: None,
+            field: None,
+            message: msg,
+        };
+        let mut applied = Vec::new();
+        if let Some(v) = get("CANARY_PERCENTAGE") {
+            let p: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| bad("CANARY_PERCENTAGE", format!("{v:?} is not a number")))?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err(bad(
+                    "CANARY_PERCENTAGE",
+                    format!("{p} is not between 0 and 100"),
+                ));
+            }
+            self.routing.canary_percent = p;
+            applied.push(format!("routing.canary_percent = {p} (CANARY_PERCENTAGE)"));
+        }
+        if let Some(v) = get("DARK_LAUNCH") {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => {
+                    self.routing.mode = crate::route::Mode::Shadow;
+                    applied.push("routing.mode = shadow (DARK_LAUNCH)".into());
+                }
+                "false" | "0" | "no" | "" => {}
+                other => {
+                    return Err(bad(
+                        "DARK_LAUNCH",
+                        format!("{other:?} is not true or false"),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = get("CANARY_COHORT") {
+            let ids: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if let Some(b) = ids
+                .iter()
+                .find(|s| crate::route::parse_device_id(s).is_none())
+            {
+                return Err(bad("CANARY_COHORT", format!("{b:?} is not a device id")));
+            }
+            applied.push(format!("routing.cohort = {ids:?} (CANARY_COHORT)"));
+            self.routing.cohort = ids;
+        }
+        self.validate().map_err(|(field, message)| ConfigError {
+            file: PathBuf::from("environment"),
+            line: None,
+            column: None,
+            field: Some(field),
+            message,
+        })?;
+        Ok(applied)
+    }
+
+    /// The options that differ between `self` and `new` but only take effect after a restart.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.listen != new.listen {
+            v.push("listen");
+        }
+        if self.admin != new.admin {
+            v.push("admin");
+        }
+        if self.tls != new.tls {
+            v.push("tls");
+        }
+        if self.limits.max_connections != new.limits.max_connections {
+            v.push("limits.max_connections");
+        }
+        if self.log != new.log {
+            v.push("log");
+        }
+        if self.metrics != new.metrics {
+            v.push("metrics");
+        }
+        if self.reload != new.reload {
+            v.push("reload");
+        }
+        v
+    }
+
+    /// `new` with the restart-only options kept at `self`'s (running) values.
+    pub fn with_running_restart_only(&self, mut new: Config) -> Config {
+        new.listen = self.listen.clone();
+        new.admin = self.admin.clone();
+        new.tls = self.tls.clone();
+        new.limits.max_connections = self.limits.max_connections;
+        new.log = self.log.clone();
+        new.metrics = self.metrics.clone();
+        new.reload = self.reload.clone();
+        new
     }
 
     /// The configuration as TOML (what `config show` prints).
@@ -571,6 +964,60 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("upstream.verify"));
         let e = parse("[log]\nfilter = \"info,[[[\"\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("log.filter"));
+    }
+
+    #[test]
+    fn routing_validation_and_drain_shorthand() {
+        let e = parse("[routing]\ncanary_percent = 101\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("routing.canary_percent"));
+        assert_eq!(e.line, Some(2));
+        let e = parse("[routing]\ncohort = [\"zz\"]\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("routing.cohort"));
+        let e = parse("[routing]\nmode = \"new_only\"\ncanary_percent = 5\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("routing.mode"));
+        assert!(e.message.contains("new_path.addresses"));
+        let e = parse("[routing]\nmode = \"sideways\"\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("routing.mode"));
+        let c = parse("drain = false\n").unwrap();
+        assert!(!c.drain.enabled);
+        let c = parse("[drain]\nbatch = 3\ninterval = \"200ms\"\n").unwrap();
+        assert_eq!((c.drain.enabled, c.drain.batch), (true, 3));
+        let e = parse("[drain]\nbatsh = 3\n").unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        c.new_path.addresses = vec!["127.0.0.1:1".into()];
+        let env = |k: &str| match k {
+            "CANARY_PERCENTAGE" => Some("12.5".to_string()),
+            "DARK_LAUNCH" => Some("true".to_string()),
+            "CANARY_COHORT" => Some("37962469, 0x38e8cf46".to_string()),
+            _ => None,
+        };
+        let applied = c.apply_env(env).unwrap();
+        assert_eq!(applied.len(), 3);
+        assert_eq!(c.routing.canary_percent, 12.5);
+        assert_eq!(c.routing.mode, crate::route::Mode::Shadow);
+        assert_eq!(c.routing.cohort.len(), 2);
+        let e = Config::default()
+            .apply_env(|k| (k == "CANARY_PERCENTAGE").then(|| "lots".to_string()))
+            .unwrap_err();
+        assert!(e.to_string().contains("CANARY_PERCENTAGE"), "{e}");
+    }
+
+    #[test]
+    fn restart_only_changes_are_named_and_kept() {
+        let old = Config::default();
+        let mut new = Config::default();
+        new.listen.tls = "127.0.0.1:1".parse().unwrap();
+        new.routing.canary_percent = 10.0;
+        assert_eq!(old.restart_only_changes(&new), vec!["listen"]);
+        let eff = old.with_running_restart_only(new);
+        assert_eq!(eff.listen, old.listen);
+        assert_eq!(eff.routing.canary_percent, 10.0);
     }
 
     #[test]

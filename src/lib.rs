@@ -21,5 +21,7 @@ pub mod config;
 pub mod hexutil;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
+pub mod route;
 pub mod sim;
 pub mod tls;

@@ -54,6 +54,11 @@ enum Cmd {
         #[arg(long)]
         with_hex: bool,
     },
+    /// Canary routing.
+    Canary {
+        #[command(subcommand)]
+        cmd: CanaryCmd,
+    },
     /// Device and cloud simulators.
     Sim {
         #[command(subcommand)]
@@ -71,6 +76,19 @@ enum CertsCmd {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CanaryCmd {
+    /// Set routing.canary_percent in a config file, keeping its comments; a running proxy
+    /// watching the file applies it.
+    Set {
+        /// Share of devices on the new path, 0–100 (fractions allowed).
+        percent: f64,
+        /// The configuration file to edit.
+        #[arg(long, short)]
+        config: PathBuf,
     },
 }
 
@@ -214,8 +232,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             init_logging(cfg.log.format, &cfg.log.filter);
-            runtime()?.block_on(cync_mitm::app::run(cfg))?;
-            Ok(ExitCode::SUCCESS)
+            match runtime()?.block_on(cync_mitm::app::run(cfg, config)) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(cync_mitm::app::AppError::Config(e)) => {
+                    eprintln!("cync-mitm: invalid configuration: {e}");
+                    Ok(ExitCode::from(EXIT_INVALID_CONFIG))
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Cmd::Certs {
             cmd: CertsCmd::Init { dir, force },
@@ -283,6 +307,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::Canary {
+            cmd: CanaryCmd::Set { percent, config },
+        } => match cync_mitm::cmd::canary::set_percent(&config, percent) {
+            Ok(old) => {
+                let old = old.map_or_else(|| "unset".to_owned(), |o| o.to_string());
+                println!(
+                    "{}: routing.canary_percent {old} -> {percent}; a running proxy applies it on its next reload (file watch, SIGHUP or POST /reload)",
+                    config.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e @ cync_mitm::cmd::canary::Error::Invalid(_)) => {
+                eprintln!("cync-mitm canary set: {e}");
+                Ok(ExitCode::from(EXIT_INVALID_CONFIG))
+            }
+            Err(e) => {
+                eprintln!("cync-mitm canary set: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
         Cmd::Sim { cmd } => {
             init_logging(LogFormat::Text, "info");
             runtime()?.block_on(sim(cmd))?;

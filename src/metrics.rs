@@ -105,6 +105,18 @@ pub struct Metrics {
     pub cloud_down_closes: IntCounter,
     /// Session lifetime.
     pub session_seconds: Histogram,
+    /// Config reloads, by result (`ok`, `unchanged`, `error`).
+    pub config_reloads: IntCounterVec,
+    /// Generation of the config in use.
+    pub config_generation: IntGauge,
+    /// The canary percentage in use.
+    pub canary_percentage: prometheus::Gauge,
+    /// Routing decisions, by primary transport (`legacy`, `new`).
+    pub routing_decisions: IntCounterVec,
+    /// Connections closed so their device reconnects through a changed routing decision.
+    pub drained: IntCounter,
+    /// new_primary connections that fell back to legacy because the new path was unreachable.
+    pub new_path_fallbacks: IntCounter,
     bytes: [IntCounter; 2],
     frames: [Vec<IntCounter>; 2],
     decode_errors: [Vec<IntCounter>; 2],
@@ -211,6 +223,52 @@ impl Metrics {
             "How long relayed sessions lasted.",
             vec![1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0],
         );
+        let config_reloads = counter_vec(
+            &r,
+            "config_reload_total",
+            "Config reloads, by result.",
+            &["result"],
+        );
+        let config_generation = IntGauge::new(
+            "config_generation",
+            "Generation of the configuration in use (1 at start).",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(config_generation.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let canary_percentage = prometheus::Gauge::new(
+            "tcp_comm_canary_percentage",
+            "Share of devices selected for the new path (routing.canary_percent).",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(canary_percentage.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let routing_decisions = counter_vec(
+            &r,
+            "tcp_comm_routing_decision_total",
+            "Routing decisions at connect, by primary transport.",
+            &["transport"],
+        );
+        let drained = IntCounter::new(
+            "cync_mitm_drained_total",
+            "Connections closed so the device reconnects through a changed routing decision.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(drained.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let new_path_fallbacks = IntCounter::new(
+            "cync_mitm_new_path_fallbacks_total",
+            "new_primary connections relayed to legacy because the new path was unreachable.",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(new_path_fallbacks.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for t in ["legacy", "new"] {
+            routing_decisions.with_label_values(&[t]);
+        }
+        for res in ["ok", "unchanged", "error"] {
+            config_reloads.with_label_values(&[res]);
+        }
         let bytes_v = counter_vec(
             &r,
             "cync_mitm_bytes_total",
@@ -267,6 +325,12 @@ impl Metrics {
             upstream_connect_seconds,
             cloud_down_closes,
             session_seconds,
+            config_reloads,
+            config_generation,
+            canary_percentage,
+            routing_decisions,
+            drained,
+            new_path_fallbacks,
             bytes,
             frames,
             decode_errors,

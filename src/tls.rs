@@ -5,7 +5,7 @@
 //! Each leg sits behind one small type (`DeviceAcceptor`, `UpstreamConnector`, `LegacyClient`,
 //! `ModernServer`), so a TLS stack can be swapped in one place.
 
-use crate::config::{TlsConfig, TlsVersion, UpstreamConfig, parse_pin};
+use crate::config::{ClientTlsSettings, TlsConfig, TlsVersion, parse_pin};
 use openssl::pkey::PKey;
 use openssl::ssl::{
     Ssl, SslAcceptor, SslConnector, SslContext, SslContextBuilder, SslMethod, SslVerifyMode,
@@ -305,8 +305,8 @@ pub struct UpstreamConnector {
 }
 
 impl UpstreamConnector {
-    /// Builds the connector from `[upstream]`.
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, TlsError> {
+    /// Builds the connector from `[upstream]` or `[new_path]` settings.
+    pub fn new(cfg: &ClientTlsSettings) -> Result<Self, TlsError> {
         let mut b = SslConnector::builder(SslMethod::tls_client())?;
         b.set_security_level(0);
         b.set_cipher_list(&cfg.ciphers)?;

@@ -557,7 +557,8 @@ async fn plaintext_listener_and_plaintext_upstream() {
     let mut cfg = proxy_config(cloud_addr);
     cfg.upstream.tls = false;
     let metrics = std::sync::Arc::new(cync_mitm::metrics::Metrics::new(false));
-    let proxy = cync_mitm::proxy::Proxy::new(cfg, certs(), metrics.clone(), Vec::new()).unwrap();
+    let live = cync_mitm::reload::LiveConfig::fixed(cfg, metrics.clone()).unwrap();
+    let proxy = cync_mitm::proxy::Proxy::new(live, certs(), metrics.clone(), Vec::new()).unwrap();
     let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = plain.local_addr().unwrap();
     let pr = proxy.clone();

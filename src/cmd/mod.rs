@@ -1,4 +1,5 @@
 //! The command-line tools behind `cync-mitm <command>`: each takes parsed options, readers and
 //! writers, so it runs the same from `main` and from tests.
 
+pub mod canary;
 pub mod decode;

@@ -2,6 +2,7 @@
 //! one live connection per device id.
 
 use crate::codec::DeviceId;
+use crate::route::Decision;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -94,6 +95,10 @@ pub struct LiveSession {
     pub control: Arc<SessionControl>,
     /// When it registered.
     pub since: std::time::SystemTime,
+    /// The routing decision it was connected with.
+    pub decision: Decision,
+    /// The device's address.
+    pub peer: std::net::SocketAddr,
 }
 
 /// Live device sessions by device id: a new connection of a device replaces the old one.
@@ -104,22 +109,10 @@ pub struct Registry {
 
 impl Registry {
     /// Registers `conn` for `device`; returns the session it replaced (already told to close).
-    pub fn register(
-        &self,
-        device: DeviceId,
-        conn: Uuid,
-        control: Arc<SessionControl>,
-    ) -> Option<LiveSession> {
+    pub fn register(&self, device: DeviceId, session: LiveSession) -> Option<LiveSession> {
         let old = {
             let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            m.insert(
-                device,
-                LiveSession {
-                    conn,
-                    control,
-                    since: std::time::SystemTime::now(),
-                },
-            )
+            m.insert(device, session)
         };
         if let Some(o) = &old {
             o.control.close(Cause::Replaced);
@@ -151,6 +144,15 @@ impl Registry {
         m.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
+    /// The session of `device`, if connected.
+    pub fn get(&self, device: DeviceId) -> Option<LiveSession> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&device)
+            .cloned()
+    }
+
     /// Whether `device` is connected.
     pub fn contains(&self, device: DeviceId) -> bool {
         self.inner
@@ -170,8 +172,17 @@ mod tests {
         let r = Registry::default();
         let (a, b) = (SessionControl::new(&root), SessionControl::new(&root));
         let (ca, cb) = (Uuid::now_v7(), Uuid::now_v7());
-        assert!(r.register(DeviceId(1), ca, a.clone()).is_none());
-        let old = r.register(DeviceId(1), cb, b.clone()).unwrap();
+        let policy = crate::route::Policy::new(crate::route::Mode::LegacyOnly, 0.0, "s", [], []);
+        let decision = policy.decide(crate::proxy::tap::PeerKind::Device(DeviceId(1)));
+        let s = |conn, control| LiveSession {
+            conn,
+            control,
+            since: std::time::SystemTime::now(),
+            decision,
+            peer: "127.0.0.1:1".parse().unwrap(),
+        };
+        assert!(r.register(DeviceId(1), s(ca, a.clone())).is_none());
+        let old = r.register(DeviceId(1), s(cb, b.clone())).unwrap();
         assert_eq!(old.conn, ca);
         assert!(a.token().is_cancelled());
         assert_eq!(a.cause(), Cause::Replaced);

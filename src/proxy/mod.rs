@@ -13,9 +13,11 @@ pub mod upstream;
 use crate::codec::{Frame, Framer, FramerEvent};
 use crate::config::Config;
 use crate::metrics::{Flow, Metrics};
-use crate::tls::{CertPaths, DeviceAcceptor, TlsError, UpstreamConnector};
-use arc_swap::ArcSwap;
-use control::{Registry, SessionControl};
+use crate::reload::{LiveConfig, Loaded};
+use crate::route::{Decision, Path};
+use crate::tls::{CertPaths, DeviceAcceptor, TlsError};
+use control::{Cause, LiveSession, Registry, SessionControl};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -60,9 +62,8 @@ pub enum ProxyError {
 
 /// The running proxy's shared state.
 pub struct Proxy {
-    config: Arc<ArcSwap<Config>>,
+    live: Arc<LiveConfig>,
     acceptor: DeviceAcceptor,
-    connector: UpstreamConnector,
     metrics: Arc<Metrics>,
     registry: Registry,
     limit: Arc<Semaphore>,
@@ -81,20 +82,20 @@ impl Drop for GaugeGuard {
 }
 
 impl Proxy {
-    /// Builds the proxy from a validated config and the certificates to serve.
+    /// Builds the proxy on a live configuration and the certificates to serve. Inside a Tokio
+    /// runtime it also starts the drainer that moves devices after routing changes.
     pub fn new(
-        config: Config,
+        live: Arc<LiveConfig>,
         certs: &CertPaths,
         metrics: Arc<Metrics>,
         sinks: Vec<Arc<dyn TapSink>>,
     ) -> Result<Arc<Self>, ProxyError> {
-        let acceptor = DeviceAcceptor::new(&config.tls, certs)?;
-        let connector = UpstreamConnector::new(&config.upstream)?;
-        let limit = Arc::new(Semaphore::new(config.limits.max_connections));
-        Ok(Arc::new(Self {
-            config: Arc::new(ArcSwap::from_pointee(config)),
+        let cfg = live.current();
+        let acceptor = DeviceAcceptor::new(&cfg.config.tls, certs)?;
+        let limit = Arc::new(Semaphore::new(cfg.config.limits.max_connections));
+        let me = Arc::new(Self {
+            live,
             acceptor,
-            connector,
             metrics,
             registry: Registry::default(),
             limit,
@@ -102,17 +103,84 @@ impl Proxy {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             sinks: sinks.into(),
-        }))
+        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let d = me.clone();
+            tokio::spawn(async move { d.drainer().await });
+        }
+        Ok(me)
     }
 
-    /// The live configuration.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Loaded> {
+        self.live.current()
     }
 
-    /// The config holder (reloads store into it).
-    pub fn config_handle(&self) -> &Arc<ArcSwap<Config>> {
-        &self.config
+    /// The live configuration (reloads go through it).
+    pub fn live(&self) -> &Arc<LiveConfig> {
+        &self.live
+    }
+
+    /// Moves connected devices whose routing decision changed with a new config generation:
+    /// closes their connections in batches so they reconnect through the new decision.
+    async fn drainer(self: Arc<Self>) {
+        let mut rx = self.live.subscribe();
+        let mut queue: VecDeque<(crate::codec::DeviceId, Uuid)> = VecDeque::new();
+        loop {
+            let loaded = self.live.current();
+            let interval = loaded.config.drain.interval;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let loaded = self.live.current();
+                    queue.clear();
+                    for (id, s) in self.registry.snapshot() {
+                        let now = loaded.policy.decide(PeerKind::Device(id));
+                        if now.moves_from(&s.decision) {
+                            queue.push_back((id, s.conn));
+                        }
+                    }
+                    let d = &loaded.config.drain;
+                    if queue.is_empty() {
+                        continue;
+                    }
+                    if d.enabled {
+                        tracing::info!(
+                            generation = loaded.generation,
+                            devices = queue.len(),
+                            batch = d.batch,
+                            interval = ?d.interval,
+                            "routing change moves connected devices; draining them"
+                        );
+                    } else {
+                        tracing::info!(
+                            generation = loaded.generation,
+                            devices = queue.len(),
+                            "routing change moves connected devices; drain is off, they move when they reconnect"
+                        );
+                        queue.clear();
+                    }
+                }
+                _ = tokio::time::sleep(interval), if !queue.is_empty() => {
+                    let batch = loaded.config.drain.batch;
+                    for _ in 0..batch {
+                        let Some((id, conn)) = queue.pop_front() else { break };
+                        // Still the same connection, and still on the wrong path?
+                        let Some(s) = self.registry.get(id) else { continue };
+                        if s.conn != conn {
+                            continue;
+                        }
+                        if loaded.policy.decide(PeerKind::Device(id)).moves_from(&s.decision) {
+                            s.control.close(Cause::Drained);
+                            self.metrics.drained.inc();
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The metrics.
@@ -208,7 +276,8 @@ impl Proxy {
         kind: ListenerKind,
         conn: Uuid,
     ) {
-        let cfg = self.config.load_full();
+        let loaded = self.live.current();
+        let cfg = &loaded.config;
         let started = Instant::now();
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().unwrap_or(peer);
@@ -297,9 +366,28 @@ impl Proxy {
         active.inc();
         let _active_guard = GaugeGuard(active);
 
+        // The routing decision, from the config in force now that the device is known.
+        let loaded = self.live.current();
+        let decision = loaded.policy.decide(peer_kind);
+        self.metrics
+            .routing_decisions
+            .with_label_values(&[decision.path.label()])
+            .inc();
         let control = SessionControl::new(&self.shutdown);
         if let PeerKind::Device(id) = peer_kind
-            && self.registry.register(id, conn, control.clone()).is_some()
+            && self
+                .registry
+                .register(
+                    id,
+                    LiveSession {
+                        conn,
+                        control: control.clone(),
+                        since: SystemTime::now(),
+                        decision,
+                        peer,
+                    },
+                )
+                .is_some()
         {
             self.metrics.replaced.inc();
             tracing::info!("device connected again; closing its older connection");
@@ -314,7 +402,9 @@ impl Proxy {
         });
 
         let reason = self
-            .connect_and_relay(&cfg, device, initial, &meta, &control, orig_dst)
+            .connect_and_relay(
+                &loaded, decision, device, initial, &meta, &control, orig_dst,
+            )
             .await;
         if let PeerKind::Device(id) = peer_kind {
             self.registry.unregister(id, conn);
@@ -328,21 +418,55 @@ impl Proxy {
         tracing::info!(reason = %reason, duration_s = format_args!("{secs:.1}"), "connection closed");
     }
 
+    /// Connects the path `decision` names; new_primary falls back to legacy.
+    async fn connect_path(
+        &self,
+        loaded: &Loaded,
+        decision: Decision,
+        orig_dst: Option<SocketAddr>,
+    ) -> Result<(upstream::Upstream, Path), upstream::UpstreamError> {
+        let cfg = &loaded.config;
+        if decision.path == Path::New {
+            let target = upstream::Target::new_path(cfg, &loaded.new_path);
+            match upstream::connect(&target, &self.metrics).await {
+                Ok(u) => return Ok((u, Path::New)),
+                Err(e) if decision.fallback => {
+                    self.metrics.new_path_fallbacks.inc();
+                    tracing::warn!(error = %e, "new path unreachable; falling back to legacy");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let target =
+            upstream::Target::legacy(cfg, &loaded.upstream, orig_dst).inspect_err(|e| {
+                self.metrics
+                    .upstream_connects
+                    .with_label_values(&[e.label()])
+                    .inc();
+            })?;
+        upstream::connect(&target, &self.metrics)
+            .await
+            .map(|u| (u, Path::Legacy))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn connect_and_relay(
         &self,
-        cfg: &Config,
+        loaded: &Loaded,
+        decision: Decision,
         mut device: Box<dyn Io>,
         initial: Vec<u8>,
         meta: &Arc<ConnMeta>,
         control: &Arc<SessionControl>,
         orig_dst: Option<SocketAddr>,
     ) -> String {
+        let cfg: &Config = &loaded.config;
         // 3. Upstream.
         let up = tokio::select! {
             _ = control.token().cancelled() => return control.cause().label().to_owned(),
-            r = upstream::connect(cfg, &self.connector, orig_dst, &self.metrics) => r,
+            r = self.connect_path(loaded, decision, orig_dst) => r,
         };
-        let up = match up {
+        let (up, path) = match up {
             Ok(u) => u,
             Err(e) => {
                 tracing::warn!(error = %e, delay = ?cfg.upstream.cloud_down_close_delay,
@@ -355,7 +479,13 @@ impl Proxy {
         let _ = meta.upstream.set((up.local, up.remote));
         match meta.peer {
             PeerKind::Device(id) => {
-                tracing::info!(device_id = %id, upstream = %up.remote, "device connected")
+                tracing::info!(
+                    device_id = %id,
+                    upstream = %up.remote,
+                    path = path.label(),
+                    reason = %decision.reason,
+                    "device connected"
+                )
             }
             PeerKind::App(user) => {
                 tracing::info!(user_id = format_args!("{user:08x}"), upstream = %up.remote, "phone app connected")

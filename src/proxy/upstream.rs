@@ -25,6 +25,9 @@ pub enum UpstreamError {
     /// Transparent mode, but the connection has no original destination.
     #[error("no original destination (is the iptables REDIRECT rule in place?)")]
     NoOriginalDst,
+    /// No address is configured for this path.
+    #[error("no address configured")]
+    NoAddress,
     /// Name resolution or TCP connect failed.
     #[error("{addr}: connect: {source}")]
     Connect {
@@ -56,6 +59,7 @@ impl UpstreamError {
     pub fn label(&self) -> &'static str {
         match self {
             Self::NoOriginalDst => "no_original_dst",
+            Self::NoAddress => "no_address",
             Self::Connect { .. } => "connect_error",
             Self::Timeout { .. } => "timeout",
             Self::Tls {
@@ -106,36 +110,56 @@ async fn attempt(addr: &str, tls: Option<&UpstreamConnector>) -> Result<Upstream
     Ok(Upstream { io, local, remote })
 }
 
-/// Connects to the first upstream that answers.
-pub async fn connect(
-    cfg: &Config,
-    connector: &UpstreamConnector,
-    orig_dst: Option<SocketAddr>,
-    metrics: &Metrics,
-) -> Result<Upstream, UpstreamError> {
-    let targets: Vec<String> = match cfg.upstream.mode {
-        UpstreamMode::Transparent => match orig_dst {
-            Some(a) => vec![a.to_string()],
-            None => {
-                metrics
-                    .upstream_connects
-                    .with_label_values(&["no_original_dst"])
-                    .inc();
-                return Err(UpstreamError::NoOriginalDst);
+/// Where to connect: the addresses to try, in order, and how.
+pub struct Target<'a> {
+    /// `host:port` candidates.
+    pub addresses: Vec<String>,
+    /// TLS connector, or `None` for plain TCP.
+    pub tls: Option<&'a UpstreamConnector>,
+    /// Per-address limit.
+    pub timeout: Duration,
+}
+
+impl<'a> Target<'a> {
+    /// The legacy upstream of `cfg` (fixed addresses, or the original destination).
+    pub fn legacy(
+        cfg: &Config,
+        connector: &'a UpstreamConnector,
+        orig_dst: Option<SocketAddr>,
+    ) -> Result<Self, UpstreamError> {
+        let addresses = match cfg.upstream.mode {
+            UpstreamMode::Transparent => {
+                vec![orig_dst.ok_or(UpstreamError::NoOriginalDst)?.to_string()]
             }
-        },
-        UpstreamMode::Fixed => cfg.upstream.addresses.clone(),
-    };
-    let tls = cfg.upstream.tls.then_some(connector);
-    let limit = cfg.timeouts.upstream_connect;
+            UpstreamMode::Fixed => cfg.upstream.addresses.clone(),
+        };
+        Ok(Self {
+            addresses,
+            tls: cfg.upstream.tls.then_some(connector),
+            timeout: cfg.timeouts.upstream_connect,
+        })
+    }
+
+    /// The new-path backend of `cfg`.
+    pub fn new_path(cfg: &Config, connector: &'a UpstreamConnector) -> Self {
+        Self {
+            addresses: cfg.new_path.addresses.clone(),
+            tls: cfg.new_path.tls.then_some(connector),
+            timeout: cfg.timeouts.upstream_connect,
+        }
+    }
+}
+
+/// Connects to the first address of `target` that answers.
+pub async fn connect(target: &Target<'_>, metrics: &Metrics) -> Result<Upstream, UpstreamError> {
     let mut last = None;
-    for addr in &targets {
+    for addr in &target.addresses {
         let started = Instant::now();
-        let r = match tokio::time::timeout(limit, attempt(addr, tls)).await {
+        let r = match tokio::time::timeout(target.timeout, attempt(addr, target.tls)).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::Timeout {
                 addr: addr.clone(),
-                after: limit,
+                after: target.timeout,
             }),
         };
         match r {
@@ -156,5 +180,5 @@ pub async fn connect(
             }
         }
     }
-    Err(last.unwrap_or(UpstreamError::NoOriginalDst))
+    Err(last.unwrap_or(UpstreamError::NoAddress))
 }

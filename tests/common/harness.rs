@@ -73,9 +73,19 @@ pub struct RunningProxy {
 
 pub async fn start_proxy(cfg: Config) -> RunningProxy {
     let metrics = Arc::new(Metrics::new(cfg.metrics.per_device_labels));
-    let listener = TcpListener::bind(cfg.listen.tls).await.unwrap();
+    let live = cync_mitm::reload::LiveConfig::fixed(cfg.clone(), metrics.clone()).unwrap();
+    start_proxy_live(live, metrics).await
+}
+
+pub async fn start_proxy_live(
+    live: Arc<cync_mitm::reload::LiveConfig>,
+    metrics: Arc<Metrics>,
+) -> RunningProxy {
+    let listener = TcpListener::bind(live.current().config.listen.tls)
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::new(cfg, certs(), metrics.clone(), Vec::new()).unwrap();
+    let proxy = Proxy::new(live, certs(), metrics.clone(), Vec::new()).unwrap();
     let p = proxy.clone();
     tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
     RunningProxy {

@@ -1,0 +1,289 @@
+//! The live configuration: parse → validate → build → swap into an [`ArcSwap`] with a generation
+//! number, from a file watch (the file's folder, so editors that replace by rename and Kubernetes
+//! ConfigMap `..data` symlink swaps are seen), SIGHUP, or `POST /reload`. A bad file keeps the
+//! running configuration and says why (file:line:column, field).
+//!
+//! Routing, upstream, new-path, drain and timeout options apply to the next connections at once;
+//! listen addresses, TLS, the admin server, logging, metrics options and the connection limit need
+//! a restart and are reported as such when they change.
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::route::Policy;
+use crate::tls::UpstreamConnector;
+use arc_swap::ArcSwap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// One applied configuration and everything built from it.
+pub struct Loaded {
+    /// The effective configuration (restart-only options at their running values).
+    pub config: Config,
+    /// 1 at start, +1 per applied change.
+    pub generation: u64,
+    /// When it was applied.
+    pub loaded_at: SystemTime,
+    /// The routing policy.
+    pub policy: Policy,
+    /// Connector for the legacy upstream.
+    pub upstream: UpstreamConnector,
+    /// Connector for the new path.
+    pub new_path: UpstreamConnector,
+    /// Options changed in the file that wait for a restart.
+    pub pending_restart: Vec<&'static str>,
+    /// Environment overrides in force.
+    pub env_overrides: Vec<String>,
+}
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The file watcher.
+    Watch,
+    /// SIGHUP.
+    Signal,
+    /// `POST /reload`.
+    Admin,
+}
+
+impl Trigger {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Watch => "file change",
+            Self::Signal => "SIGHUP",
+            Self::Admin => "POST /reload",
+        }
+    }
+}
+
+/// The result of a successful reload.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A new generation is in use.
+    Applied {
+        /// Its number.
+        generation: u64,
+        /// Changed options that need a restart.
+        pending_restart: Vec<&'static str>,
+    },
+    /// The file says what is already in force.
+    Unchanged {
+        /// The generation still in use.
+        generation: u64,
+    },
+}
+
+type EnvFn = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+/// The configuration in force and how to replace it.
+pub struct LiveConfig {
+    current: ArcSwap<Loaded>,
+    source: Option<PathBuf>,
+    env: Box<EnvFn>,
+    reload_lock: Mutex<()>,
+    tx: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+}
+
+fn build(
+    config: Config,
+    generation: u64,
+    pending_restart: Vec<&'static str>,
+    env_overrides: Vec<String>,
+    file: &Path,
+) -> Result<Loaded, ConfigError> {
+    let err = |field: &str, e: crate::tls::TlsError| ConfigError {
+        file: file.to_owned(),
+        line: None,
+        column: None,
+        field: Some(field.to_owned()),
+        message: e.to_string(),
+    };
+    let upstream =
+        UpstreamConnector::new(&config.upstream.client_tls()).map_err(|e| err("upstream", e))?;
+    let new_path =
+        UpstreamConnector::new(&config.new_path.client_tls()).map_err(|e| err("new_path", e))?;
+    Ok(Loaded {
+        policy: config.routing.policy(),
+        config,
+        generation,
+        loaded_at: SystemTime::now(),
+        upstream,
+        new_path,
+        pending_restart,
+        env_overrides,
+    })
+}
+
+impl LiveConfig {
+    /// Starts from `config` (already read from `source`, if any), applying the environment
+    /// overrides read through `env`.
+    pub fn new(
+        mut config: Config,
+        source: Option<PathBuf>,
+        metrics: Arc<Metrics>,
+        env: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, ConfigError> {
+        let overrides = config.apply_env(&env)?;
+        let file = source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let loaded = build(config, 1, Vec::new(), overrides, &file)?;
+        metrics.config_generation.set(1);
+        metrics
+            .canary_percentage
+            .set(loaded.config.routing.canary_percent);
+        let (tx, _) = watch::channel(1);
+        Ok(Arc::new(Self {
+            current: ArcSwap::from_pointee(loaded),
+            source,
+            env: Box::new(env),
+            reload_lock: Mutex::new(()),
+            tx,
+            metrics,
+        }))
+    }
+
+    /// A config that never changes (tests, `sim`), with no environment overrides.
+    pub fn fixed(config: Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, ConfigError> {
+        Self::new(config, None, metrics, |_| None)
+    }
+
+    /// What is in force now (cheap: one atomic load).
+    pub fn current(&self) -> Arc<Loaded> {
+        self.current.load_full()
+    }
+
+    /// The file reloads read.
+    pub fn source(&self) -> Option<&Path> {
+        self.source.as_deref()
+    }
+
+    /// Resolves each time a new generation is applied.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.tx.subscribe()
+    }
+
+    /// Re-reads the file: parse → validate → build → swap. On error the running config stays.
+    pub fn reload(&self, trigger: Trigger) -> Result<Outcome, ConfigError> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.reload_locked();
+        match &r {
+            Ok(Outcome::Applied {
+                generation,
+                pending_restart,
+            }) => {
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(
+                    generation,
+                    trigger = trigger.label(),
+                    "configuration reloaded"
+                );
+                if !pending_restart.is_empty() {
+                    tracing::warn!(
+                        options = ?pending_restart,
+                        "changed options take effect only after a restart; running values kept"
+                    );
+                }
+            }
+            Ok(Outcome::Unchanged { generation }) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["unchanged"])
+                    .inc();
+                tracing::debug!(
+                    generation,
+                    trigger = trigger.label(),
+                    "configuration unchanged"
+                );
+            }
+            Err(e) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["error"])
+                    .inc();
+                tracing::error!(
+                    generation = self.current().generation,
+                    trigger = trigger.label(),
+                    "configuration rejected, keeping the running one: {e}"
+                );
+            }
+        }
+        r
+    }
+
+    fn reload_locked(&self) -> Result<Outcome, ConfigError> {
+        let Some(path) = &self.source else {
+            return Ok(Outcome::Unchanged {
+                generation: self.current().generation,
+            });
+        };
+        let mut new = Config::load(path)?;
+        let overrides = new.apply_env(&self.env)?;
+        let cur = self.current();
+        let pending = cur.config.restart_only_changes(&new);
+        let effective = cur.config.with_running_restart_only(new);
+        if effective == cur.config && pending == cur.pending_restart {
+            return Ok(Outcome::Unchanged {
+                generation: cur.generation,
+            });
+        }
+        let generation = cur.generation + 1;
+        let loaded = build(effective, generation, pending.clone(), overrides, path)?;
+        self.metrics
+            .canary_percentage
+            .set(loaded.config.routing.canary_percent);
+        self.current.store(Arc::new(loaded));
+        self.metrics.config_generation.set(generation as i64);
+        self.tx.send_replace(generation);
+        Ok(Outcome::Applied {
+            generation,
+            pending_restart: pending,
+        })
+    }
+}
+
+/// Watches the config file's folder and reloads on change. Keep the returned debouncer alive.
+pub fn watch_file(
+    live: Arc<LiveConfig>,
+    debounce: Duration,
+) -> Result<
+    notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+    notify::Error,
+> {
+    let path = live
+        .source()
+        .map(Path::to_owned)
+        .ok_or_else(|| notify::Error::generic("no configuration file to watch"))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_owned);
+    let name = path.file_name().map(|n| n.to_owned());
+    let tick = (debounce / 4).max(Duration::from_millis(5));
+    let mut d = notify_debouncer_full::new_debouncer(
+        debounce,
+        Some(tick),
+        move |res: notify_debouncer_full::DebounceEventResult| {
+            let Ok(events) = res else { return };
+            // The file itself, or a ConfigMap's `..data` swap, or a rename onto the file.
+            let relevant = events.iter().any(|e| {
+                e.paths.iter().any(|p| {
+                    let f = p.file_name();
+                    f == name.as_deref() || f.is_some_and(|f| f.to_string_lossy().starts_with(".."))
+                })
+            });
+            if relevant {
+                let _ = live.reload(Trigger::Watch);
+            }
+        },
+    )?;
+    d.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(d)
+}
