@@ -88,24 +88,44 @@ pub struct LiveConfig {
     metrics: Arc<Metrics>,
 }
 
+fn connector(
+    settings: crate::config::ClientTlsSettings,
+    previous: Option<&UpstreamConnector>,
+    field: &str,
+    file: &Path,
+) -> Result<UpstreamConnector, ConfigError> {
+    if let Some(p) = previous.filter(|p| *p.settings() == settings) {
+        return Ok(p.clone());
+    }
+    UpstreamConnector::new(&settings).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        line: None,
+        column: None,
+        field: Some(field.to_owned()),
+        message: e.to_string(),
+    })
+}
+
 fn build(
     config: Config,
     generation: u64,
     pending_restart: Vec<&'static str>,
     env_overrides: Vec<String>,
     file: &Path,
+    previous: Option<&Loaded>,
 ) -> Result<Loaded, ConfigError> {
-    let err = |field: &str, e: crate::tls::TlsError| ConfigError {
-        file: file.to_owned(),
-        line: None,
-        column: None,
-        field: Some(field.to_owned()),
-        message: e.to_string(),
-    };
-    let upstream =
-        UpstreamConnector::new(&config.upstream.client_tls()).map_err(|e| err("upstream", e))?;
-    let new_path =
-        UpstreamConnector::new(&config.new_path.client_tls()).map_err(|e| err("new_path", e))?;
+    let upstream = connector(
+        config.upstream.client_tls(),
+        previous.map(|p| &p.upstream),
+        "upstream",
+        file,
+    )?;
+    let new_path = connector(
+        config.new_path.client_tls(),
+        previous.map(|p| &p.new_path),
+        "new_path",
+        file,
+    )?;
     Ok(Loaded {
         policy: config.routing.policy(),
         config,
@@ -131,7 +151,7 @@ impl LiveConfig {
         let file = source
             .clone()
             .unwrap_or_else(|| PathBuf::from("<defaults>"));
-        let loaded = build(config, 1, Vec::new(), overrides, &file)?;
+        let loaded = build(config, 1, Vec::new(), overrides, &file, None)?;
         metrics.config_generation.set(1);
         metrics
             .canary_percentage
@@ -232,7 +252,14 @@ impl LiveConfig {
             });
         }
         let generation = cur.generation + 1;
-        let loaded = build(effective, generation, pending.clone(), overrides, path)?;
+        let loaded = build(
+            effective,
+            generation,
+            pending.clone(),
+            overrides,
+            path,
+            Some(&cur),
+        )?;
         self.metrics
             .canary_percentage
             .set(loaded.config.routing.canary_percent);

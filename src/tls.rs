@@ -298,16 +298,22 @@ pub fn describe_ssl_error(e: &openssl::ssl::Error) -> String {
 /// Connects to the cloud (or another upstream) over OpenSSL, with optional pinning.
 #[derive(Clone)]
 pub struct UpstreamConnector {
-    connector: Arc<SslConnector>,
-    verify: bool,
-    sni: Option<String>,
+    ctx: SslContext,
+    settings: ClientTlsSettings,
     pins: Vec<[u8; 32]>,
 }
 
 impl UpstreamConnector {
-    /// Builds the connector from `[upstream]` or `[new_path]` settings.
+    /// The settings it was built from (a reload reuses the connector when they are unchanged).
+    pub fn settings(&self) -> &ClientTlsSettings {
+        &self.settings
+    }
+
+    /// Builds the connector from `[upstream]` or `[new_path]` settings. Only `ca_file` is
+    /// trusted when verifying: the system store is not loaded (it is slow, and the cloud's
+    /// certificate is self-signed anyway).
     pub fn new(cfg: &ClientTlsSettings) -> Result<Self, TlsError> {
-        let mut b = SslConnector::builder(SslMethod::tls_client())?;
+        let mut b = SslContextBuilder::new(SslMethod::tls_client())?;
         b.set_security_level(0);
         b.set_cipher_list(&cfg.ciphers)?;
         b.set_min_proto_version(Some(SslVersion::TLS1))?;
@@ -321,9 +327,8 @@ impl UpstreamConnector {
             b.set_verify(SslVerifyMode::NONE);
         }
         Ok(Self {
-            connector: Arc::new(b.build()),
-            verify: cfg.verify,
-            sni: cfg.sni.clone(),
+            ctx: b.build(),
+            settings: cfg.clone(),
             pins: cfg.pin_sha256.iter().filter_map(|p| parse_pin(p)).collect(),
         })
     }
@@ -333,12 +338,13 @@ impl UpstreamConnector {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let ssl = self
-            .connector
-            .configure()?
-            .use_server_name_indication(self.sni.is_some())
-            .verify_hostname(self.verify && self.sni.is_some())
-            .into_ssl(self.sni.as_deref().unwrap_or("cm.gelighting.com"))?;
+        let mut ssl = Ssl::new(&self.ctx)?;
+        if let Some(name) = &self.settings.sni {
+            ssl.set_hostname(name)?;
+            if self.settings.verify {
+                ssl.param_mut().set_host(name)?;
+            }
+        }
         let mut s = SslStream::new(ssl, stream)?;
         Pin::new(&mut s)
             .connect()

@@ -229,3 +229,122 @@ fn certs_init_refuses_to_overwrite_without_force() {
         );
     }
 }
+
+async fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (code, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_post_reload_apply_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let write = |pct: u32| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"127.0.0.1:9\"]\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n\
+                 [reload]\nwatch = false\n[routing]\ncanary_percent = {pct}\n",
+                dir.path().join("certs").display()
+            ),
+        )
+        .unwrap()
+    };
+    write(0);
+    let mut child = bin()
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let listening = loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no 'listening' line");
+        if l.contains("listening") {
+            break l;
+        }
+    };
+    let admin = field(&listening, "admin").unwrap().to_owned();
+    let generation = |body: &str| -> (u64, f64) {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        (
+            v["generation"].as_u64().unwrap(),
+            v["config"]["routing"]["canary_percent"].as_f64().unwrap(),
+        )
+    };
+    let (code, body) = http(&admin, "GET", "/config").await;
+    assert_eq!(code, 200);
+    assert_eq!(generation(&body), (1, 0.0));
+    assert!(body.contains("\"seed\": \"***\""), "{body}");
+
+    write(25);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = Instant::now();
+    loop {
+        let (_, body) = http(&admin, "GET", "/config").await;
+        if generation(&body) == (2, 25.0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "SIGHUP did not reload: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    write(40);
+    let (code, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["result"], "applied");
+    assert_eq!(v["generation"], 3);
+    let (_, body) = http(&admin, "POST", "/reload").await;
+    assert!(body.contains("unchanged"), "{body}");
+    std::fs::write(&cfg, "[routing]\ncanary_percent = \"lots\"\n").unwrap();
+    let (code, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body.contains("proxy.toml:2:18: routing.canary_percent"),
+        "{body}"
+    );
+    let (_, body) = http(&admin, "GET", "/routing").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["generation"], 3);
+    assert_eq!(v["canary_percent"], 40.0);
+    let (_, metrics) = http(&admin, "GET", "/metrics").await;
+    assert!(metrics.contains("config_generation 3"), "{metrics}");
+    assert!(metrics.contains("config_reload_total{result=\"error\"} 1"));
+    assert!(metrics.contains("tcp_comm_canary_percentage 40"));
+
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(child.wait().unwrap().success());
+}

@@ -574,3 +574,34 @@ async fn plaintext_listener_and_plaintext_upstream() {
     fleet.stop().await;
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_verification_with_a_ca_file_and_sni() {
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let mut cfg = proxy_config(cloud_addr);
+    cfg.upstream.verify = true;
+    cfg.upstream.ca_file = Some(certs().ca_cert.clone());
+    cfg.upstream.sni = Some("cm.gelighting.com".into());
+    let ok = start_proxy(cfg.clone()).await;
+    let mut s = tls_client(ok.addr, ClientProfile::DeviceFp2).await;
+    s.write_all(&handshake(11)).await.unwrap();
+    assert!(
+        read_until(&mut s, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_some()
+    );
+
+    cfg.upstream.sni = Some("not-the-cloud.example".into());
+    let bad = start_proxy(cfg).await;
+    let mut s = tls_client(bad.addr, ClientProfile::DeviceFp2).await;
+    s.write_all(&handshake(12)).await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert_eq!(
+        bad.metrics
+            .upstream_connects
+            .with_label_values(&["tls_error"])
+            .get(),
+        1
+    );
+    cloud.stop().await;
+}

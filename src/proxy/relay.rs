@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 /// two of these, so keep it modest.
 const CHUNK: usize = 4 * 1024;
 
+/// How long a write already under way may take to finish once the session is told to stop.
+const WRITE_GRACE: Duration = Duration::from_secs(1);
+
 /// Which leg an event happened on (`Side` of the design).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -147,12 +150,17 @@ async fn pump(
         };
         activity.touch();
         let chunk = &buf[..n];
+        // A chunk that was read is written whole: stopping waits for the write to finish, for at
+        // most WRITE_GRACE (a peer that does not read cannot hold the session open).
         let written = tokio::select! {
-            _ = stop.cancelled() => return PumpEnd::Stopped,
             r = async {
                 to.write_all(chunk).await?;
                 to.flush().await
             } => r,
+            _ = async {
+                stop.cancelled().await;
+                tokio::time::sleep(WRITE_GRACE).await;
+            } => return PumpEnd::Stopped,
         };
         if let Err(e) = written {
             return PumpEnd::WriteError(e);

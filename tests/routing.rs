@@ -1,0 +1,322 @@
+//! Canary routing with live reload, end to end: 100 simulated devices, a legacy cloud and a
+//! new-path backend, config edits picked up by the file watcher, drains that move only the
+//! devices whose path changed, and the reload paths (symlink swap, invalid file).
+
+mod common;
+
+use common::harness::*;
+use cync_mitm::admin::{AdminState, route};
+use cync_mitm::codec::DeviceId;
+use cync_mitm::config::Config;
+use cync_mitm::metrics::Metrics;
+use cync_mitm::reload::{LiveConfig, watch_file};
+use cync_mitm::sim::cloud::CloudSimConfig;
+use hyper::Method;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(20);
+
+fn write_config(path: &Path, legacy: std::net::SocketAddr, new: std::net::SocketAddr, extra: &str) {
+    let text = format!(
+        "# test config\n[listen]\ntls = \"127.0.0.1:0\"\n\n[upstream]\naddresses = [\"{legacy}\"]\n\n\
+         [new_path]\naddresses = [\"{new}\"]\n\n[tls]\ncert_dir = \"{}\"\n\n\
+         [drain]\nbatch = 50\ninterval = \"50ms\"\n\n{extra}",
+        certs().ca_cert.parent().unwrap().display()
+    );
+    // Write then rename, as editors do.
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn routing_json(st: &AdminState) -> Value {
+    let r = route(st, &Method::GET, "/routing", "127.0.0.1:1".parse().unwrap()).await;
+    use http_body_util::BodyExt;
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn paths(v: &Value) -> Vec<(String, String)> {
+    v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["device_id"].as_str().unwrap().to_owned(),
+                d["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_only_the_devices_whose_path_changed_and_loses_nothing() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig {
+        record: true,
+        ..Default::default()
+    })
+    .await;
+    let (newp, new_addr) = start_cloud(CloudSimConfig {
+        record: true,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cync-mitm.toml");
+    write_config(
+        &file,
+        legacy_addr,
+        new_addr,
+        "[routing]\nmode = \"new_primary\"\ncanary_percent = 0\n",
+    );
+    let metrics = Arc::new(Metrics::new(false));
+    let cfg = Config::load(&file).unwrap();
+    let live = LiveConfig::new(cfg, Some(file.clone()), metrics.clone(), |_| None).unwrap();
+    let _watcher = watch_file(live.clone(), Duration::from_millis(25)).unwrap();
+    let p = start_proxy_live(live.clone(), metrics.clone()).await;
+    let admin = AdminState::new(metrics.clone(), Some(p.proxy.clone()));
+
+    let mut fc = fleet_config(p.addr, 100);
+    fc.record = true;
+    let fleet = start_fleet(fc);
+    assert!(
+        wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 100).await,
+        "{:?}",
+        fleet.report()
+    );
+    let before = routing_json(&admin).await;
+    assert_eq!(before["generation"], 1);
+    assert!(paths(&before).iter().all(|(_, p)| p == "legacy"));
+
+    // Raise the canary to 30 % with the CLI's editor; the watcher applies it.
+    let t0 = Instant::now();
+    cync_mitm::cmd::canary::set_percent(&file, 30.0).unwrap();
+    let mut seen = None;
+    while t0.elapsed() < Duration::from_secs(1) {
+        let v = routing_json(&admin).await;
+        if v["generation"] == 2 && v["canary_percent"] == 30.0 {
+            seen = Some(t0.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seen = seen.expect("the new split did not show in /routing within a second");
+    eprintln!("new generation visible after {seen:?}");
+
+    let policy = live.current().policy.clone();
+    let moved: HashSet<DeviceId> = fleet
+        .ids()
+        .into_iter()
+        .filter(|id| policy.bucket(*id) < 3000)
+        .collect();
+    assert!(
+        (15..=45).contains(&moved.len()),
+        "{} devices in a 30% canary of 100",
+        moved.len()
+    );
+    let want: Vec<(String, String)> = {
+        let mut v: Vec<_> = fleet
+            .ids()
+            .into_iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    if moved.contains(&id) { "new" } else { "legacy" }.to_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut converged = false;
+    let t1 = Instant::now();
+    while t1.elapsed() < T {
+        let v = routing_json(&admin).await;
+        let mut got = paths(&v);
+        got.sort();
+        if got == want && newp.stats().handshakes.load(Ordering::Relaxed) == moved.len() as u64 {
+            converged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(converged, "devices did not settle on their paths");
+    eprintln!(
+        "all moved devices reconnected on the new path after {:?}",
+        t1.elapsed()
+    );
+    assert_eq!(metrics.drained.get(), moved.len() as u64);
+    assert_eq!(
+        newp.stats().handshakes.load(Ordering::Relaxed),
+        moved.len() as u64
+    );
+
+    // Quiet now: stop the devices and compare every connection's bytes on both sides.
+    fleet.stop().await;
+    assert!(wait_until(T, || p.proxy.registry().is_empty()).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let transcripts = fleet.stats().transcripts.lock().unwrap().clone();
+    let mut unmoved_dropped = 0;
+    for id in fleet.ids() {
+        let dev = &transcripts[&id];
+        let on_legacy = legacy.stats().transcripts_of(id);
+        let on_new = newp.stats().transcripts_of(id);
+        if moved.contains(&id) {
+            assert_eq!(dev.len(), 2, "{id}");
+            assert_eq!((on_legacy.len(), on_new.len()), (1, 1), "{id}");
+            assert_eq!(dev[0].sent, on_legacy[0].received, "{id} first connection");
+            assert_eq!(dev[0].received, on_legacy[0].sent, "{id} first connection");
+            assert_eq!(dev[1].sent, on_new[0].received, "{id} second connection");
+            assert_eq!(dev[1].received, on_new[0].sent, "{id} second connection");
+        } else {
+            if dev.len() != 1 {
+                unmoved_dropped += 1;
+            }
+            assert_eq!(on_new.len(), 0, "{id} reached the new path");
+            assert_eq!(dev[0].sent, on_legacy[0].received, "{id}");
+            assert_eq!(dev[0].received, on_legacy[0].sent, "{id}");
+        }
+    }
+    assert_eq!(
+        unmoved_dropped, 0,
+        "devices that should not move were dropped"
+    );
+    let r = fleet.report();
+    assert_eq!(r.requests, r.answered, "{r:?}");
+    legacy.stop().await;
+    newp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_files_keep_the_running_generation_and_symlink_swaps_are_seen() {
+    // A ConfigMap-style layout: config.toml -> ..data/config.toml, ..data -> ..v1.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let text = |pct: f64| format!("[routing]\ncanary_percent = {pct}\n[admin]\nenabled = false\n");
+    std::fs::create_dir(d.join("..v1")).unwrap();
+    std::fs::write(d.join("..v1/config.toml"), text(10.0)).unwrap();
+    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/config.toml", d.join("config.toml")).unwrap();
+    let file = d.join("config.toml");
+    let metrics = Arc::new(Metrics::new(false));
+    let live = LiveConfig::new(
+        Config::load(&file).unwrap(),
+        Some(file.clone()),
+        metrics.clone(),
+        |_| None,
+    )
+    .unwrap();
+    let _w = watch_file(live.clone(), Duration::from_millis(25)).unwrap();
+    assert_eq!(live.current().config.routing.canary_percent, 10.0);
+
+    // Swap ..data atomically to a new version.
+    std::fs::create_dir(d.join("..v2")).unwrap();
+    std::fs::write(d.join("..v2/config.toml"), text(50.0)).unwrap();
+    std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    assert!(
+        wait_until(T, || live.current().generation == 2).await,
+        "symlink swap not seen"
+    );
+    assert_eq!(live.current().config.routing.canary_percent, 50.0);
+    assert_eq!(metrics.config_generation.get(), 2);
+    assert_eq!(metrics.canary_percentage.get(), 50.0);
+
+    // An invalid version: the running generation stays, the error is counted.
+    std::fs::create_dir(d.join("..v3")).unwrap();
+    std::fs::write(
+        d.join("..v3/config.toml"),
+        "[routing]\ncanary_percent = 500\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v3", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    assert!(
+        wait_until(T, || metrics
+            .config_reloads
+            .with_label_values(&["error"])
+            .get()
+            >= 1)
+        .await
+    );
+    assert_eq!(live.current().generation, 2);
+    assert_eq!(live.current().config.routing.canary_percent, 50.0);
+    let e = live.reload(cync_mitm::reload::Trigger::Admin).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("routing.canary_percent"));
+    assert_eq!(e.line, Some(2));
+
+    // A restart-only change is reported and not applied.
+    std::fs::create_dir(d.join("..v4")).unwrap();
+    std::fs::write(
+        d.join("..v4/config.toml"),
+        format!("{}[listen]\ntls = \"127.0.0.1:1\"\n", text(60.0)),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v4", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    assert!(wait_until(T, || live.current().generation == 3).await);
+    let cur = live.current();
+    assert_eq!(cur.config.routing.canary_percent, 60.0);
+    assert_eq!(cur.pending_restart, vec!["listen"]);
+    assert_eq!(cur.config.listen, Config::default().listen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_primary_falls_back_new_only_does_not_and_apps_stay_legacy() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let mut cfg = proxy_config(legacy_addr);
+    cfg.new_path.addresses = vec![dead_addr.to_string()];
+    cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
+    cfg.routing.canary_percent = 100.0;
+    let p = start_proxy(cfg.clone()).await;
+    let fleet = start_fleet(fleet_config(p.addr, 2));
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 2).await);
+    assert_eq!(p.metrics.new_path_fallbacks.get(), 2);
+    assert_eq!(
+        p.metrics
+            .routing_decisions
+            .with_label_values(&["new"])
+            .get(),
+        2
+    );
+    fleet.stop().await;
+
+    cfg.routing.mode = cync_mitm::route::Mode::NewOnly;
+    let q = start_proxy(cfg).await;
+    let fleet = start_fleet(fleet_config(q.addr, 2));
+    assert!(wait_until(T, || q.metrics.cloud_down_closes.get() >= 2).await);
+    assert_eq!(fleet.stats().online.load(Ordering::Relaxed), 0);
+    assert_eq!(q.metrics.new_path_fallbacks.get(), 0);
+    fleet.stop().await;
+    // An app session on the same proxy still reaches the cloud.
+    let tcp = tokio::net::TcpStream::connect(q.addr).await.unwrap();
+    let mut s = cync_mitm::tls::LegacyClient::new(cync_mitm::tls::ClientProfile::Modern)
+        .unwrap()
+        .connect(tcp)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        &cync_mitm::codec::Frame::login(1, b"x", 30)
+            .encode()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut b = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b[0], 0x18);
+    legacy.stop().await;
+}
