@@ -348,3 +348,49 @@ async fn sighup_and_post_reload_apply_a_new_generation() {
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn canary_set_edits_the_file_and_refuses_invalid_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.toml");
+    std::fs::write(
+        &f,
+        "# my rollout\n[routing]\n# stage 1\ncanary_percent = 10\nmode = \"shadow\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["canary", "set", "25", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10 -> 25"));
+    let text = std::fs::read_to_string(&f).unwrap();
+    assert!(
+        text.contains("# my rollout") && text.contains("# stage 1"),
+        "{text}"
+    );
+    assert!(text.contains("canary_percent = 25"), "{text}");
+    let out = bin()
+        .args(["canary", "set", "250", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    std::fs::write(&f, "[routing]\nmode = \"new_only\"\n").unwrap();
+    let out = bin()
+        .args(["canary", "set", "5", "--config"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("new_path.addresses"));
+    assert_eq!(
+        std::fs::read_to_string(&f).unwrap(),
+        "[routing]\nmode = \"new_only\"\n"
+    );
+}
