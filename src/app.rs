@@ -33,6 +33,9 @@ pub enum AppError {
     /// The configuration (with environment overrides) is invalid.
     #[error("invalid configuration: {0}")]
     Config(#[from] crate::config::ConfigError),
+    /// The capture writer could not start.
+    #[error("capture: {0}")]
+    Capture(std::io::Error),
     /// Signal handling could not be set up.
     #[error("signals: {0}")]
     Signals(std::io::Error),
@@ -67,6 +70,10 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
              and expired); set upstream.pin_sha256 to pin it"
         );
     }
+    if let Some(k) = &cfg.capture.keylog_file {
+        tls::enable_keylog(k)?;
+        tracing::warn!(file = %k.display(), "writing TLS secrets of both legs to a key-log file: anyone with it and a raw capture can read the traffic");
+    }
     let metrics = Arc::new(Metrics::new(cfg.metrics.per_device_labels));
     let drain = cfg.timeouts.drain;
     let tls_addr = cfg.listen.tls;
@@ -77,7 +84,13 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
     for o in &live.current().env_overrides {
         tracing::info!("environment override: {o}");
     }
-    let proxy = Proxy::new(live.clone(), &certs, metrics.clone(), Vec::new())?;
+    let capture =
+        crate::capture::Capture::start(live.clone(), metrics.clone()).map_err(AppError::Capture)?;
+    if live.current().config.capture.enabled {
+        tracing::info!(dir = %live.current().config.capture.dir.display(), "capturing decrypted traffic");
+    }
+    let sinks: Vec<Arc<dyn crate::proxy::tap::TapSink>> = vec![capture.clone()];
+    let proxy = Proxy::new(live.clone(), &certs, metrics.clone(), sinks)?;
     let _watcher = match (reload_cfg.watch, live.source()) {
         (true, Some(path)) => match crate::reload::watch_file(live.clone(), reload_cfg.debounce) {
             Ok(w) => {
@@ -166,6 +179,7 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
             "drain timeout: exiting with sessions still open"
         );
     }
+    capture.shutdown();
     admin_stop.cancel();
     for t in tasks {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), t).await;

@@ -58,6 +58,72 @@ pub struct Config {
     pub drain: DrainConfig,
     /// Watching the config file.
     pub reload: ReloadConfig,
+    /// Decrypted pcapng capture.
+    pub capture: CaptureConfig,
+}
+
+/// `[capture]`: decrypted traffic written as pcapng (LINKTYPE_RAW, synthesized IPv4/TCP).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Capture new connections (reloads live; connections already open keep their state).
+    pub enabled: bool,
+    /// Folder for `YYYYMMDD/<device>.pcapng` files (created 0700, files 0600).
+    pub dir: PathBuf,
+    /// One file per device (or app user, or connection); false = one combined file.
+    pub per_device: bool,
+    /// Mask the 0x23 auth code and the 0x13 auth string in the capture (never in the relay).
+    pub redact_auth: bool,
+    /// Only these device ids (hex); empty = every connection.
+    pub devices: Vec<String>,
+    /// Only frames of these packet types (`"0x73"` or names such as `"pipe"`); empty = all bytes.
+    pub types: Vec<String>,
+    /// Events queued for the writer thread; when full, chunks are dropped and counted.
+    pub queue: usize,
+    /// Start a new file when one reaches this size (bytes).
+    pub max_file_bytes: u64,
+    /// Start a new file when one is this old.
+    #[serde(with = "humantime_serde")]
+    pub max_file_age: Duration,
+    /// Delete the oldest capture files beyond this total size (bytes).
+    pub max_total_bytes: u64,
+    /// Delete the oldest capture files beyond this count.
+    pub max_files: usize,
+    /// Append the TLS keys of both legs here in NSS key-log format (0600). Off by default: it
+    /// lets anyone holding a raw capture of the TLS read it. Needs a restart.
+    pub keylog_file: Option<PathBuf>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: PathBuf::from("captures"),
+            per_device: true,
+            redact_auth: true,
+            devices: Vec::new(),
+            types: Vec::new(),
+            queue: 8192,
+            max_file_bytes: 64 * 1024 * 1024,
+            max_file_age: Duration::from_secs(3600),
+            max_total_bytes: 1024 * 1024 * 1024,
+            max_files: 1000,
+            keylog_file: None,
+        }
+    }
+}
+
+/// Parses a packet type as `0x73` or a name (`pipe`).
+pub fn parse_packet_type(s: &str) -> Option<crate::codec::PacketType> {
+    let t = s.trim();
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u8::from_str_radix(hex, 16)
+            .ok()
+            .map(crate::codec::PacketType);
+    }
+    (0..=255u8)
+        .map(crate::codec::PacketType)
+        .find(|p| p.is_known() && p.name() == t)
 }
 
 /// `[routing]`
@@ -784,6 +850,35 @@ impl Config {
                 ),
             ));
         }
+        let c = &self.capture;
+        if let Some(bad) = c
+            .devices
+            .iter()
+            .find(|s| crate::route::parse_device_id(s).is_none())
+        {
+            return Err(invalid(
+                "capture.devices",
+                format!("{bad:?} is not a device id"),
+            ));
+        }
+        if let Some(bad) = c.types.iter().find(|s| parse_packet_type(s).is_none()) {
+            return Err(invalid(
+                "capture.types",
+                format!("{bad:?} is not a packet type (\"0x73\" or a name such as \"pipe\")"),
+            ));
+        }
+        if c.queue == 0 {
+            return Err(invalid("capture.queue", "must be at least 1"));
+        }
+        if c.max_file_bytes < 4096 {
+            return Err(invalid("capture.max_file_bytes", "must be at least 4096"));
+        }
+        if c.max_file_age.is_zero() {
+            return Err(invalid("capture.max_file_age", "must be greater than zero"));
+        }
+        if c.max_files == 0 {
+            return Err(invalid("capture.max_files", "must be at least 1"));
+        }
         if self.drain.batch == 0 {
             return Err(invalid("drain.batch", "must be at least 1"));
         }
@@ -887,6 +982,12 @@ impl Config {
         if self.reload != new.reload {
             v.push("reload");
         }
+        if self.capture.queue != new.capture.queue {
+            v.push("capture.queue");
+        }
+        if self.capture.keylog_file != new.capture.keylog_file {
+            v.push("capture.keylog_file");
+        }
         v
     }
 
@@ -899,6 +1000,8 @@ impl Config {
         new.log = self.log.clone();
         new.metrics = self.metrics.clone();
         new.reload = self.reload.clone();
+        new.capture.queue = self.capture.queue;
+        new.capture.keylog_file = self.capture.keylog_file.clone();
         new
     }
 
@@ -1063,6 +1166,7 @@ mod doc_tests {
         c.listen.plain = Some("127.0.0.1:23778".parse().unwrap());
         c.upstream.ca_file = Some("ca.pem".into());
         c.upstream.sni = Some("x".into());
+        c.capture.keylog_file = Some("k".into());
         let v: toml::Table = toml::from_str(&c.to_toml()).unwrap();
         let mut n = 0;
         for (section, keys) in &v {

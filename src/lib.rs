@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod capture;
 pub mod cmd;
 pub mod codec;
 pub mod config;

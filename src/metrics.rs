@@ -117,6 +117,14 @@ pub struct Metrics {
     pub drained: IntCounter,
     /// new_primary connections that fell back to legacy because the new path was unreachable.
     pub new_path_fallbacks: IntCounter,
+    /// Capture chunks dropped because the writer's queue was full.
+    pub capture_dropped: IntCounter,
+    /// Bytes written to capture files.
+    pub capture_written_bytes: IntCounter,
+    /// Capture files opened.
+    pub capture_files: IntCounter,
+    /// Capture files deleted by retention.
+    pub capture_deleted: IntCounter,
     bytes: [IntCounter; 2],
     frames: [Vec<IntCounter>; 2],
     decode_errors: [Vec<IntCounter>; 2],
@@ -269,6 +277,25 @@ impl Metrics {
         for res in ["ok", "unchanged", "error"] {
             config_reloads.with_label_values(&[res]);
         }
+        let simple = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}"));
+            r.register(Box::new(c.clone()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            c
+        };
+        let capture_dropped = simple(
+            "capture_dropped_total",
+            "Capture chunks dropped because the capture queue was full (the relay never waits).",
+        );
+        let capture_written_bytes = simple(
+            "cync_mitm_capture_written_bytes_total",
+            "Bytes written to capture files.",
+        );
+        let capture_files = simple("cync_mitm_capture_files_total", "Capture files opened.");
+        let capture_deleted = simple(
+            "cync_mitm_capture_files_deleted_total",
+            "Capture files deleted by retention.",
+        );
         let bytes_v = counter_vec(
             &r,
             "cync_mitm_bytes_total",
@@ -331,6 +358,10 @@ impl Metrics {
             routing_decisions,
             drained,
             new_path_fallbacks,
+            capture_dropped,
+            capture_written_bytes,
+            capture_files,
+            capture_deleted,
             bytes,
             frames,
             decode_errors,

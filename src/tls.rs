@@ -72,6 +72,43 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     }
 }
 
+// === key log ===
+
+static KEYLOG: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Starts appending the TLS secrets of every OpenSSL leg built after this call to `path`, in NSS
+/// key-log format (created 0600). Once per process.
+pub fn enable_keylog(path: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(path))?;
+    let _ = KEYLOG.set(std::sync::Mutex::new(f));
+    Ok(())
+}
+
+/// Whether a key log is being written.
+pub fn keylog_enabled() -> bool {
+    KEYLOG.get().is_some()
+}
+
+fn attach_keylog(b: &mut SslContextBuilder) {
+    if KEYLOG.get().is_none() {
+        return;
+    }
+    b.set_keylog_callback(|_, line| {
+        if let Some(m) = KEYLOG.get() {
+            let mut f = m.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(f, "{line}");
+        }
+    });
+}
+
 // === certificates ===
 
 /// The files `certs init` writes.
@@ -253,6 +290,7 @@ impl DeviceAcceptor {
         b.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
         // Idle device sessions are the norm: free OpenSSL's record buffers between reads.
         b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
+        attach_keylog(&mut b);
         load_chain(&mut b, &paths.rsa_cert, &paths.rsa_key)?;
         if cfg.ecdsa {
             load_chain(&mut b, &paths.ecdsa_cert, &paths.ecdsa_key)?;
@@ -318,6 +356,7 @@ impl UpstreamConnector {
         b.set_cipher_list(&cfg.ciphers)?;
         b.set_min_proto_version(Some(SslVersion::TLS1))?;
         b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
+        attach_keylog(&mut b);
         if cfg.verify {
             if let Some(ca) = &cfg.ca_file {
                 b.set_ca_file(ca)?;

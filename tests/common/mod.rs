@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod harness;
+pub mod tshark;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

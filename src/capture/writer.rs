@@ -1,0 +1,654 @@
+//! The capture writer thread: frames each direction, synthesizes TCP on both legs, writes
+//! pcapng, rotates and prunes files.
+
+use super::Event;
+use super::tcp::{Packet, TcpLeg};
+use crate::codec::view::frame_summary;
+use crate::codec::{Framer, FramerError, FramerEvent, PacketType};
+use crate::config::{CaptureConfig, parse_packet_type};
+use crate::metrics::{Flow, Metrics};
+use crate::proxy::tap::ConnMeta;
+use crate::reload::LiveConfig;
+use bytes::Bytes;
+use pcap_file::DataLink;
+use pcap_file::pcapng::PcapNgWriter;
+use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use uuid::Uuid;
+
+/// Interface 0: the device leg (device ↔ proxy); interface 1: the cloud leg (proxy ↔ upstream).
+const IF_DEVICE: u32 = 0;
+const IF_CLOUD: u32 = 1;
+/// epb_flags direction bits.
+const INBOUND: u32 = 0b01;
+const OUTBOUND: u32 = 0b10;
+
+/// A piece of one direction's byte stream: a whole frame, or bytes that are not one.
+enum Piece {
+    Frame(Vec<u8>),
+    Raw(Vec<u8>, &'static str),
+}
+
+/// Cuts one direction's stream at frame boundaries, keeping every byte.
+struct Segmenter {
+    framer: Framer,
+    pending: Vec<u8>,
+    /// Bytes already emitted as raw that a later `Skipped` report will count again.
+    credit: usize,
+}
+
+impl Segmenter {
+    fn new(max_frame: usize) -> Self {
+        Self {
+            framer: Framer::new(max_frame),
+            pending: Vec::new(),
+            credit: 0,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<Piece>) {
+        self.pending.extend_from_slice(chunk);
+        self.framer.push(chunk);
+        while let Some(ev) = self.framer.next_event() {
+            match ev {
+                FramerEvent::Frame(raw) => {
+                    let n = raw.len().min(self.pending.len());
+                    out.push(Piece::Frame(self.pending.drain(..n).collect()));
+                }
+                FramerEvent::Error(FramerError::Skipped { bytes }) => {
+                    let n = bytes.saturating_sub(self.credit).min(self.pending.len());
+                    self.credit = self.credit.saturating_sub(bytes);
+                    if n > 0 {
+                        out.push(Piece::Raw(self.pending.drain(..n).collect(), "not a frame"));
+                    }
+                }
+                FramerEvent::Error(FramerError::TooLarge { .. }) => {}
+            }
+        }
+        // Bytes the framer already discarded while resynchronising: write them now.
+        let consumed = self.pending.len().saturating_sub(self.framer.buffered());
+        if consumed > 0 {
+            self.credit += consumed;
+            out.push(Piece::Raw(
+                self.pending.drain(..consumed).collect(),
+                "not a frame",
+            ));
+        }
+    }
+
+    fn finish(&mut self) -> Option<Piece> {
+        (!self.pending.is_empty()).then(|| {
+            Piece::Raw(
+                std::mem::take(&mut self.pending),
+                "incomplete frame at close",
+            )
+        })
+    }
+
+    fn reset(&mut self, max_frame: usize) {
+        *self = Self::new(max_frame);
+    }
+}
+
+/// Masks the authorize code of a 0x23 or the auth string of a 0x13 (both at body offset 7,
+/// after a u16 length), keeping every length.
+fn redact(frame: &mut [u8]) -> bool {
+    let t = frame.first().copied().map(PacketType);
+    if t != Some(PacketType::HANDSHAKE) && t != Some(PacketType::LOGIN) {
+        return false;
+    }
+    let Some(len) = frame
+        .get(10..12)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    else {
+        return false;
+    };
+    let end = (12 + len).min(frame.len());
+    if end <= 12 {
+        return false;
+    }
+    for b in &mut frame[12..end] {
+        *b = b'*';
+    }
+    true
+}
+
+struct Stream {
+    meta: Arc<ConnMeta>,
+    key: String,
+    device_leg: TcpLeg,
+    cloud_leg: Option<TcpLeg>,
+    seg: [Segmenter; 2],
+    comment_prefix: String,
+}
+
+struct OutFile {
+    path: PathBuf,
+    w: PcapNgWriter<BufWriter<File>>,
+    bytes: u64,
+    opened: Instant,
+}
+
+pub(super) struct Writer {
+    live: Arc<LiveConfig>,
+    metrics: Arc<Metrics>,
+    lost_closes: Arc<Mutex<Vec<(Uuid, SystemTime)>>>,
+    streams: HashMap<Uuid, Stream>,
+    files: HashMap<String, OutFile>,
+}
+
+fn ts(t: SystemTime) -> Duration {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+fn day(t: SystemTime) -> String {
+    let secs = ts(t).as_secs() as i64;
+    crate::codec::TimeAnswer::from_unix(secs, 0)
+        .date()
+        .replace('-', "")
+}
+
+fn isn(id: &Uuid) -> u32 {
+    let b = id.as_bytes();
+    u32::from_be_bytes([b[12], b[13], b[14], b[15]])
+}
+
+impl Writer {
+    pub(super) fn new(
+        live: Arc<LiveConfig>,
+        metrics: Arc<Metrics>,
+        lost_closes: Arc<Mutex<Vec<(Uuid, SystemTime)>>>,
+    ) -> Self {
+        Self {
+            live,
+            metrics,
+            lost_closes,
+            streams: HashMap::new(),
+            files: HashMap::new(),
+        }
+    }
+
+    pub(super) fn run(mut self, rx: Receiver<Event>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(ev) => self.handle(ev),
+                Err(RecvTimeoutError::Timeout) => self.tick(),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let ids: Vec<Uuid> = self.streams.keys().copied().collect();
+        for id in ids {
+            self.close(id, SystemTime::now());
+        }
+        self.flush_all();
+    }
+
+    fn tick(&mut self) {
+        let lost: Vec<(Uuid, SystemTime)> =
+            std::mem::take(&mut *self.lost_closes.lock().unwrap_or_else(|p| p.into_inner()));
+        for (id, at) in lost {
+            self.close(id, at);
+        }
+        self.flush_all();
+    }
+
+    fn flush_all(&mut self) {
+        for f in self.files.values_mut() {
+            let _ = std::io::Write::flush(f.w.get_mut());
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Open { meta, at } => self.open(meta, at),
+            Event::Chunk {
+                id,
+                flow,
+                at,
+                bytes,
+                gap,
+            } => self.chunk(id, flow, at, &bytes, gap),
+            Event::Close { id, at } => {
+                self.close(id, at);
+                self.flush_all();
+            }
+            Event::Flush(done) => {
+                self.tick();
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn file_key(cfg: &CaptureConfig, meta: &ConnMeta, at: SystemTime) -> String {
+        let label = if cfg.per_device {
+            meta.peer.id_label().unwrap_or_else(|| meta.id.to_string())
+        } else {
+            "capture".to_owned()
+        };
+        format!("{}/{label}", day(at))
+    }
+
+    fn open(&mut self, meta: Arc<ConnMeta>, at: SystemTime) {
+        let loaded = self.live.current();
+        let cfg = &loaded.config.capture;
+        let max_frame = loaded.config.limits.max_frame;
+        let key = Self::file_key(cfg, &meta, at);
+        let base = isn(&meta.id);
+        let mut device_leg = TcpLeg::new(meta.device_addr, meta.proxy_device_addr, base);
+        let mut cloud_leg = meta
+            .upstream
+            .get()
+            .map(|(local, remote)| TcpLeg::new(*local, *remote, base.rotate_left(8)));
+        let comment_prefix = format!(
+            "conn={} {}",
+            meta.id,
+            meta.peer
+                .id_label()
+                .map_or_else(|| "peer=unidentified".to_owned(), |l| format!("device={l}"))
+        );
+        let mut packets = Vec::new();
+        for p in device_leg.open() {
+            packets.push((IF_DEVICE, p));
+        }
+        if let Some(leg) = cloud_leg.as_mut() {
+            for p in leg.open() {
+                packets.push((IF_CLOUD, p));
+            }
+        }
+        let comment = format!("{comment_prefix} connection opened");
+        self.write(&key, cfg, at, packets, Some(&comment));
+        self.streams.insert(
+            meta.id,
+            Stream {
+                meta,
+                key,
+                device_leg,
+                cloud_leg,
+                seg: [Segmenter::new(max_frame), Segmenter::new(max_frame)],
+                comment_prefix,
+            },
+        );
+    }
+
+    fn chunk(&mut self, id: Uuid, flow: Flow, at: SystemTime, bytes: &[u8], gap: usize) {
+        let loaded = self.live.current();
+        let cfg = &loaded.config.capture;
+        let types: Vec<PacketType> = cfg
+            .types
+            .iter()
+            .filter_map(|t| parse_packet_type(t))
+            .collect();
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let from_client = flow == Flow::DeviceToCloud;
+        let i = usize::from(!from_client);
+        let mut packets = Vec::new();
+        if gap > 0 {
+            // Bytes dropped before this chunk: skip them in both legs' sequence space.
+            let skip = vec![0u8; gap];
+            let _ = st.device_leg.data(from_client, &skip);
+            if let Some(l) = st.cloud_leg.as_mut() {
+                let _ = l.data(from_client, &skip);
+            }
+            st.seg[i].reset(loaded.config.limits.max_frame);
+        }
+        let mut pieces = Vec::new();
+        st.seg[i].push(bytes, &mut pieces);
+        let mut comments = Vec::new();
+        for piece in pieces {
+            let (mut data, comment) = match piece {
+                Piece::Frame(f) => {
+                    let t = PacketType(f.first().copied().unwrap_or(0));
+                    if !types.is_empty() && !types.contains(&t) {
+                        continue;
+                    }
+                    let summary = frame_summary(&Bytes::copy_from_slice(&f));
+                    (
+                        f,
+                        format!("{} {} {summary}", st.comment_prefix, flow.label()),
+                    )
+                }
+                Piece::Raw(r, why) => {
+                    if !types.is_empty() {
+                        continue;
+                    }
+                    let c = format!(
+                        "{} {} {} bytes, {why}",
+                        st.comment_prefix,
+                        flow.label(),
+                        r.len()
+                    );
+                    (r, c)
+                }
+            };
+            let mut comment = comment;
+            if cfg.redact_auth && from_client && redact(&mut data) {
+                comment.push_str(" (auth redacted)");
+            }
+            // The same bytes cross both legs; each leg's first packet carries the comment.
+            let dev = st.device_leg.data(from_client, &data);
+            comments.push((dev.len(), comment.clone()));
+            packets.extend(dev.into_iter().map(|p| (IF_DEVICE, p)));
+            if let Some(l) = st.cloud_leg.as_mut() {
+                let cloud = l.data(from_client, &data);
+                comments.push((cloud.len(), comment));
+                packets.extend(cloud.into_iter().map(|p| (IF_CLOUD, p)));
+            }
+        }
+        let key = st.key.clone();
+        self.write_commented(&key, cfg, at, packets, comments);
+    }
+
+    fn close(&mut self, id: Uuid, at: SystemTime) {
+        let Some(mut st) = self.streams.remove(&id) else {
+            return;
+        };
+        let loaded = self.live.current();
+        let cfg = &loaded.config.capture;
+        let mut packets = Vec::new();
+        for (i, from_client) in [(0usize, true), (1, false)] {
+            if let Some(Piece::Raw(r, _)) = st.seg[i].finish() {
+                for p in st.device_leg.data(from_client, &r) {
+                    packets.push((IF_DEVICE, p));
+                }
+                if let Some(l) = st.cloud_leg.as_mut() {
+                    for p in l.data(from_client, &r) {
+                        packets.push((IF_CLOUD, p));
+                    }
+                }
+            }
+        }
+        for p in st.device_leg.fin(true) {
+            packets.push((IF_DEVICE, p));
+        }
+        if let Some(l) = st.cloud_leg.as_mut() {
+            for p in l.fin(true) {
+                packets.push((IF_CLOUD, p));
+            }
+            for p in l.fin(false) {
+                packets.push((IF_CLOUD, p));
+            }
+        }
+        for p in st.device_leg.fin(false) {
+            packets.push((IF_DEVICE, p));
+        }
+        let comment = format!("{} connection closed", st.comment_prefix);
+        let _ = &st.meta;
+        self.write(&st.key, cfg, at, packets, Some(&comment));
+    }
+
+    fn write(
+        &mut self,
+        key: &str,
+        cfg: &CaptureConfig,
+        at: SystemTime,
+        packets: Vec<(u32, Packet)>,
+        comment: Option<&str>,
+    ) {
+        let n = packets.len();
+        let comments = comment.map(|c| vec![(n, c.to_owned())]).unwrap_or_default();
+        self.write_commented(key, cfg, at, packets, comments);
+    }
+
+    /// Writes packets; `comments` pairs a packet count with the comment for the first of them.
+    fn write_commented(
+        &mut self,
+        key: &str,
+        cfg: &CaptureConfig,
+        at: SystemTime,
+        packets: Vec<(u32, Packet)>,
+        comments: Vec<(usize, String)>,
+    ) {
+        if packets.is_empty() {
+            return;
+        }
+        let Some(file) = self.file(key, cfg) else {
+            return;
+        };
+        let mut marks: Vec<(usize, String)> = Vec::new();
+        let mut idx = 0;
+        for (n, c) in comments {
+            marks.push((idx, c));
+            idx += n;
+        }
+        let mut marks = marks.into_iter().peekable();
+        let mut written = 0u64;
+        for (i, (iface, p)) in packets.into_iter().enumerate() {
+            let mut options = Vec::new();
+            if marks.peek().is_some_and(|(at_i, _)| *at_i == i)
+                && let Some((_, c)) = marks.next()
+            {
+                options.push(EnhancedPacketOption::Comment(Cow::Owned(c)));
+            }
+            // Device leg: the proxy receives client data; cloud leg: the proxy sends it.
+            let dir = match (iface, p.from_client) {
+                (IF_DEVICE, true) | (IF_CLOUD, false) => INBOUND,
+                _ => OUTBOUND,
+            };
+            options.push(EnhancedPacketOption::Flags(dir));
+            let len = p.data.len() as u32;
+            let block = EnhancedPacketBlock {
+                interface_id: iface,
+                timestamp: ts(at),
+                original_len: len,
+                data: Cow::Owned(p.data),
+                options,
+            };
+            match file.w.write_pcapng_block(block) {
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    tracing::warn!(file = %file.path.display(), error = %e, "capture write failed");
+                    break;
+                }
+            }
+        }
+        file.bytes += written;
+        let rotate = file.bytes >= cfg.max_file_bytes || file.opened.elapsed() >= cfg.max_file_age;
+        self.metrics.capture_written_bytes.inc_by(written);
+        if rotate && let Some(mut f) = self.files.remove(key) {
+            let _ = std::io::Write::flush(f.w.get_mut());
+        }
+    }
+
+    fn file(&mut self, key: &str, cfg: &CaptureConfig) -> Option<&mut OutFile> {
+        if !self.files.contains_key(key) {
+            let f = match open_file(&cfg.dir, key) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(dir = %cfg.dir.display(), error = %e, "cannot open a capture file");
+                    return None;
+                }
+            };
+            tracing::info!(file = %f.path.display(), "capture file opened");
+            self.metrics.capture_files.inc();
+            let open: Vec<PathBuf> = self
+                .files
+                .values()
+                .map(|f| f.path.clone())
+                .chain([f.path.clone()])
+                .collect();
+            let deleted = prune(&cfg.dir, cfg.max_total_bytes, cfg.max_files, &open);
+            self.metrics.capture_deleted.inc_by(deleted);
+            self.files.insert(key.to_owned(), f);
+        }
+        self.files.get_mut(key)
+    }
+}
+
+fn open_file(dir: &Path, key: &str) -> std::io::Result<OutFile> {
+    let (day, label) = key.split_once('/').unwrap_or(("", key));
+    let folder = dir.join(day);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&folder)?;
+    let mut n = 1;
+    let path = loop {
+        let name = if n == 1 {
+            format!("{label}.pcapng")
+        } else {
+            format!("{label}-{n}.pcapng")
+        };
+        let p = folder.join(name);
+        if !p.exists() {
+            break p;
+        }
+        n += 1;
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    let mut w = PcapNgWriter::new(BufWriter::new(file)).map_err(std::io::Error::other)?;
+    for name in [
+        "device leg (device <-> cync-mitm)",
+        "cloud leg (cync-mitm <-> upstream)",
+    ] {
+        let idb = InterfaceDescriptionBlock {
+            linktype: DataLink::RAW,
+            snaplen: 0,
+            options: vec![
+                InterfaceDescriptionOption::IfName(Cow::Borrowed(name)),
+                InterfaceDescriptionOption::IfTsResol(9),
+            ],
+        };
+        w.write_pcapng_block(idb).map_err(std::io::Error::other)?;
+    }
+    Ok(OutFile {
+        path,
+        w,
+        bytes: 0,
+        opened: Instant::now(),
+    })
+}
+
+/// Deletes the oldest `.pcapng` files under `dir` (never the ones in `keep`) until at most
+/// `max_files` files and `max_bytes` bytes remain. Returns how many were deleted.
+pub(super) fn prune(dir: &Path, max_bytes: u64, max_files: usize, keep: &[PathBuf]) -> u64 {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(md) = e.metadata() else { continue };
+            if md.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "pcapng") {
+                let mtime = md.modified().unwrap_or(UNIX_EPOCH);
+                files.push((mtime, p, md.len()));
+            }
+        }
+    }
+    files.sort();
+    let mut total: u64 = files.iter().map(|f| f.2).sum();
+    let mut count = files.len();
+    let mut deleted = 0;
+    for (_, p, len) in files {
+        if total <= max_bytes && count <= max_files {
+            break;
+        }
+        if keep.contains(&p) {
+            continue;
+        }
+        if std::fs::remove_file(&p).is_ok() {
+            tracing::info!(file = %p.display(), "capture retention: deleted");
+            total = total.saturating_sub(len);
+            count -= 1;
+            deleted += 1;
+        }
+    }
+    deleted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(pieces: &[Piece]) -> Vec<(bool, usize)> {
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Frame(f) => (true, f.len()),
+                Piece::Raw(r, _) => (false, r.len()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn segmenter_keeps_every_byte() {
+        let mut s = Segmenter::new(64);
+        let mut out = Vec::new();
+        s.push(&[0xd3, 0, 0], &mut out);
+        assert!(out.is_empty());
+        s.push(
+            &[
+                0, 0, 0x73, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 0xd8, 0, 0, 0, 0,
+            ],
+            &mut out,
+        );
+        let got = frames(&out);
+        let total: usize = got.iter().map(|x| x.1).sum();
+        assert_eq!(total, 18, "{got:?}");
+        assert_eq!(got, vec![(true, 5), (false, 8), (true, 5)]);
+        assert_eq!(got.first(), Some(&(true, 5)));
+        assert_eq!(got.last(), Some(&(true, 5)));
+        s.push(&[0x48, 0, 0], &mut out);
+        assert!(matches!(s.finish(), Some(Piece::Raw(r, _)) if r.len() == 3));
+    }
+
+    #[test]
+    fn redaction_keeps_lengths() {
+        let mut f =
+            crate::codec::Frame::handshake(crate::codec::DeviceId(1), b"secretsecret1234", 60)
+                .encode()
+                .unwrap();
+        let before = f.len();
+        assert!(redact(&mut f));
+        assert_eq!(f.len(), before);
+        assert_eq!(&f[12..28], b"****************");
+        assert_eq!(f[28..], [0, 0, 60]);
+        let mut l = crate::codec::Frame::login(5, b"abc", 30).encode().unwrap();
+        assert!(redact(&mut l));
+        assert_eq!(&l[12..15], b"***");
+        let mut p = crate::codec::Frame::ping().encode().unwrap();
+        assert!(!redact(&mut p));
+    }
+
+    #[test]
+    fn prune_deletes_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for i in 0..5 {
+            let p = d.path().join(format!("f{i}.pcapng"));
+            std::fs::write(&p, vec![0u8; 100]).unwrap();
+            let t = UNIX_EPOCH + Duration::from_secs(1_000_000 + i * 10);
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+            paths.push(p);
+        }
+        assert_eq!(prune(d.path(), 10_000, 3, &[paths[0].clone()]), 2);
+        assert!(paths[0].exists() && !paths[1].exists() && !paths[2].exists() && paths[3].exists());
+        assert_eq!(prune(d.path(), 150, 10, &[]), 2);
+        assert!(paths[4].exists());
+    }
+}
