@@ -324,14 +324,19 @@ async fn slow_and_garbage_handshakes_time_out_without_hurting_others() {
         let r = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await;
         assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "still open");
     }
-    let total: u64 = p
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("cync_mitm_handshake_failures_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert!(total >= 25, "handshake failures {total}");
+    let failures = || -> u64 {
+        p.metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("cync_mitm_handshake_failures_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        wait_until(T, || failures() >= 25).await,
+        "handshake failures {}",
+        failures()
+    );
     let r = fleet.report();
     assert_eq!(r.requests, r.answered);
     fleet.stop().await;
