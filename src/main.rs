@@ -54,6 +54,16 @@ enum Cmd {
         #[arg(long)]
         with_hex: bool,
     },
+    /// Decrypted captures.
+    Capture {
+        #[command(subcommand)]
+        cmd: CaptureCmd,
+    },
+    /// Test fixtures.
+    Fixtures {
+        #[command(subcommand)]
+        cmd: FixturesCmd,
+    },
     /// Canary routing.
     Canary {
         #[command(subcommand)]
@@ -76,6 +86,36 @@ enum CertsCmd {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaptureCmd {
+    /// Print the decoded frames of a capture (pcapng or pcap), per stream and direction.
+    Read {
+        /// The capture.
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutFormat::Json)]
+        format: OutFormat,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<usize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FixturesCmd {
+    /// Write every distinct frame of a capture, with its decoded fields, as a fixture file.
+    Extract {
+        /// The capture.
+        file: PathBuf,
+        /// Output folder (the tests load every fixtures/**/*.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// File and vector name prefix (default: the capture's file stem).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -307,6 +347,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::Capture {
+            cmd:
+                CaptureCmd::Read {
+                    file,
+                    format,
+                    stream,
+                },
+        } => {
+            let f = match format {
+                OutFormat::Json => cync_mitm::cmd::capture::Format::Json,
+                OutFormat::Table => cync_mitm::cmd::capture::Format::Table,
+            };
+            let mut stdout = io::stdout().lock();
+            match cync_mitm::cmd::capture::read(&file, f, stream, &mut stdout) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(cync_mitm::cmd::capture::Error::Io(e))
+                    if e.kind() == io::ErrorKind::BrokenPipe =>
+                {
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm capture read: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Cmd::Fixtures {
+            cmd: FixturesCmd::Extract { file, out, name },
+        } => match cync_mitm::cmd::capture::extract(&file, &out, name.as_deref()) {
+            Ok((path, n)) => {
+                println!("{}: {n} distinct frames", path.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("cync-mitm fixtures extract: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
         Cmd::Canary {
             cmd: CanaryCmd::Set { percent, config },
         } => match cync_mitm::cmd::canary::set_percent(&config, percent) {

@@ -1,2 +1,402 @@
-//! Reading captures back: TCP reassembly from pcapng (ours, or any LINKTYPE_RAW / Ethernet
-//! capture of port 23779), then the codec over each stream direction.
+//! Reading captures back: TCP reassembly from pcapng or classic pcap (ours, or any LINKTYPE_RAW,
+//! Ethernet or Linux-cooked capture of the Cync port), then the codec over each stream direction,
+//! frames reported in capture order. Used by `cync-mitm capture read` and
+//! `cync-mitm fixtures extract`.
+
+use crate::codec::{Framer, FramerEvent};
+use bytes::Bytes;
+use pcap_file::DataLink;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+/// Why a capture could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file could not be opened or read.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Neither pcapng nor pcap, or damaged.
+    #[error("not a readable pcap/pcapng capture: {0}")]
+    Format(String),
+}
+
+/// One frame found in a capture.
+#[derive(Clone, Debug)]
+pub struct CapturedFrame {
+    /// Stream number, in order of first appearance.
+    pub stream: usize,
+    /// Interface name (our captures: device leg / cloud leg), when the file names it.
+    pub interface: Option<String>,
+    /// The side that opened the TCP connection.
+    pub client: SocketAddr,
+    /// The other side.
+    pub server: SocketAddr,
+    /// Whether the frame travelled client → server.
+    pub from_client: bool,
+    /// Capture time of the packet that completed the frame.
+    pub time: Duration,
+    /// The frame's bytes, or bytes that do not make a frame (`is_frame == false`).
+    pub bytes: Bytes,
+    /// Whether `bytes` is a whole frame.
+    pub is_frame: bool,
+}
+
+struct Segment {
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    syn: bool,
+    fin: bool,
+    payload: Vec<u8>,
+}
+
+fn parse_tcp(ip: &[u8]) -> Option<Segment> {
+    let version = ip.first()? >> 4;
+    let (src_ip, dst_ip, l4): (IpAddr, IpAddr, &[u8]) = match version {
+        4 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            if *ip.get(9)? != 6 || ihl < 20 {
+                return None;
+            }
+            let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
+            let s: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
+            let d: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+            let end = total.clamp(ihl, ip.len());
+            (
+                Ipv4Addr::from(s).into(),
+                Ipv4Addr::from(d).into(),
+                ip.get(ihl..end)?,
+            )
+        }
+        6 => {
+            if *ip.get(6)? != 6 {
+                return None;
+            }
+            let plen = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
+            let s: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+            let d: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            let end = (40 + plen).min(ip.len());
+            (
+                Ipv6Addr::from(s).into(),
+                Ipv6Addr::from(d).into(),
+                ip.get(40..end)?,
+            )
+        }
+        _ => return None,
+    };
+    let sport = u16::from_be_bytes([*l4.first()?, *l4.get(1)?]);
+    let dport = u16::from_be_bytes([*l4.get(2)?, *l4.get(3)?]);
+    let seq = u32::from_be_bytes(l4.get(4..8)?.try_into().ok()?);
+    let off = usize::from(l4.get(12)? >> 4) * 4;
+    let flags = *l4.get(13)?;
+    Some(Segment {
+        src: SocketAddr::new(src_ip, sport),
+        dst: SocketAddr::new(dst_ip, dport),
+        seq,
+        syn: flags & 0x02 != 0,
+        fin: flags & 0x01 != 0,
+        payload: l4.get(off..)?.to_vec(),
+    })
+}
+
+fn ip_payload(link: DataLink, data: &[u8]) -> Option<&[u8]> {
+    match link {
+        DataLink::RAW | DataLink::IPV4 | DataLink::IPV6 => Some(data),
+        DataLink::ETHERNET => {
+            let mut off = 12;
+            let mut ethertype = u16::from_be_bytes([*data.get(off)?, *data.get(off + 1)?]);
+            while ethertype == 0x8100 || ethertype == 0x88a8 {
+                off += 4;
+                ethertype = u16::from_be_bytes([*data.get(off)?, *data.get(off + 1)?]);
+            }
+            matches!(ethertype, 0x0800 | 0x86dd).then(|| data.get(off + 2..))?
+        }
+        DataLink::LINUX_SLL => data.get(16..),
+        DataLink::NULL | DataLink::LOOP => data.get(4..),
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct Dir {
+    next: Option<u32>,
+    pending: BTreeMap<u32, Vec<u8>>,
+    framer: Framer,
+    unframed: Vec<u8>,
+}
+
+struct Stream {
+    index: usize,
+    client: SocketAddr,
+    server: SocketAddr,
+    interface: Option<String>,
+    dirs: [Dir; 2],
+}
+
+/// Streams keyed by their two endpoints (and the interface, so our two legs stay apart).
+#[derive(Default)]
+struct Reassembler {
+    streams: HashMap<(Option<String>, SocketAddr, SocketAddr), Stream>,
+    count: usize,
+    out: Vec<CapturedFrame>,
+}
+
+/// Whether `a` looks like the server of a Cync connection (port 23779/23778).
+fn is_cync_port(a: SocketAddr) -> bool {
+    matches!(a.port(), 23778 | 23779)
+}
+
+impl Reassembler {
+    fn segment(&mut self, iface: Option<String>, time: Duration, s: Segment) {
+        let key = if s.src <= s.dst {
+            (iface.clone(), s.src, s.dst)
+        } else {
+            (iface.clone(), s.dst, s.src)
+        };
+        let count = &mut self.count;
+        let stream = self.streams.entry(key).or_insert_with(|| {
+            // The SYN sender is the client; without one, the side not on the Cync port.
+            let src_is_client = if s.syn {
+                true
+            } else {
+                !is_cync_port(s.src) || is_cync_port(s.dst)
+            };
+            let (client, server) = if src_is_client {
+                (s.src, s.dst)
+            } else {
+                (s.dst, s.src)
+            };
+            *count += 1;
+            Stream {
+                index: *count - 1,
+                client,
+                server,
+                interface: iface,
+                dirs: [Dir::default(), Dir::default()],
+            }
+        });
+        let from_client = s.src == stream.client;
+        let d = &mut stream.dirs[usize::from(!from_client)];
+        let mut seq = s.seq;
+        if s.syn {
+            d.next = Some(seq.wrapping_add(1));
+            seq = seq.wrapping_add(1);
+        }
+        let mut data = s.payload;
+        if data.is_empty() {
+            let _ = s.fin;
+            return;
+        }
+        let next = *d.next.get_or_insert(seq);
+        // Trim what was already seen (retransmissions, overlaps).
+        let behind = next.wrapping_sub(seq);
+        if behind < 0x8000_0000 && behind > 0 {
+            if behind as usize >= data.len() {
+                return;
+            }
+            data.drain(..behind as usize);
+            seq = next;
+        }
+        if seq != next {
+            d.pending.insert(seq, data);
+            return;
+        }
+        let mut ready = data;
+        let mut cursor = next.wrapping_add(ready.len() as u32);
+        while let Some(more) = d.pending.remove(&cursor) {
+            cursor = cursor.wrapping_add(more.len() as u32);
+            ready.extend(more);
+        }
+        d.next = Some(cursor);
+        Self::feed(&mut self.out, stream, from_client, time, &ready);
+    }
+
+    fn feed(
+        out: &mut Vec<CapturedFrame>,
+        st: &mut Stream,
+        from_client: bool,
+        time: Duration,
+        bytes: &[u8],
+    ) {
+        let d = &mut st.dirs[usize::from(!from_client)];
+        d.framer.push(bytes);
+        d.unframed.extend_from_slice(bytes);
+        while let Some(ev) = d.framer.next_event() {
+            match ev {
+                FramerEvent::Frame(raw) => {
+                    // Bytes before the frame that the framer skipped are reported as raw.
+                    let skipped = d.unframed.len() - d.framer.buffered() - raw.len();
+                    if skipped > 0 {
+                        let junk: Vec<u8> = d.unframed.drain(..skipped).collect();
+                        out.push(CapturedFrame {
+                            stream: st.index,
+                            interface: st.interface.clone(),
+                            client: st.client,
+                            server: st.server,
+                            from_client,
+                            time,
+                            bytes: junk.into(),
+                            is_frame: false,
+                        });
+                    }
+                    d.unframed.drain(..raw.len());
+                    out.push(CapturedFrame {
+                        stream: st.index,
+                        interface: st.interface.clone(),
+                        client: st.client,
+                        server: st.server,
+                        from_client,
+                        time,
+                        bytes: raw.bytes().clone(),
+                        is_frame: true,
+                    });
+                }
+                FramerEvent::Error(_) => {}
+            }
+        }
+    }
+
+    fn finish(mut self) -> Vec<CapturedFrame> {
+        let mut streams: Vec<Stream> = self.streams.into_values().collect();
+        streams.sort_by_key(|s| s.index);
+        for st in &mut streams {
+            for (i, from_client) in [(0usize, true), (1, false)] {
+                let d = &mut st.dirs[i];
+                // Segments after a gap that never filled: report them in order.
+                let rest: Vec<Vec<u8>> = std::mem::take(&mut d.pending).into_values().collect();
+                for r in rest {
+                    d.unframed.extend_from_slice(&r);
+                }
+                if !d.unframed.is_empty() {
+                    self.out.push(CapturedFrame {
+                        stream: st.index,
+                        interface: st.interface.clone(),
+                        client: st.client,
+                        server: st.server,
+                        from_client,
+                        time: Duration::ZERO,
+                        bytes: std::mem::take(&mut d.unframed).into(),
+                        is_frame: false,
+                    });
+                }
+            }
+        }
+        self.out
+    }
+}
+
+fn scale(raw: Duration, tsresol: u8) -> Duration {
+    // pcap-file reports the raw count as nanoseconds; rescale decimal resolutions.
+    if tsresol & 0x80 != 0 || tsresol >= 9 {
+        return raw;
+    }
+    let n = raw.as_nanos() as u64;
+    Duration::from_nanos(n.saturating_mul(10u64.pow(u32::from(9 - tsresol))))
+}
+
+/// Reads every frame of a pcapng or pcap file, in capture order.
+pub fn read_frames(path: &Path) -> Result<Vec<CapturedFrame>, ReadError> {
+    let mut data = Vec::new();
+    std::fs::File::open(path)?.read_to_end(&mut data)?;
+    let mut r = Reassembler::default();
+    if data.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
+        let mut rd = pcap_file::pcapng::PcapNgReader::new(&data[..])
+            .map_err(|e| ReadError::Format(e.to_string()))?;
+        let mut ifaces: Vec<(DataLink, Option<String>, u8)> = Vec::new();
+        while let Some(block) = rd.next_block() {
+            let block = block.map_err(|e| ReadError::Format(e.to_string()))?;
+            use pcap_file::pcapng::Block;
+            use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption as O;
+            match block {
+                Block::InterfaceDescription(idb) => {
+                    let name = idb.options.iter().find_map(|o| match o {
+                        O::IfName(n) => Some(n.to_string()),
+                        _ => None,
+                    });
+                    let res = idb.options.iter().find_map(|o| match o {
+                        O::IfTsResol(r) => Some(*r),
+                        _ => None,
+                    });
+                    ifaces.push((idb.linktype, name, res.unwrap_or(6)));
+                }
+                Block::SectionHeader(_) => ifaces.clear(),
+                Block::EnhancedPacket(epb) => {
+                    let Some((link, name, res)) = ifaces.get(epb.interface_id as usize).cloned()
+                    else {
+                        continue;
+                    };
+                    if let Some(seg) = ip_payload(link, &epb.data).and_then(parse_tcp) {
+                        r.segment(name, scale(epb.timestamp, res), seg);
+                    }
+                }
+                Block::SimplePacket(spb) => {
+                    if let Some((link, name, _)) = ifaces.first().cloned()
+                        && let Some(seg) = ip_payload(link, &spb.data).and_then(parse_tcp)
+                    {
+                        r.segment(name, Duration::ZERO, seg);
+                    }
+                }
+                _ => {}
+            }
+        }
+    } else {
+        let mut rd = pcap_file::pcap::PcapReader::new(&data[..])
+            .map_err(|e| ReadError::Format(e.to_string()))?;
+        let link = rd.header().datalink;
+        while let Some(p) = rd.next_packet() {
+            let p = p.map_err(|e| ReadError::Format(e.to_string()))?;
+            if let Some(seg) = ip_payload(link, &p.data).and_then(parse_tcp) {
+                r.segment(None, p.timestamp, seg);
+            }
+        }
+    }
+    Ok(r.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::tcp::TcpLeg;
+
+    #[test]
+    fn reassembles_out_of_order_and_retransmitted_segments() {
+        let c: SocketAddr = "10.1.1.1:40000".parse().unwrap();
+        let s: SocketAddr = "10.1.1.2:23779".parse().unwrap();
+        let mut leg = TcpLeg::new(c, s, 7);
+        let open = leg.open();
+        let ping = crate::codec::Frame::ping().encode().unwrap();
+        let hs = crate::codec::Frame::handshake(crate::codec::DeviceId(9), b"0123456789abcdef", 60)
+            .encode()
+            .unwrap();
+        let mut all = hs.clone();
+        all.extend(&ping);
+        let p1 = leg.data(true, &all[..10]);
+        let p2 = leg.data(true, &all[10..]);
+        let pong = leg.data(false, &crate::codec::Frame::pong().encode().unwrap());
+        let mut r = Reassembler::default();
+        let mut feed = |pk: &crate::capture::tcp::Packet| {
+            r.segment(None, Duration::ZERO, parse_tcp(&pk.data).unwrap())
+        };
+        for p in &open {
+            feed(p);
+        }
+        feed(&p2[0]); // out of order
+        feed(&p1[0]);
+        feed(&p1[0]); // retransmission
+        feed(&pong[0]);
+        let out = r.finish();
+        let frames: Vec<(bool, u8, bool)> = out
+            .iter()
+            .map(|f| (f.from_client, f.bytes[0], f.is_frame))
+            .collect();
+        assert_eq!(
+            frames,
+            vec![(true, 0x23, true), (true, 0xd3, true), (false, 0xd8, true)]
+        );
+        assert_eq!(out[0].client, c);
+        assert_eq!(out[0].server, s);
+    }
+}

@@ -2,4 +2,5 @@
 //! writers, so it runs the same from `main` and from tests.
 
 pub mod canary;
+pub mod capture;
 pub mod decode;
