@@ -221,3 +221,143 @@ async fn rotation_retention_and_a_full_queue() {
     s2.capture.shutdown();
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_switch_and_filters_reload_live_and_app_auth_is_redacted() {
+    use cync_mitm::reload::Trigger;
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let caps = dir.path().join("caps");
+    let file = dir.path().join("c.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n[tls]\ncert_dir = \"{}\"\n[capture]\ndir = \"{}\"\n{extra}",
+                certs().ca_cert.parent().unwrap().display(),
+                caps.display()
+            ),
+        )
+        .unwrap()
+    };
+    write("enabled = false\n");
+    let metrics = Arc::new(Metrics::new(false));
+    let live = LiveConfig::new(
+        Config::load(&file).unwrap(),
+        Some(file.clone()),
+        metrics.clone(),
+        |_| None,
+    )
+    .unwrap();
+    let capture = Capture::start(live.clone(), metrics.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Proxy::new(
+        live.clone(),
+        certs(),
+        metrics.clone(),
+        vec![capture.clone()],
+    )
+    .unwrap();
+    let p = proxy.clone();
+    tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
+
+    let run_devices = |seed: u64| {
+        let mut fc = fleet_config(addr, 2);
+        fc.seed = seed;
+        start_fleet(fc)
+    };
+    // Off: nothing is written.
+    let f1 = run_devices(1);
+    assert!(wait_until(T, || f1.stats().online.load(Ordering::Relaxed) == 2).await);
+    f1.stop().await;
+    capture.flush();
+    assert!(!caps.exists() || files(&caps).is_empty());
+
+    // On, for one device only, and only pipe_sync frames.
+    let f2_ids: Vec<_> = (0..2)
+        .map(|i| cync_mitm::sim::device_identity(2, i).0)
+        .collect();
+    write(&format!(
+        "enabled = true\ndevices = [\"{}\"]\ntypes = [\"pipe_sync\", \"0x23\"]\n",
+        f2_ids[0]
+    ));
+    live.reload(Trigger::Admin).unwrap();
+    let f2 = run_devices(2);
+    assert!(wait_until(T, || f2.stats().online.load(Ordering::Relaxed) == 2).await);
+    assert!(wait_until(T, || f2.report().answered >= 14).await);
+    f2.stop().await;
+    // An app session: captured as app-<user>, its auth string masked.
+    write("enabled = true\n");
+    live.reload(Trigger::Admin).unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut s = cync_mitm::tls::LegacyClient::new(cync_mitm::tls::ClientProfile::Modern)
+            .unwrap()
+            .connect(tcp)
+            .await
+            .unwrap();
+        s.write_all(
+            &cync_mitm::codec::Frame::login(0xabcdef, b"secret-token", 30)
+                .encode()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        let mut b = [0u8; 7];
+        s.read_exact(&mut b).await.unwrap();
+    }
+    assert!(wait_until(T, || proxy.sessions() == 0).await);
+    capture.shutdown();
+
+    let mut found: Vec<String> = files(&caps)
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut want = vec![
+        format!("{}.pcapng", f2_ids[0]),
+        "app-00abcdef.pcapng".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(found, want);
+    let dev_file = files(&caps)
+        .into_iter()
+        .find(|f| f.to_string_lossy().contains(&f2_ids[0].to_string()))
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+        .args(["capture", "read"])
+        .arg(&dev_file)
+        .output()
+        .unwrap();
+    let names: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["handshake", "pipe_sync"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    );
+    let app_file = files(&caps)
+        .into_iter()
+        .find(|f| f.to_string_lossy().contains("app-"))
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+        .args(["capture", "read"])
+        .arg(&app_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"auth\":\"************\""), "{text}");
+    assert!(!text.contains("secret-token"));
+    cloud.stop().await;
+}
