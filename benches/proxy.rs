@@ -4,6 +4,8 @@
 //!    every 20 ms (BENCH_INTERVAL_MS), first straight to the cloud, then through the proxy (the release binary, as a
 //!    separate process). Reports frames/s and the command → ack and request → answer latency
 //!    percentiles of both runs, and proxy ÷ direct ratios.
+//!    A third run repeats it with capture on, and reports capture on ÷ off and the capture bytes
+//!    written per relayed frame.
 //! 2. Memory: the proxy's RSS with no connection and with 1,000 idle devices connected.
 //!
 //! Run: `cargo bench --bench proxy` (BENCH_SECS sets the measuring window, default 10 s;
@@ -60,17 +62,20 @@ fn fleet(target: SocketAddr, count: u32, heartbeat: Duration, ramp: Duration) ->
 struct ProxyProc {
     child: Child,
     addr: SocketAddr,
+    admin: String,
 }
 
 impl ProxyProc {
-    fn start(dir: &Path, upstream: SocketAddr) -> Self {
+    fn start(dir: &Path, upstream: SocketAddr, capture: bool) -> Self {
         let cfg = dir.join("bench.toml");
         std::fs::write(
             &cfg,
             format!(
                 "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{upstream}\"]\n\
-                 [admin]\nenabled = false\n[tls]\ncert_dir = \"{}\"\n[log]\nfilter = \"warn,cync_mitm::app=info\"\n",
-                dir.join("certs").display()
+                 [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n[log]\nfilter = \"warn,cync_mitm::app=info\"\n\
+                 [capture]\nenabled = {capture}\ndir = \"{}\"\n",
+                dir.join("certs").display(),
+                dir.join("captures").display()
             ),
         )
         .unwrap();
@@ -81,19 +86,39 @@ impl ProxyProc {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
+        let field = |l: &str, k: &str| -> Option<String> {
+            let i = l.find(k)? + k.len();
+            l[i..].split_whitespace().next().map(str::to_owned)
+        };
+        let (addr, admin) = loop {
             let l = lines.next().expect("proxy exited").unwrap();
-            if let Some(i) = l.find("tls=") {
-                break l[i + 4..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+            if l.contains("listening") {
+                break (
+                    field(&l, "tls=").unwrap().parse().unwrap(),
+                    field(&l, "admin=").unwrap(),
+                );
             }
         };
         std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
+        Self { child, addr, admin }
+    }
+
+    /// Sum of every sample of `metric` on /metrics.
+    fn metric(&self, metric: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(&self.admin) else {
+            return 0.0;
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines()
+            .filter(|l| {
+                l.strip_prefix(metric)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     fn rss_kib(&self) -> u64 {
@@ -186,23 +211,41 @@ fn main() {
         c.stop().await;
 
         let (c, caddr) = cloud(&certs, interval).await;
-        let p = ProxyProc::start(dir.path(), caddr);
+        let p = ProxyProc::start(dir.path(), caddr, false);
         let proxied = measure(p.addr, &c, devices, secs).await;
         p.stop();
         c.stop().await;
 
+        let (c, caddr) = cloud(&certs, interval).await;
+        let p = ProxyProc::start(dir.path(), caddr, true);
+        let captured = measure(p.addr, &c, devices, secs).await;
+        let frames = p.metric("cync_mitm_frames_total");
+        let written = p.metric("cync_mitm_capture_written_bytes_total");
+        let dropped = p.metric("capture_dropped_total");
+        p.stop();
+        c.stop().await;
+
         println!("\n{devices} devices, a command to each every {interval_ms} ms, {secs} s window (same run)");
-        println!("{:<28} {:>12} {:>12} {:>10}", "", "direct", "via proxy", "ratio");
-        let row = |name: &str, a: f64, b: f64| println!("{name:<28} {a:>12.1} {b:>12.1} {:>10}", ratio(b, a));
-        row("frames/s (both ends)", direct.frames_per_s, proxied.frames_per_s);
-        row("commands acked/s", direct.commands_per_s, proxied.commands_per_s);
-        row("command→ack p50 ms", direct.command.p50_ms, proxied.command.p50_ms);
-        row("command→ack p99 ms", direct.command.p99_ms, proxied.command.p99_ms);
-        row("device request→answer p50 ms", direct.answer.p50_ms, proxied.answer.p50_ms);
-        row("device request→answer p99 ms", direct.answer.p99_ms, proxied.answer.p99_ms);
+        println!(
+            "{:<30} {:>11} {:>11} {:>11} {:>14} {:>16}",
+            "", "direct", "proxy", "proxy+cap", "proxy÷direct", "capture on÷off"
+        );
+        let row = |name: &str, a: f64, b: f64, c: f64| {
+            println!("{name:<30} {a:>11.1} {b:>11.1} {c:>11.1} {:>14} {:>16}", ratio(b, a), ratio(c, b))
+        };
+        row("frames/s (both ends)", direct.frames_per_s, proxied.frames_per_s, captured.frames_per_s);
+        row("commands acked/s", direct.commands_per_s, proxied.commands_per_s, captured.commands_per_s);
+        row("command→ack p50 ms", direct.command.p50_ms, proxied.command.p50_ms, captured.command.p50_ms);
+        row("command→ack p99 ms", direct.command.p99_ms, proxied.command.p99_ms, captured.command.p99_ms);
+        row("device request→answer p50 ms", direct.answer.p50_ms, proxied.answer.p50_ms, captured.answer.p50_ms);
+        row("device request→answer p99 ms", direct.answer.p99_ms, proxied.answer.p99_ms, captured.answer.p99_ms);
+        println!(
+            "capture: {:.1} bytes written per relayed frame (both legs, pcapng), {dropped} chunks dropped",
+            written / frames.max(1.0)
+        );
 
         let (c, caddr) = cloud(&certs, None).await;
-        let p = ProxyProc::start(dir.path(), caddr);
+        let p = ProxyProc::start(dir.path(), caddr, false);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let base = p.rss_kib();
         let f = fleet(p.addr, idle_devices, Duration::from_secs(21), Duration::from_secs(5));
