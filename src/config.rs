@@ -697,6 +697,33 @@ fn check_host_port(s: &str) -> bool {
     }
 }
 
+/// Checks a backend section (`upstream`, `new_path`): addresses, pins, verification.
+fn check_backend(
+    section: &str,
+    addresses: &[String],
+    tls: &ClientTlsSettings,
+) -> Result<(), (String, String)> {
+    let field = |k: &str| format!("{section}.{k}");
+    if let Some(bad) = addresses.iter().find(|a| !check_host_port(a)) {
+        return Err((field("addresses"), format!("{bad:?} is not host:port")));
+    }
+    if let Some(bad) = tls.pin_sha256.iter().find(|p| parse_pin(p).is_none()) {
+        return Err((
+            field("pin_sha256"),
+            format!("{bad:?} is not 64 hex digits (a SHA-256 of the certificate's DER)"),
+        ));
+    }
+    if tls.verify && tls.ca_file.is_none() {
+        return Err((
+            field("verify"),
+            format!(
+                "verify = true needs {section}.ca_file (the cloud's certificate is self-signed); use pin_sha256 to pin it instead"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Parses TOML text (unknown keys rejected) and validates it. `file` names the source in errors.
     pub fn from_toml(text: &str, file: &Path) -> Result<Self, ConfigError> {
@@ -750,24 +777,7 @@ impl Config {
                 "at least one host:port is needed in fixed mode",
             ));
         }
-        if let Some(bad) = u.addresses.iter().find(|a| !check_host_port(a)) {
-            return Err(invalid(
-                "upstream.addresses",
-                format!("{bad:?} is not host:port"),
-            ));
-        }
-        if let Some(bad) = u.pin_sha256.iter().find(|p| parse_pin(p).is_none()) {
-            return Err(invalid(
-                "upstream.pin_sha256",
-                format!("{bad:?} is not 64 hex digits (a SHA-256 of the certificate's DER)"),
-            ));
-        }
-        if u.verify && u.ca_file.is_none() {
-            return Err(invalid(
-                "upstream.verify",
-                "verify = true needs upstream.ca_file (the cloud's certificate is self-signed); use pin_sha256 to pin it instead",
-            ));
-        }
+        check_backend("upstream", &u.addresses, &u.client_tls())?;
         if u.ciphers.trim().is_empty() {
             return Err(invalid("upstream.ciphers", "must not be empty"));
         }
@@ -819,24 +829,7 @@ impl Config {
             }
         }
         let n = &self.new_path;
-        if let Some(bad) = n.addresses.iter().find(|a| !check_host_port(a)) {
-            return Err(invalid(
-                "new_path.addresses",
-                format!("{bad:?} is not host:port"),
-            ));
-        }
-        if let Some(bad) = n.pin_sha256.iter().find(|p| parse_pin(p).is_none()) {
-            return Err(invalid(
-                "new_path.pin_sha256",
-                format!("{bad:?} is not 64 hex digits"),
-            ));
-        }
-        if n.verify && n.ca_file.is_none() {
-            return Err(invalid(
-                "new_path.verify",
-                "verify = true needs new_path.ca_file",
-            ));
-        }
+        check_backend("new_path", &n.addresses, &n.client_tls())?;
         let routes_new = matches!(
             r.mode,
             crate::route::Mode::NewPrimary | crate::route::Mode::NewOnly
