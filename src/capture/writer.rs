@@ -250,13 +250,10 @@ impl Writer {
             .upstream
             .get()
             .map(|(local, remote)| TcpLeg::new(*local, *remote, base.rotate_left(8)));
-        let comment_prefix = format!(
-            "conn={} {}",
-            meta.id,
-            meta.peer
-                .id_label()
-                .map_or_else(|| "peer=unidentified".to_owned(), |l| format!("device={l}"))
-        );
+        let comment_prefix = meta
+            .peer
+            .id_label()
+            .map_or_else(|| format!("conn={}", meta.id), |l| format!("device={l}"));
         let mut packets = Vec::new();
         for p in device_leg.open() {
             packets.push((IF_DEVICE, p));
@@ -266,7 +263,7 @@ impl Writer {
                 packets.push((IF_CLOUD, p));
             }
         }
-        let comment = format!("{comment_prefix} connection opened");
+        let comment = format!("{comment_prefix} conn={} connection opened", meta.id);
         self.write(&key, cfg, at, packets, Some(&comment));
         self.streams.insert(
             meta.id,
@@ -308,15 +305,16 @@ impl Writer {
         st.seg[i].push(bytes, &mut pieces);
         let mut comments = Vec::new();
         for piece in pieces {
-            let (mut data, comment) = match piece {
+            let (data, mut comment) = match piece {
                 Piece::Frame(f) => {
                     let t = PacketType(f.first().copied().unwrap_or(0));
                     if !types.is_empty() && !types.contains(&t) {
                         continue;
                     }
-                    let summary = frame_summary(&Bytes::copy_from_slice(&f));
+                    let b = Bytes::from(f);
+                    let summary = frame_summary(&b);
                     (
-                        f,
+                        b,
                         format!("{} {} {summary}", st.comment_prefix, flow.label()),
                     )
                 }
@@ -330,20 +328,26 @@ impl Writer {
                         flow.label(),
                         r.len()
                     );
-                    (r, c)
+                    (Bytes::from(r), c)
                 }
             };
-            let mut comment = comment;
-            if cfg.redact_auth && from_client && redact(&mut data) {
-                comment.push_str(" (auth redacted)");
-            }
-            // The same bytes cross both legs; each leg's first packet carries the comment.
+            let data =
+                if cfg.redact_auth && from_client && matches!(data.first(), Some(0x23 | 0x13)) {
+                    let mut v = data.to_vec();
+                    if redact(&mut v) {
+                        comment.push_str(" (auth redacted)");
+                    }
+                    Bytes::from(v)
+                } else {
+                    data
+                };
+            // The same bytes cross both legs; the device leg's first packet carries the comment.
             let dev = st.device_leg.data(from_client, &data);
-            comments.push((dev.len(), comment.clone()));
+            comments.push((dev.len(), comment));
             packets.extend(dev.into_iter().map(|p| (IF_DEVICE, p)));
             if let Some(l) = st.cloud_leg.as_mut() {
                 let cloud = l.data(from_client, &data);
-                comments.push((cloud.len(), comment));
+                comments.push((cloud.len(), String::new()));
                 packets.extend(cloud.into_iter().map(|p| (IF_CLOUD, p)));
             }
         }
@@ -384,7 +388,7 @@ impl Writer {
         for p in st.device_leg.fin(false) {
             packets.push((IF_DEVICE, p));
         }
-        let comment = format!("{} connection closed", st.comment_prefix);
+        let comment = format!("{} conn={} connection closed", st.comment_prefix, id);
         let _ = &st.meta;
         self.write(&st.key, cfg, at, packets, Some(&comment));
     }
@@ -427,10 +431,12 @@ impl Writer {
         let mut written = 0u64;
         for (i, (iface, p)) in packets.into_iter().enumerate() {
             let mut options = Vec::new();
-            if marks.peek().is_some_and(|(at_i, _)| *at_i == i)
-                && let Some((_, c)) = marks.next()
-            {
-                options.push(EnhancedPacketOption::Comment(Cow::Owned(c)));
+            while marks.peek().is_some_and(|(at_i, _)| *at_i == i) {
+                if let Some((_, c)) = marks.next()
+                    && !c.is_empty()
+                {
+                    options.push(EnhancedPacketOption::Comment(Cow::Owned(c)));
+                }
             }
             // Device leg: the proxy receives client data; cloud leg: the proxy sends it.
             let dir = match (iface, p.from_client) {
