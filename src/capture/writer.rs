@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
@@ -30,6 +30,10 @@ use uuid::Uuid;
 /// Interface 0: the device leg (device ↔ proxy); interface 1: the cloud leg (proxy ↔ upstream).
 const IF_DEVICE: u32 = 0;
 const IF_CLOUD: u32 = 1;
+/// How often the writer drains its queue.
+const POLL: Duration = Duration::from_millis(10);
+/// How often files are flushed and lost close events handled.
+const TICK: Duration = Duration::from_millis(500);
 /// epb_flags direction bits.
 const INBOUND: u32 = 0b01;
 const OUTBOUND: u32 = 0b10;
@@ -179,13 +183,23 @@ impl Writer {
         }
     }
 
+    /// Drains the queue every [`POLL`] instead of blocking on it: a receiver that never parks
+    /// means the relay's `try_send` never has to wake a thread (no syscall on the hot path).
     pub(super) fn run(mut self, rx: Receiver<Event>) {
-        loop {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(ev) => self.handle(ev),
-                Err(RecvTimeoutError::Timeout) => self.tick(),
-                Err(RecvTimeoutError::Disconnected) => break,
+        let mut last_tick = Instant::now();
+        'outer: loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(ev) => self.handle(ev),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => break 'outer,
+                }
             }
+            if last_tick.elapsed() >= TICK {
+                self.tick();
+                last_tick = Instant::now();
+            }
+            std::thread::sleep(POLL);
         }
         let ids: Vec<Uuid> = self.streams.keys().copied().collect();
         for id in ids {
