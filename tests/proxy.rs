@@ -610,3 +610,39 @@ async fn upstream_verification_with_a_ca_file_and_sni() {
     );
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fingerprint_1_clients_get_ecdhe_ecdsa_with_the_p256_leaf() {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let p = start_proxy(proxy_config(cloud_addr)).await;
+    // Fingerprint 1: TLS 1.2, ECDHE-ECDSA CBC/CCM suites first, secp256r1 only, no SNI.
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    b.set_security_level(0);
+    b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+    b.set_cipher_list("ECDHE-ECDSA-AES256-CCM:ECDHE-ECDSA-AES256-SHA384:ECDHE-ECDSA-AES256-SHA:AES256-CCM:AES256-SHA256").unwrap();
+    b.set_groups_list("P-256").unwrap();
+    let c = b.build();
+    let ssl = c
+        .configure()
+        .unwrap()
+        .use_server_name_indication(false)
+        .verify_hostname(false)
+        .into_ssl("x")
+        .unwrap();
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let mut s = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+    std::pin::Pin::new(&mut s).connect().await.unwrap();
+    let cipher = s.ssl().current_cipher().unwrap().name().to_owned();
+    assert!(cipher.starts_with("ECDHE-ECDSA-"), "{cipher}");
+    let key = s.ssl().peer_certificate().unwrap().public_key().unwrap();
+    assert!(key.ec_key().is_ok(), "the ECDSA leaf was served");
+    s.write_all(&handshake(0xf1)).await.unwrap();
+    assert!(
+        read_until(&mut s, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_some()
+    );
+    cloud.stop().await;
+}
