@@ -432,6 +432,25 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// Every metric family is described in docs/metrics.md.
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metrics.md"),
+        )
+        .unwrap();
+        let m = Metrics::new(true);
+        let families = m.registry().gather();
+        assert!(families.len() >= 15, "{}", families.len());
+        for f in families {
+            assert!(
+                doc.contains(&format!("`{}`", f.name())),
+                "{} is not in docs/metrics.md",
+                f.name()
+            );
+        }
+    }
+
     #[test]
     fn registers_and_renders() {
         let m = Metrics::new(true);
