@@ -960,9 +960,6 @@ impl Config {
         if self.admin != new.admin {
             v.push("admin");
         }
-        if self.tls != new.tls {
-            v.push("tls");
-        }
         if self.limits.max_connections != new.limits.max_connections {
             v.push("limits.max_connections");
         }
@@ -988,7 +985,6 @@ impl Config {
     pub fn with_running_restart_only(&self, mut new: Config) -> Config {
         new.listen = self.listen.clone();
         new.admin = self.admin.clone();
-        new.tls = self.tls.clone();
         new.limits.max_connections = self.limits.max_connections;
         new.log = self.log.clone();
         new.metrics = self.metrics.clone();

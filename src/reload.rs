@@ -10,7 +10,7 @@
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::route::Policy;
-use crate::tls::UpstreamConnector;
+use crate::tls::{CertPaths, DeviceAcceptor, UpstreamConnector};
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,29 @@ pub struct Loaded {
     pub pending_restart: Vec<&'static str>,
     /// Environment overrides in force.
     pub env_overrides: Vec<String>,
+    /// The device acceptor, when a reload rebuilt it (`[tls]` or the certificate files changed);
+    /// `None` means the one the proxy started with.
+    pub acceptor: Option<DeviceAcceptor>,
+    stamp: CertStamp,
+}
+
+/// What the device acceptor is built from: the `[tls]` section and the certificate files' times.
+#[derive(Clone, Debug, PartialEq)]
+struct CertStamp {
+    tls: crate::config::TlsConfig,
+    mtimes: Vec<Option<SystemTime>>,
+}
+
+fn cert_stamp(tls: &crate::config::TlsConfig) -> CertStamp {
+    let p = CertPaths::in_dir(&tls.cert_dir);
+    let mtimes = [&p.rsa_cert, &p.rsa_key, &p.ecdsa_cert, &p.ecdsa_key]
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect();
+    CertStamp {
+        tls: tls.clone(),
+        mtimes,
+    }
 }
 
 /// What asked for a reload.
@@ -126,7 +149,25 @@ fn build(
         "new_path",
         file,
     )?;
+    let stamp = cert_stamp(&config.tls);
+    let acceptor = match previous {
+        Some(p) if p.stamp != stamp => Some(
+            DeviceAcceptor::new(&config.tls, &CertPaths::in_dir(&config.tls.cert_dir)).map_err(
+                |e| ConfigError {
+                    file: file.to_owned(),
+                    line: None,
+                    column: None,
+                    field: Some("tls".to_owned()),
+                    message: format!("cannot serve the device certificates: {e}"),
+                },
+            )?,
+        ),
+        Some(p) => p.acceptor.clone(),
+        None => None,
+    };
     Ok(Loaded {
+        acceptor,
+        stamp,
         policy: config.routing.policy(),
         config,
         generation,
@@ -246,7 +287,10 @@ impl LiveConfig {
         let cur = self.current();
         let pending = cur.config.restart_only_changes(&new);
         let effective = cur.config.with_running_restart_only(new);
-        if effective == cur.config && pending == cur.pending_restart {
+        if effective == cur.config
+            && pending == cur.pending_restart
+            && cert_stamp(&effective.tls) == cur.stamp
+        {
             return Ok(Outcome::Unchanged {
                 generation: cur.generation,
             });

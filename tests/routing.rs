@@ -320,3 +320,101 @@ async fn new_primary_falls_back_new_only_does_not_and_apps_stay_legacy() {
     assert_eq!(b[0], 0x18);
     legacy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_settings_and_rotated_certificates_apply_on_reload() {
+    use cync_mitm::reload::Trigger;
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    cync_mitm::tls::init_certs(&certs_dir, false).unwrap();
+    let file = dir.path().join("c.toml");
+    let write = |ecdsa: bool| {
+        std::fs::write(
+            &file,
+            format!(
+                "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n[tls]\ncert_dir = \"{}\"\necdsa = {ecdsa}\n",
+                certs_dir.display()
+            ),
+        )
+        .unwrap()
+    };
+    write(true);
+    let metrics = Arc::new(Metrics::new(false));
+    let live = LiveConfig::new(
+        Config::load(&file).unwrap(),
+        Some(file.clone()),
+        metrics.clone(),
+        |_| None,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paths = cync_mitm::tls::CertPaths::in_dir(&certs_dir);
+    let proxy =
+        cync_mitm::proxy::Proxy::new(live.clone(), &paths, metrics.clone(), Vec::new()).unwrap();
+    let p = proxy.clone();
+    tokio::spawn(async move { p.serve(listener, cync_mitm::proxy::ListenerKind::Tls).await });
+
+    // A fingerprint-1-like client: ECDHE-ECDSA first, static RSA as a fallback.
+    let hello = || async {
+        let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+        b.set_verify(SslVerifyMode::NONE);
+        b.set_security_level(0);
+        b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+        b.set_cipher_list("ECDHE-ECDSA-AES256-SHA384:AES256-SHA256")
+            .unwrap();
+        let ssl = b
+            .build()
+            .configure()
+            .unwrap()
+            .use_server_name_indication(false)
+            .verify_hostname(false)
+            .into_ssl("x")
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut s = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+        std::pin::Pin::new(&mut s).connect().await.unwrap();
+        let cert = s.ssl().peer_certificate().unwrap();
+        (
+            s.ssl().current_cipher().unwrap().name().to_owned(),
+            cert.digest(openssl::hash::MessageDigest::sha256())
+                .unwrap()
+                .to_vec(),
+        )
+    };
+    let (c1, _) = hello().await;
+    assert!(c1.starts_with("ECDHE-ECDSA"), "{c1}");
+
+    write(false);
+    assert!(matches!(
+        live.reload(Trigger::Admin).unwrap(),
+        cync_mitm::reload::Outcome::Applied { generation: 2, .. }
+    ));
+    assert!(live.current().pending_restart.is_empty());
+    let (c2, rsa1) = hello().await;
+    assert_eq!(c2, "AES256-SHA256");
+
+    // Rotate the certificates on disk: a reload with an unchanged file picks them up.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cync_mitm::tls::init_certs(&certs_dir, true).unwrap();
+    assert!(matches!(
+        live.reload(Trigger::Signal).unwrap(),
+        cync_mitm::reload::Outcome::Applied { generation: 3, .. }
+    ));
+    let (_, rsa2) = hello().await;
+    assert_ne!(rsa1, rsa2, "the new certificate is served");
+    assert!(matches!(
+        live.reload(Trigger::Signal).unwrap(),
+        cync_mitm::reload::Outcome::Unchanged { generation: 3 }
+    ));
+
+    // Broken certificate files: the reload is refused and the running acceptor stays.
+    std::fs::write(paths.rsa_key.clone(), "not a key").unwrap();
+    let e = live.reload(Trigger::Admin).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("tls"));
+    let (_, rsa3) = hello().await;
+    assert_eq!(rsa3, rsa2);
+    cloud.stop().await;
+}

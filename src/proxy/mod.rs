@@ -293,7 +293,8 @@ impl Proxy {
         let mut device: Box<dyn Io> = match kind {
             ListenerKind::Plain => Box::new(tcp),
             ListenerKind::Tls => {
-                let hs = tokio::time::timeout(cfg.timeouts.handshake, self.acceptor.accept(tcp));
+                let acceptor = loaded.acceptor.as_ref().unwrap_or(&self.acceptor);
+                let hs = tokio::time::timeout(cfg.timeouts.handshake, acceptor.accept(tcp));
                 let r = tokio::select! {
                     _ = self.shutdown.cancelled() => return,
                     r = hs => r,
