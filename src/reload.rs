@@ -317,7 +317,8 @@ impl LiveConfig {
     }
 }
 
-/// Watches the config file's folder and reloads on change. Keep the returned debouncer alive.
+/// Watches the config file's folder (and the certificate folder) and reloads on change. Keep
+/// the returned debouncer alive.
 pub fn watch_file(
     live: Arc<LiveConfig>,
     debounce: Duration,
@@ -332,22 +333,40 @@ pub fn watch_file(
         .source()
         .map(Path::to_owned)
         .ok_or_else(|| notify::Error::generic("no configuration file to watch"))?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_owned);
+    let folder = |p: &Path| {
+        p.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_owned)
+    };
+    let dir = folder(&path);
+    let cert_dir = live.current().config.tls.cert_dir.clone();
     let name = path.file_name().map(|n| n.to_owned());
+    let certs = CertPaths::in_dir(&cert_dir);
+    let cert_names: Vec<std::ffi::OsString> = [
+        &certs.rsa_cert,
+        &certs.rsa_key,
+        &certs.ecdsa_cert,
+        &certs.ecdsa_key,
+    ]
+    .iter()
+    .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+    .collect();
     let tick = (debounce / 4).max(Duration::from_millis(5));
     let mut d = notify_debouncer_full::new_debouncer(
         debounce,
         Some(tick),
         move |res: notify_debouncer_full::DebounceEventResult| {
             let Ok(events) = res else { return };
-            // The file itself, or a ConfigMap's `..data` swap, or a rename onto the file.
+            // The file itself, a ConfigMap's `..data` swap, a rename onto the file, or a
+            // certificate file.
             let relevant = events.iter().any(|e| {
                 e.paths.iter().any(|p| {
                     let f = p.file_name();
-                    f == name.as_deref() || f.is_some_and(|f| f.to_string_lossy().starts_with(".."))
+                    f == name.as_deref()
+                        || f.is_some_and(|f| {
+                            f.to_string_lossy().starts_with("..")
+                                || cert_names.iter().any(|c| c == f)
+                        })
                 })
             });
             if relevant {
@@ -356,5 +375,11 @@ pub fn watch_file(
         },
     )?;
     d.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    if cert_dir.is_dir() && cert_dir != dir {
+        // Best effort: certificate rotation also works through SIGHUP and POST /reload.
+        if let Err(e) = d.watch(&cert_dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %cert_dir.display(), error = %e, "cannot watch the certificate folder");
+        }
+    }
     Ok(d)
 }

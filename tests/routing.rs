@@ -418,3 +418,38 @@ async fn tls_settings_and_rotated_certificates_apply_on_reload() {
     assert_eq!(rsa3, rsa2);
     cloud.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_picks_up_rotated_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("certs");
+    cync_mitm::tls::init_certs(&certs_dir, false).unwrap();
+    let conf_dir = dir.path().join("conf");
+    std::fs::create_dir(&conf_dir).unwrap();
+    let file = conf_dir.join("c.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[tls]\ncert_dir = \"{}\"\n[admin]\nenabled = false\n",
+            certs_dir.display()
+        ),
+    )
+    .unwrap();
+    let metrics = Arc::new(Metrics::new(false));
+    let live = LiveConfig::new(
+        Config::load(&file).unwrap(),
+        Some(file.clone()),
+        metrics,
+        |_| None,
+    )
+    .unwrap();
+    let _w = watch_file(live.clone(), Duration::from_millis(25)).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(live.current().acceptor.is_none());
+    cync_mitm::tls::init_certs(&certs_dir, true).unwrap();
+    assert!(
+        wait_until(T, || live.current().generation >= 2).await,
+        "rotation not picked up"
+    );
+    assert!(live.current().acceptor.is_some());
+}
