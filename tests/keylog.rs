@@ -41,6 +41,9 @@ async fn a_raw_capture_of_the_device_leg_decrypts_with_the_key_log() {
         }
     }
     std::thread::spawn(move || for _ in err {});
+    // dumpcap announces itself before its filter is attached: give it a moment, so the
+    // ClientHello (needed to decrypt) is captured.
+    tokio::time::sleep(Duration::from_millis(700)).await;
 
     let mut fc = fleet_config(p.addr, 1);
     fc.record = true;
@@ -82,7 +85,8 @@ async fn a_raw_capture_of_the_device_leg_decrypts_with_the_key_log() {
         .sent
         .clone();
     let keyopt = format!("tls.keylog_file:{}", keys.display());
-    let (c, s) = follow(&pcap, "tls", 0, &["-o", &keyopt]);
+    let decode_as = format!("tcp.port=={},tls", p.addr.port());
+    let (c, s) = follow(&pcap, "tls", 0, &["-o", &keyopt, "-d", &decode_as]);
     assert_eq!(c, sent, "decrypted device→proxy bytes");
     assert!(!s.is_empty());
     cloud.stop().await;
