@@ -47,19 +47,43 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
         .map_err(|source| AppError::Bind { addr, source })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() -> Result<&'static str, AppError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// The signals `run` handles, installed before anything is announced: a signal that arrives
+/// early must not take the default action (which ends the process).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, AppError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let s = |k| signal(k).map_err(AppError::Signals);
+        Ok(Self {
+            term: s(SignalKind::terminate())?,
+            int: s(SignalKind::interrupt())?,
+            hup: s(SignalKind::hangup())?,
+        })
+    }
+
+    /// Reloads `live` on each SIGHUP until SIGTERM or SIGINT, which it names.
+    async fn serve(mut self, live: Arc<LiveConfig>) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => {
+                    let l = live.clone();
+                    let _ = tokio::task::spawn_blocking(move || l.reload(crate::reload::Trigger::Signal)).await;
+                }
+            }
+        }
+    }
 }
 
 /// Runs the proxy until a termination signal, then drains. `source` is the file reloads read.
 pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), AppError> {
+    let signals = Signals::install()?;
     let (certs, created) = tls::ensure_certs(&cfg.tls.cert_dir)?;
     if created {
         tracing::warn!(dir = %cfg.tls.cert_dir.display(), "minted a new CA and device certificates");
@@ -147,21 +171,7 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
     }
     admin_state.ready.store(true, Ordering::Relaxed);
 
-    let sig = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
-        let term = terminated();
-        tokio::pin!(term);
-        loop {
-            tokio::select! {
-                s = &mut term => break s?,
-                _ = hup.recv() => {
-                    let l = live.clone();
-                    let _ = tokio::task::spawn_blocking(move || l.reload(crate::reload::Trigger::Signal)).await;
-                }
-            }
-        }
-    };
+    let sig = signals.serve(live.clone()).await;
     admin_state.ready.store(false, Ordering::Relaxed);
     let open = proxy.sessions();
     tracing::info!(
