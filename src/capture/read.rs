@@ -49,7 +49,6 @@ struct Segment {
     dst: SocketAddr,
     seq: u32,
     syn: bool,
-    fin: bool,
     payload: Vec<u8>,
 }
 
@@ -97,7 +96,6 @@ fn parse_tcp(ip: &[u8]) -> Option<Segment> {
         dst: SocketAddr::new(dst_ip, dport),
         seq,
         syn: flags & 0x02 != 0,
-        fin: flags & 0x01 != 0,
         payload: l4.get(off..)?.to_vec(),
     })
 }
@@ -187,7 +185,6 @@ impl Reassembler {
         }
         let mut data = s.payload;
         if data.is_empty() {
-            let _ = s.fin;
             return;
         }
         let next = *d.next.get_or_insert(seq);

@@ -129,7 +129,6 @@ fn redact(frame: &mut [u8]) -> bool {
 }
 
 struct Stream {
-    meta: Arc<ConnMeta>,
     key: String,
     device_leg: TcpLeg,
     cloud_leg: Option<TcpLeg>,
@@ -282,7 +281,6 @@ impl Writer {
         self.streams.insert(
             meta.id,
             Stream {
-                meta,
                 key,
                 device_leg,
                 cloud_leg,
@@ -403,7 +401,6 @@ impl Writer {
             packets.push((IF_DEVICE, p));
         }
         let comment = format!("{} conn={} connection closed", st.comment_prefix, id);
-        let _ = &st.meta;
         self.write(&st.key, cfg, at, packets, Some(&comment));
     }
 
