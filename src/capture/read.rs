@@ -63,7 +63,7 @@ fn parse_tcp(ip: &[u8]) -> Option<Segment> {
             let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
             let s: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
             let d: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
-            let end = total.clamp(ihl, ip.len());
+            let end = total.min(ip.len());
             (
                 Ipv4Addr::from(s).into(),
                 Ipv4Addr::from(d).into(),
@@ -132,6 +132,27 @@ struct Stream {
     server: SocketAddr,
     interface: Option<String>,
     dirs: [Dir; 2],
+}
+
+impl Stream {
+    fn piece(
+        &self,
+        from_client: bool,
+        time: Duration,
+        bytes: Bytes,
+        is_frame: bool,
+    ) -> CapturedFrame {
+        CapturedFrame {
+            stream: self.index,
+            interface: self.interface.clone(),
+            client: self.client,
+            server: self.server,
+            from_client,
+            time,
+            bytes,
+            is_frame,
+        }
+    }
 }
 
 /// Streams keyed by their two endpoints (and the interface, so our two legs stay apart).
@@ -218,38 +239,38 @@ impl Reassembler {
         time: Duration,
         bytes: &[u8],
     ) {
-        let d = &mut st.dirs[usize::from(!from_client)];
+        let i = usize::from(!from_client);
+        let mut dir = std::mem::take(&mut st.dirs[i]);
+        Self::feed_dir(out, st, &mut dir, from_client, time, bytes);
+        st.dirs[i] = dir;
+    }
+
+    fn feed_dir(
+        out: &mut Vec<CapturedFrame>,
+        st: &Stream,
+        d: &mut Dir,
+        from_client: bool,
+        time: Duration,
+        bytes: &[u8],
+    ) {
         d.framer.push(bytes);
         d.unframed.extend_from_slice(bytes);
         while let Some(ev) = d.framer.next_event() {
             match ev {
                 FramerEvent::Frame(raw) => {
                     // Bytes before the frame that the framer skipped are reported as raw.
-                    let skipped = d.unframed.len() - d.framer.buffered() - raw.len();
+                    let skipped = d
+                        .unframed
+                        .len()
+                        .saturating_sub(d.framer.buffered() + raw.len())
+                        .min(d.unframed.len());
                     if skipped > 0 {
                         let junk: Vec<u8> = d.unframed.drain(..skipped).collect();
-                        out.push(CapturedFrame {
-                            stream: st.index,
-                            interface: st.interface.clone(),
-                            client: st.client,
-                            server: st.server,
-                            from_client,
-                            time,
-                            bytes: junk.into(),
-                            is_frame: false,
-                        });
+                        out.push(st.piece(from_client, time, junk.into(), false));
                     }
-                    d.unframed.drain(..raw.len());
-                    out.push(CapturedFrame {
-                        stream: st.index,
-                        interface: st.interface.clone(),
-                        client: st.client,
-                        server: st.server,
-                        from_client,
-                        time,
-                        bytes: raw.bytes().clone(),
-                        is_frame: true,
-                    });
+                    let n = raw.len().min(d.unframed.len());
+                    d.unframed.drain(..n);
+                    out.push(st.piece(from_client, time, raw.bytes().clone(), true));
                 }
                 FramerEvent::Error(_) => {}
             }
@@ -267,17 +288,10 @@ impl Reassembler {
                 for r in rest {
                     d.unframed.extend_from_slice(&r);
                 }
-                if !d.unframed.is_empty() {
-                    self.out.push(CapturedFrame {
-                        stream: st.index,
-                        interface: st.interface.clone(),
-                        client: st.client,
-                        server: st.server,
-                        from_client,
-                        time: Duration::ZERO,
-                        bytes: std::mem::take(&mut d.unframed).into(),
-                        is_frame: false,
-                    });
+                let left = std::mem::take(&mut d.unframed);
+                if !left.is_empty() {
+                    self.out
+                        .push(st.piece(from_client, Duration::ZERO, left.into(), false));
                 }
             }
         }
@@ -298,9 +312,14 @@ fn scale(raw: Duration, tsresol: u8) -> Duration {
 pub fn read_frames(path: &Path) -> Result<Vec<CapturedFrame>, ReadError> {
     let mut data = Vec::new();
     std::fs::File::open(path)?.read_to_end(&mut data)?;
+    read_frames_from(&data)
+}
+
+/// Reads every frame of a pcapng or pcap capture held in memory.
+pub fn read_frames_from(data: &[u8]) -> Result<Vec<CapturedFrame>, ReadError> {
     let mut r = Reassembler::default();
     if data.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
-        let mut rd = pcap_file::pcapng::PcapNgReader::new(&data[..])
+        let mut rd = pcap_file::pcapng::PcapNgReader::new(data)
             .map_err(|e| ReadError::Format(e.to_string()))?;
         let mut ifaces: Vec<(DataLink, Option<String>, u8)> = Vec::new();
         while let Some(block) = rd.next_block() {
@@ -340,8 +359,8 @@ pub fn read_frames(path: &Path) -> Result<Vec<CapturedFrame>, ReadError> {
             }
         }
     } else {
-        let mut rd = pcap_file::pcap::PcapReader::new(&data[..])
-            .map_err(|e| ReadError::Format(e.to_string()))?;
+        let mut rd =
+            pcap_file::pcap::PcapReader::new(data).map_err(|e| ReadError::Format(e.to_string()))?;
         let link = rd.header().datalink;
         while let Some(p) = rd.next_packet() {
             let p = p.map_err(|e| ReadError::Format(e.to_string()))?;
@@ -357,6 +376,29 @@ pub fn read_frames(path: &Path) -> Result<Vec<CapturedFrame>, ReadError> {
 mod tests {
     use super::*;
     use crate::capture::tcp::TcpLeg;
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_without_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            let _ = parse_tcp(&data);
+            for link in [DataLink::RAW, DataLink::ETHERNET, DataLink::LINUX_SLL, DataLink::NULL] {
+                let _ = ip_payload(link, &data).and_then(parse_tcp);
+            }
+            let mut r = Reassembler::default();
+            if let Some(seg) = parse_tcp(&data) {
+                r.segment(None, Duration::ZERO, seg);
+            }
+            let _ = r.finish();
+        }
+    }
+
+    #[test]
+    fn truncated_headers_are_rejected() {
+        // IHL says 60 bytes of header, only 24 present.
+        let mut p = vec![0x4f, 0, 0, 24, 0, 0, 0, 0, 64, 6, 0, 0];
+        p.extend([10, 0, 0, 1, 10, 0, 0, 2, 0, 1, 0, 2]);
+        assert!(parse_tcp(&p).is_none());
+    }
 
     #[test]
     fn reassembles_out_of_order_and_retransmitted_segments() {
