@@ -483,7 +483,7 @@ impl Proxy {
                 tracing::info!(
                     device_id = %id,
                     upstream = %up.remote,
-                    path = path.label(),
+                    path = %path.label(),
                     reason = %decision.reason,
                     "device connected"
                 )
