@@ -241,14 +241,7 @@ async fn capture_switch_and_filters_reload_live_and_app_auth_is_redacted() {
         .unwrap()
     };
     write("enabled = false\n");
-    let metrics = Arc::new(Metrics::new(false));
-    let live = LiveConfig::new(
-        Config::load(&file).unwrap(),
-        Some(file.clone()),
-        metrics.clone(),
-        |_| None,
-    )
-    .unwrap();
+    let (live, metrics) = live_from_file(&file);
     let capture = Capture::start(live.clone(), metrics.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -290,24 +283,7 @@ async fn capture_switch_and_filters_reload_live_and_app_auth_is_redacted() {
     // An app session: captured as app-<user>, its auth string masked.
     write("enabled = true\n");
     live.reload(Trigger::Admin).unwrap();
-    {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut s = cync_mitm::tls::LegacyClient::new(cync_mitm::tls::ClientProfile::Modern)
-            .unwrap()
-            .connect(tcp)
-            .await
-            .unwrap();
-        s.write_all(
-            &cync_mitm::codec::Frame::login(0xabcdef, b"secret-token", 30)
-                .encode()
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-        let mut b = [0u8; 7];
-        s.read_exact(&mut b).await.unwrap();
-    }
+    assert_eq!(app_login(addr, 0xabcdef, b"secret-token").await[0], 0x18);
     assert!(wait_until(T, || proxy.sessions() == 0).await);
     capture.shutdown();
 

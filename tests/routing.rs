@@ -204,14 +204,7 @@ async fn invalid_files_keep_the_running_generation_and_symlink_swaps_are_seen() 
     std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/config.toml", d.join("config.toml")).unwrap();
     let file = d.join("config.toml");
-    let metrics = Arc::new(Metrics::new(false));
-    let live = LiveConfig::new(
-        Config::load(&file).unwrap(),
-        Some(file.clone()),
-        metrics.clone(),
-        |_| None,
-    )
-    .unwrap();
+    let (live, metrics) = live_from_file(&file);
     let _w = watch_file(live.clone(), Duration::from_millis(25)).unwrap();
     assert_eq!(live.current().config.routing.canary_percent, 10.0);
 
@@ -298,26 +291,7 @@ async fn new_primary_falls_back_new_only_does_not_and_apps_stay_legacy() {
     assert_eq!(q.metrics.new_path_fallbacks.get(), 0);
     fleet.stop().await;
     // An app session on the same proxy still reaches the cloud.
-    let tcp = tokio::net::TcpStream::connect(q.addr).await.unwrap();
-    let mut s = cync_mitm::tls::LegacyClient::new(cync_mitm::tls::ClientProfile::Modern)
-        .unwrap()
-        .connect(tcp)
-        .await
-        .unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(
-        &cync_mitm::codec::Frame::login(1, b"x", 30)
-            .encode()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let mut b = [0u8; 7];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(b[0], 0x18);
+    assert_eq!(app_login(q.addr, 1, b"x").await[0], 0x18);
     legacy.stop().await;
 }
 
@@ -341,14 +315,7 @@ async fn tls_settings_and_rotated_certificates_apply_on_reload() {
         .unwrap()
     };
     write(true);
-    let metrics = Arc::new(Metrics::new(false));
-    let live = LiveConfig::new(
-        Config::load(&file).unwrap(),
-        Some(file.clone()),
-        metrics.clone(),
-        |_| None,
-    )
-    .unwrap();
+    let (live, metrics) = live_from_file(&file);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let paths = cync_mitm::tls::CertPaths::in_dir(&certs_dir);
@@ -435,14 +402,7 @@ async fn the_watcher_picks_up_rotated_certificates() {
         ),
     )
     .unwrap();
-    let metrics = Arc::new(Metrics::new(false));
-    let live = LiveConfig::new(
-        Config::load(&file).unwrap(),
-        Some(file.clone()),
-        metrics,
-        |_| None,
-    )
-    .unwrap();
+    let (live, _metrics) = live_from_file(&file);
     let _w = watch_file(live.clone(), Duration::from_millis(25)).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(live.current().acceptor.is_none());

@@ -125,3 +125,36 @@ pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A live configuration read from `file` (no environment overrides) and its metrics.
+pub fn live_from_file(
+    file: &std::path::Path,
+) -> (Arc<cync_mitm::reload::LiveConfig>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(false));
+    let cfg = Config::load(file).unwrap();
+    let live =
+        cync_mitm::reload::LiveConfig::new(cfg, Some(file.to_owned()), metrics.clone(), |_| None)
+            .unwrap();
+    (live, metrics)
+}
+
+/// Runs a phone-app session through `addr`: TLS, a 0x13 login, and the 7-byte answer.
+pub async fn app_login(addr: SocketAddr, user: u32, auth: &[u8]) -> [u8; 7] {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = LegacyClient::new(ClientProfile::Modern)
+        .unwrap()
+        .connect(tcp)
+        .await
+        .unwrap();
+    let login = cync_mitm::codec::Frame::login(user, auth, 30)
+        .encode()
+        .unwrap();
+    s.write_all(&login).await.unwrap();
+    let mut b = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    b
+}
