@@ -697,6 +697,34 @@ fn check_host_port(s: &str) -> bool {
     }
 }
 
+/// Refuses a configuration file that sets nothing (empty, blank or only comments). Such a file
+/// would mean "every built-in default" (the real cloud's addresses, capture off): far more
+/// often it is a save caught half-way (truncate, then write) than what anyone meant.
+pub fn check_not_empty(bytes: &[u8], path: &Path) -> Result<(), ConfigError> {
+    let sets_something = String::from_utf8_lossy(bytes).lines().any(|l| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#')
+    });
+    if sets_something {
+        return Ok(());
+    }
+    Err(ConfigError {
+        file: path.to_owned(),
+        line: None,
+        column: None,
+        field: None,
+        message: if bytes.is_empty() {
+            "the file is empty; refusing it (a save caught half-way looks like this). Run without \
+             --config for the built-in defaults"
+                .into()
+        } else {
+            "the file sets nothing (only blanks and comments); refusing it. Run without --config \
+             for the built-in defaults"
+                .into()
+        },
+    })
+}
+
 /// Checks a backend section (`upstream`, `new_path`): addresses, pins, verification.
 fn check_backend(
     section: &str,
@@ -756,7 +784,8 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Reads and validates a file.
+    /// Reads and validates a file. An empty file (or one with only comments) is refused: see
+    /// [`check_not_empty`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
@@ -765,6 +794,7 @@ impl Config {
             field: None,
             message: format!("cannot read: {e}"),
         })?;
+        check_not_empty(text.as_bytes(), path)?;
         Self::from_toml(&text, path)
     }
 

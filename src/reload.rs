@@ -39,24 +39,103 @@ pub struct Loaded {
     /// `None` means the one the proxy started with.
     pub acceptor: Option<DeviceAcceptor>,
     stamp: CertStamp,
+    /// SHA-256 of the file text this generation was read from (`None`: not from a file).
+    digest: Option<[u8; 32]>,
 }
 
-/// What the device acceptor is built from: the `[tls]` section and the certificate files' times.
+/// What the device acceptor is built from: the `[tls]` section and the certificate files'
+/// contents (SHA-256 of each; `None` for a file that cannot be read).
 #[derive(Clone, Debug, PartialEq)]
 struct CertStamp {
     tls: crate::config::TlsConfig,
-    mtimes: Vec<Option<SystemTime>>,
+    digests: Vec<Option<[u8; 32]>>,
 }
 
 fn cert_stamp(tls: &crate::config::TlsConfig) -> CertStamp {
     let p = CertPaths::in_dir(&tls.cert_dir);
-    let mtimes = [&p.rsa_cert, &p.rsa_key, &p.ecdsa_cert, &p.ecdsa_key]
+    let digests = [&p.rsa_cert, &p.rsa_key, &p.ecdsa_cert, &p.ecdsa_key]
         .iter()
-        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .map(|f| std::fs::read(f).ok().map(|b| openssl::sha::sha256(&b)))
         .collect();
     CertStamp {
         tls: tls.clone(),
-        mtimes,
+        digests,
+    }
+}
+
+/// How many times a reload re-reads a file that is still changing before it gives up.
+const STABLE_READS: usize = 20;
+
+/// Reads `path` once it has stopped changing: two reads `settle` apart must agree (a save
+/// caught half-way, or a file briefly missing during a rename-save, is read again). An empty
+/// file, or one with nothing but comments, is refused: it would mean "all defaults", which is
+/// what a truncate-then-write save looks like half-way.
+fn read_stable(path: &Path, settle: Duration) -> Result<Vec<u8>, ConfigError> {
+    let err = |message: String| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        column: None,
+        field: None,
+        message,
+    };
+    let mut last: Option<Vec<u8>> = None;
+    let mut last_err = None;
+    for _ in 0..STABLE_READS {
+        match std::fs::read(path) {
+            Ok(b) => {
+                if last.as_deref() == Some(&b[..]) {
+                    return crate::config::check_not_empty(&b, path).map(|()| b);
+                }
+                last = Some(b);
+            }
+            Err(e) => {
+                last = None;
+                last_err = Some(e);
+            }
+        }
+        std::thread::sleep(settle);
+    }
+    Err(match last_err {
+        Some(e) if last.is_none() => err(format!("cannot read: {e}")),
+        _ => err(format!(
+            "the file kept changing for {:?}; not applied (save it again)",
+            settle * STABLE_READS as u32
+        )),
+    })
+}
+
+impl Loaded {
+    fn clone_with_digest(cur: &Loaded, digest: [u8; 32]) -> Loaded {
+        Loaded {
+            config: cur.config.clone(),
+            generation: cur.generation,
+            loaded_at: cur.loaded_at,
+            policy: cur.policy.clone(),
+            upstream: cur.upstream.clone(),
+            new_path: cur.new_path.clone(),
+            pending_restart: cur.pending_restart.clone(),
+            env_overrides: cur.env_overrides.clone(),
+            acceptor: cur.acceptor.clone(),
+            stamp: cur.stamp.clone(),
+            digest: Some(digest),
+        }
+    }
+}
+
+/// Whether a file-system event can change what a file holds. Opening, reading and closing a
+/// file after reading it (`cat`, or the proxy's own reads of its config and certificates), and
+/// metadata-only changes, cannot; writes that finished, creations, renames and removals can.
+pub fn is_modification(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) | EventKind::Create(_) | EventKind::Remove(_) => true,
+        // Unknown kinds (and a queue overflow) may hide a change; a reload of unchanged
+        // contents is skipped cheaply.
+        EventKind::Any | EventKind::Other => true,
     }
 }
 
@@ -129,14 +208,24 @@ fn connector(
     })
 }
 
-fn build(
+struct Build<'a> {
     config: Config,
     generation: u64,
     pending_restart: Vec<&'static str>,
     env_overrides: Vec<String>,
-    file: &Path,
-    previous: Option<&Loaded>,
-) -> Result<Loaded, ConfigError> {
+    file: &'a Path,
+    digest: Option<[u8; 32]>,
+}
+
+fn build(b: Build<'_>, previous: Option<&Loaded>) -> Result<Loaded, ConfigError> {
+    let Build {
+        config,
+        generation,
+        pending_restart,
+        env_overrides,
+        file,
+        digest,
+    } = b;
     let upstream = connector(
         config.upstream.client_tls(),
         previous.map(|p| &p.upstream),
@@ -168,6 +257,7 @@ fn build(
     Ok(Loaded {
         acceptor,
         stamp,
+        digest,
         policy: config.routing.policy(),
         config,
         generation,
@@ -192,7 +282,21 @@ impl LiveConfig {
         let file = source
             .clone()
             .unwrap_or_else(|| PathBuf::from("<defaults>"));
-        let loaded = build(config, 1, Vec::new(), overrides, &file, None)?;
+        let digest = source
+            .as_deref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| openssl::sha::sha256(&b));
+        let loaded = build(
+            Build {
+                config,
+                generation: 1,
+                pending_restart: Vec::new(),
+                env_overrides: overrides,
+                file: &file,
+                digest,
+            },
+            None,
+        )?;
         metrics.config_generation.set(1);
         metrics
             .canary_percentage
@@ -282,26 +386,49 @@ impl LiveConfig {
                 generation: self.current().generation,
             });
         };
-        let mut new = Config::load(path)?;
-        let overrides = new.apply_env(&self.env)?;
         let cur = self.current();
+        let bytes = read_stable(path, cur.config.reload.debounce)?;
+        let digest = openssl::sha::sha256(&bytes);
+        if cur.digest == Some(digest) && cert_stamp(&cur.config.tls) == cur.stamp {
+            // Same text, same certificates: nothing to parse or rebuild.
+            return Ok(Outcome::Unchanged {
+                generation: cur.generation,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            column: None,
+            field: None,
+            message: "not UTF-8 text".into(),
+        })?;
+        let mut new = Config::from_toml(&text, path)?;
+        let overrides = new.apply_env(&self.env)?;
         let pending = cur.config.restart_only_changes(&new);
         let effective = cur.config.with_running_restart_only(new);
         if effective == cur.config
             && pending == cur.pending_restart
             && cert_stamp(&effective.tls) == cur.stamp
         {
+            // A different text that says the same (comments, order): remember the new text so
+            // the next identical read is skipped without parsing.
+            let mut same = Loaded::clone_with_digest(&cur, digest);
+            same.env_overrides = overrides;
+            self.current.store(Arc::new(same));
             return Ok(Outcome::Unchanged {
                 generation: cur.generation,
             });
         }
         let generation = cur.generation + 1;
         let loaded = build(
-            effective,
-            generation,
-            pending.clone(),
-            overrides,
-            path,
+            Build {
+                config: effective,
+                generation,
+                pending_restart: pending.clone(),
+                env_overrides: overrides,
+                file: path,
+                digest: Some(digest),
+            },
             Some(&cur),
         )?;
         self.metrics
@@ -359,7 +486,7 @@ pub fn watch_file(
             let Ok(events) = res else { return };
             // The file itself, a ConfigMap's `..data` swap, a rename onto the file, or a
             // certificate file.
-            let relevant = events.iter().any(|e| {
+            let relevant = events.iter().filter(|e| is_modification(&e.kind)).any(|e| {
                 e.paths.iter().any(|p| {
                     let f = p.file_name();
                     f == name.as_deref()

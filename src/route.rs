@@ -122,9 +122,11 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Whether two decisions put a device on different paths (what a drain acts on).
+    /// Whether two decisions put a device on different paths (what a drain acts on). Only
+    /// the primary path counts: the mirror attaches and detaches in place, and the fallback
+    /// flag changes nothing for a connection that is up.
     pub fn moves_from(&self, other: &Decision) -> bool {
-        (self.path, self.mirror, self.fallback) != (other.path, other.mirror, other.fallback)
+        self.path != other.path
     }
 }
 

@@ -413,3 +413,52 @@ async fn the_watcher_picks_up_rotated_certificates() {
     );
     assert!(live.current().acceptor.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mode_changes_that_keep_the_path_drain_nobody() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (newp, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cync-mitm.toml");
+    let routing = |mode: &str| format!("[routing]\nmode = \"{mode}\"\ncanary_percent = 100\n");
+    write_config(&file, legacy_addr, new_addr, &routing("legacy_only"));
+    let metrics = Arc::new(Metrics::new(false));
+    let cfg = Config::load(&file).unwrap();
+    let live = LiveConfig::new(cfg, Some(file.clone()), metrics.clone(), |_| None).unwrap();
+    let p = start_proxy_live(live.clone(), metrics.clone()).await;
+    let fleet = start_fleet(fleet_config(p.addr, 20));
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 20).await);
+    let drained = || metrics.closed.with_label_values(&["drained"]).get();
+    let connects = || fleet.stats().connects.load(Ordering::Relaxed);
+    let c0 = connects();
+
+    // legacy_only -> shadow: still the legacy path for everyone.
+    write_config(&file, legacy_addr, new_addr, &routing("shadow"));
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(drained(), 0, "legacy_only -> shadow drained devices");
+    assert_eq!(connects(), c0);
+
+    // shadow -> new_primary moves everyone to the new path ...
+    write_config(&file, legacy_addr, new_addr, &routing("new_primary"));
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed) == 20
+            && fleet.stats().online.load(Ordering::Relaxed) == 20)
+        .await
+    );
+    assert_eq!(drained(), 20);
+    let c1 = connects();
+    // ... and new_primary <-> new_only moves nobody.
+    write_config(&file, legacy_addr, new_addr, &routing("new_only"));
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    write_config(&file, legacy_addr, new_addr, &routing("new_primary"));
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(drained(), 20, "new_primary <-> new_only drained devices");
+    assert_eq!(connects(), c1);
+    fleet.stop().await;
+    legacy.stop().await;
+    newp.stop().await;
+}

@@ -1,0 +1,160 @@
+//! The config watcher under abuse: reads of the file, identical rewrites, empty and half-written
+//! saves, invalid files. Only real modifications reload, and never to an empty file.
+
+mod common;
+
+use common::harness::*;
+use cync_mitm::reload::watch_file;
+use std::io::Write as _;
+use std::time::Duration;
+
+fn reloads(m: &cync_mitm::metrics::Metrics, result: &str) -> u64 {
+    m.config_reloads.with_label_values(&[result]).get()
+}
+
+fn all_reloads(m: &cync_mitm::metrics::Metrics) -> u64 {
+    ["ok", "unchanged", "error"]
+        .iter()
+        .map(|r| reloads(m, r))
+        .sum()
+}
+
+fn config_text(cloud_port: u16, percent: u32) -> String {
+    format!(
+        "# test config\n[reload]\ndebounce = \"50ms\"\n[upstream]\naddresses = [\"127.0.0.1:{cloud_port}\"]\n[admin]\nenabled = false\n[routing]\nmode = \"shadow\"\ncanary_percent = {percent}\n[tls]\ncert_dir = \"{}\"\n",
+        certs().ca_cert.parent().unwrap().display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_reload_and_one_edit_reloads_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, config_text(1, 0)).unwrap();
+    let (live, metrics) = live_from_file(&file);
+    let _w = watch_file(live.clone(), Duration::from_millis(50)).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(all_reloads(&metrics), 0);
+
+    // Ten reads (as `cat` does) and the certificate files read too.
+    for _ in 0..10 {
+        let _ = std::fs::read_to_string(&file).unwrap();
+        let _ = std::fs::read(&certs().rsa_cert).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(all_reloads(&metrics), 0, "reads must not reload");
+    assert_eq!(live.current().generation, 1);
+
+    // One edit: exactly one reload, then none.
+    std::fs::write(&file, config_text(1, 10)).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || live.current().generation == 2).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(reloads(&metrics, "ok"), 1);
+    assert_eq!(
+        all_reloads(&metrics),
+        1,
+        "after one edit: {} ok, {} unchanged, {} error",
+        reloads(&metrics, "ok"),
+        reloads(&metrics, "unchanged"),
+        reloads(&metrics, "error")
+    );
+
+    // An invalid file: one error, not a stream.
+    std::fs::write(&file, "[routing]\ncanary_percent = 400\n").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || reloads(&metrics, "error") >= 1).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(reloads(&metrics, "error"), 1);
+    assert_eq!(all_reloads(&metrics), 2);
+    assert_eq!(live.current().generation, 2);
+    assert_eq!(live.current().config.routing.canary_percent, 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_files_and_identical_rewrites_never_change_the_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    let text = config_text(7, 5);
+    std::fs::write(&file, &text).unwrap();
+    let (live, metrics) = live_from_file(&file);
+    let _w = watch_file(live.clone(), Duration::from_millis(50)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // 200 rapid rewrites of the same text.
+    for _ in 0..200 {
+        std::fs::write(&file, &text).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(live.current().generation, 1);
+    assert_eq!(reloads(&metrics, "ok"), 0);
+
+    // An empty file, left empty: refused, the running config stays.
+    std::fs::write(&file, "").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || reloads(&metrics, "error") >= 1).await);
+    assert_eq!(live.current().generation, 1);
+    assert_eq!(
+        live.current().config.upstream.addresses,
+        vec!["127.0.0.1:7".to_string()]
+    );
+    // Only comments is just as empty.
+    std::fs::write(&file, "# nothing here\n\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(live.current().generation, 1);
+    // SIGHUP / POST /reload on an empty file: the same refusal, with a clear message.
+    std::fs::write(&file, "").unwrap();
+    let e = live.reload(cync_mitm::reload::Trigger::Admin).unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    assert_eq!(live.current().generation, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_truncate_then_write_save_never_applies_a_partial_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, config_text(7, 5)).unwrap();
+    let (live, _metrics) = live_from_file(&file);
+    let _w = watch_file(live.clone(), Duration::from_millis(50)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Watch every generation the proxy takes while an editor saves slowly.
+    let watcher = {
+        let live = live.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let end = std::time::Instant::now() + Duration::from_secs(3);
+            while std::time::Instant::now() < end {
+                let c = live.current();
+                seen.push((
+                    c.generation,
+                    c.config.upstream.addresses.clone(),
+                    c.config.routing.canary_percent,
+                ));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            seen
+        })
+    };
+    let new = config_text(7, 50);
+    let (a, b) = new.split_at(new.len() / 2);
+    {
+        let mut f = std::fs::File::create(&file).unwrap(); // truncates
+        f.flush().unwrap();
+        // Pauses longer than the debounce: the watcher fires in the middle of the save.
+        std::thread::sleep(Duration::from_millis(60));
+        f.write_all(a.as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        f.write_all(b.as_bytes()).unwrap();
+    }
+    let seen = watcher.join().unwrap();
+    for (g, addrs, pct) in &seen {
+        assert_eq!(
+            addrs,
+            &vec!["127.0.0.1:7".to_string()],
+            "generation {g} took another upstream"
+        );
+        assert!(*pct == 5.0 || *pct == 50.0, "generation {g}: {pct}");
+    }
+    let last = live.current();
+    assert_eq!(last.config.routing.canary_percent, 50.0);
+    assert_eq!(last.generation, 2, "exactly one new generation");
+}
