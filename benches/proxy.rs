@@ -221,7 +221,7 @@ fn main() {
         let captured = measure(p.addr, &c, devices, secs).await;
         let frames = p.metric("cync_mitm_frames_total");
         let written = p.metric("cync_mitm_capture_written_bytes_total");
-        let dropped = p.metric("capture_dropped_total");
+        let dropped = p.metric("cync_mitm_capture_dropped_total{reason=\"queue_full\"}");
         p.stop();
         c.stop().await;
 

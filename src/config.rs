@@ -89,6 +89,13 @@ pub struct CaptureConfig {
     pub max_total_bytes: u64,
     /// Delete the oldest capture files beyond this count.
     pub max_files: usize,
+    /// Close a file once no session has written to it for this long (a device that reconnects
+    /// within it keeps its file). A connection's own file closes with the connection.
+    #[serde(with = "humantime_serde")]
+    pub close_idle_after: Duration,
+    /// Capture files held open at once; beyond it the least recently used is closed (a later
+    /// write to it starts a new file). Keeps the proxy's descriptors for devices.
+    pub max_open_files: usize,
     /// Append the TLS keys of both legs here in NSS key-log format (0600). Off by default: it
     /// lets anyone holding a raw capture of the TLS read it. Needs a restart.
     pub keylog_file: Option<PathBuf>,
@@ -108,6 +115,8 @@ impl Default for CaptureConfig {
             max_file_age: Duration::from_secs(3600),
             max_total_bytes: 1024 * 1024 * 1024,
             max_files: 1000,
+            close_idle_after: Duration::from_secs(60),
+            max_open_files: 128,
             keylog_file: None,
         }
     }
@@ -901,6 +910,18 @@ impl Config {
         }
         if c.max_files == 0 {
             return Err(invalid("capture.max_files", "must be at least 1"));
+        }
+        if c.close_idle_after.is_zero() {
+            return Err(invalid(
+                "capture.close_idle_after",
+                "must be greater than zero",
+            ));
+        }
+        if !(1..=65_536).contains(&c.max_open_files) {
+            return Err(invalid(
+                "capture.max_open_files",
+                "must be between 1 and 65536",
+            ));
         }
         if self.drain.batch == 0 {
             return Err(invalid("drain.batch", "must be at least 1"));

@@ -119,6 +119,10 @@ pub struct Metrics {
     pub new_path_fallbacks: IntCounter,
     /// Capture chunks dropped because the writer's queue was full.
     pub capture_dropped: IntCounter,
+    /// Capture writes skipped because their file failed (disk full, unwritable folder).
+    pub capture_dropped_error: IntCounter,
+    /// Capture failures, by kind.
+    pub capture_errors: IntCounterVec,
     /// Bytes written to capture files.
     pub capture_written_bytes: IntCounter,
     /// Capture files opened.
@@ -283,13 +287,26 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             c
         };
-        let capture_dropped = simple(
-            "capture_dropped_total",
-            "Capture chunks dropped because the capture queue was full (the relay never waits).",
+        let capture_dropped_v = counter_vec(
+            &r,
+            "cync_mitm_capture_dropped_total",
+            "Capture chunks not written, by reason: the capture queue was full (the relay never waits), or their file had failed.",
+            &["reason"],
         );
+        let capture_dropped = capture_dropped_v.with_label_values(&["queue_full"]);
+        let capture_dropped_error = capture_dropped_v.with_label_values(&["error"]);
+        let capture_errors = counter_vec(
+            &r,
+            "cync_mitm_capture_errors_total",
+            "Capture failures (the relay is unaffected), by kind: open (folder or file), write (write or flush).",
+            &["kind"],
+        );
+        for k in ["open", "write"] {
+            capture_errors.with_label_values(&[k]);
+        }
         let capture_written_bytes = simple(
             "cync_mitm_capture_written_bytes_total",
-            "Bytes written to capture files.",
+            "Bytes written to capture files (counted once flushed to the file).",
         );
         let capture_files = simple("cync_mitm_capture_files_total", "Capture files opened.");
         let capture_deleted = simple(
@@ -359,6 +376,8 @@ impl Metrics {
             drained,
             new_path_fallbacks,
             capture_dropped,
+            capture_dropped_error,
+            capture_errors,
             capture_written_bytes,
             capture_files,
             capture_deleted,
@@ -367,6 +386,11 @@ impl Metrics {
             decode_errors,
             device_frames,
         }
+    }
+
+    /// Counts one capture failure of `kind`.
+    pub fn capture_error(&self, kind: &str) {
+        self.capture_errors.with_label_values(&[kind]).inc();
     }
 
     /// Counts relayed bytes.

@@ -6,7 +6,7 @@
 -- captures on other ports decode too.
 --
 -- Install: copy to ~/.local/lib/wireshark/plugins/ (or run `tshark -X lua_script:cync.lua ...`).
--- Protocol reference: ../shared/protocol/cync-protocol.md in the cync-mitm project.
+-- Protocol reference: docs/protocol.md in the cync-mitm repository.
 
 local cync = Proto("cync", "GE Cync (Xlink) protocol")
 

@@ -5,8 +5,10 @@
 //! queue and returns. A writer thread owns the files: it frames each direction, writes one TCP
 //! segment per Cync frame on both legs (device↔proxy and proxy↔cloud) with a comment naming the
 //! connection, the device and the decoded frame, masks auth codes when asked, and rotates and
-//! prunes files. A full queue drops the chunk and counts it (`capture_dropped_total`); the
-//! synthesized stream then skips those bytes, so Wireshark shows the gap.
+//! prunes files. A full queue drops the chunk and counts it (`cync_mitm_capture_dropped_total`);
+//! the synthesized stream then skips those bytes, so Wireshark shows the gap. Files close when
+//! their last session has been gone a while (a connection's own file at once), at most
+//! `capture.max_open_files` stay open, and write failures are counted and logged once a minute.
 
 pub mod read;
 pub mod tcp;

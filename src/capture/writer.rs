@@ -130,6 +130,8 @@ fn redact(frame: &mut [u8]) -> bool {
 
 struct Stream {
     key: String,
+    /// The file is this connection's own (an unidentified peer with per-device files).
+    per_connection: bool,
     device_leg: TcpLeg,
     cloud_leg: Option<TcpLeg>,
     seg: [Segmenter; 2],
@@ -139,8 +141,80 @@ struct Stream {
 struct OutFile {
     path: PathBuf,
     w: PcapNgWriter<BufWriter<File>>,
+    /// Bytes handed to the file (for rotation by size).
     bytes: u64,
+    /// Bytes handed to the buffer but not yet flushed: counted as written once a flush succeeds.
+    unflushed: u64,
     opened: Instant,
+    /// Last write.
+    used: Instant,
+    /// Since when no session writes to it (`None` while one does).
+    idle_since: Option<Instant>,
+}
+
+/// How often one kind of capture failure is logged.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(60);
+/// After a file failed, chunks for its key are skipped (and counted) this long before a new
+/// file is tried, so a full disk does not turn into a file per chunk.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Retention runs at most this often when files are opened (and on the next tick after any
+/// file was opened), so a burst of short connections does not rescan the folder per file.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// Kinds of capture failure (label `kind` of `cync_mitm_capture_errors_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Failure {
+    /// A folder or file could not be created.
+    Open,
+    /// Writing or flushing failed (disk full, I/O error).
+    Write,
+}
+
+impl Failure {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Write => "write",
+        }
+    }
+}
+
+/// Counts every failure, logs each kind at most once a minute with the real cause.
+#[derive(Default)]
+struct FailureLog {
+    last: HashMap<Failure, (Instant, u64)>,
+}
+
+impl FailureLog {
+    /// Counts a failure; returns whether it was logged.
+    fn record(
+        &mut self,
+        metrics: &Metrics,
+        kind: Failure,
+        what: &Path,
+        e: &dyn std::fmt::Display,
+    ) -> bool {
+        metrics.capture_error(kind.label());
+        let now = Instant::now();
+        match self.last.get_mut(&kind) {
+            Some((at, suppressed)) if now.duration_since(*at) < ERROR_LOG_EVERY => {
+                *suppressed += 1;
+                false
+            }
+            entry => {
+                let suppressed = entry.map_or(0, |e| e.1);
+                tracing::error!(
+                    kind = kind.label(),
+                    path = %what.display(),
+                    error = %e,
+                    suppressed_since_last = suppressed,
+                    "capture failed (the relay is not affected; further failures of this kind are counted and logged once a minute)"
+                );
+                self.last.insert(kind, (now, 0));
+                true
+            }
+        }
+    }
 }
 
 pub(super) struct Writer {
@@ -149,6 +223,12 @@ pub(super) struct Writer {
     lost_closes: Arc<Mutex<Vec<(Uuid, SystemTime)>>>,
     streams: HashMap<Uuid, Stream>,
     files: HashMap<String, OutFile>,
+    /// Keys whose file failed, and until when they are left alone.
+    failed: HashMap<String, Instant>,
+    failures: FailureLog,
+    last_prune: Option<Instant>,
+    /// Files opened since retention last ran (it runs on the next tick when any were).
+    opened_since_prune: usize,
 }
 
 fn ts(t: SystemTime) -> Duration {
@@ -179,6 +259,10 @@ impl Writer {
             lost_closes,
             streams: HashMap::new(),
             files: HashMap::new(),
+            failed: HashMap::new(),
+            failures: FailureLog::default(),
+            last_prune: None,
+            opened_since_prune: 0,
         }
     }
 
@@ -204,7 +288,13 @@ impl Writer {
         for id in ids {
             self.close(id, SystemTime::now());
         }
-        self.flush_all();
+        let keys: Vec<String> = self.files.keys().cloned().collect();
+        for k in keys {
+            self.close_file(&k);
+        }
+        if self.opened_since_prune > 0 {
+            self.prune();
+        }
     }
 
     fn tick(&mut self) {
@@ -214,12 +304,86 @@ impl Writer {
             self.close(id, at);
         }
         self.flush_all();
+        self.close_idle(Instant::now(), SystemTime::now());
+        let now = Instant::now();
+        self.failed.retain(|_, until| *until > now);
+        if self.opened_since_prune > 0 {
+            self.prune();
+        }
+    }
+
+    /// Closes files no session has written to for `capture.close_idle_after`, and files of an
+    /// earlier day that no session uses.
+    fn close_idle(&mut self, now: Instant, wall: SystemTime) {
+        let linger = self.live.current().config.capture.close_idle_after;
+        let today = day(wall);
+        let stale: Vec<String> = self
+            .files
+            .iter()
+            .filter(|(k, f)| {
+                f.idle_since.is_some_and(|t| {
+                    now.duration_since(t) >= linger || !k.starts_with(today.as_str())
+                })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.close_file(&k);
+        }
+    }
+
+    /// Flushes and closes the file of `key`.
+    fn close_file(&mut self, key: &str) {
+        if let Some(mut f) = self.files.remove(key) {
+            self.flush_one(&mut f);
+            tracing::debug!(file = %f.path.display(), "capture file closed");
+        }
+    }
+
+    /// Flushes one file; what was flushed counts as written. A failure is counted and logged.
+    fn flush_one(&mut self, f: &mut OutFile) -> bool {
+        match std::io::Write::flush(f.w.get_mut()) {
+            Ok(()) => {
+                self.metrics.capture_written_bytes.inc_by(f.unflushed);
+                f.unflushed = 0;
+                true
+            }
+            Err(e) => {
+                self.failures
+                    .record(&self.metrics, Failure::Write, &f.path, &e);
+                false
+            }
+        }
     }
 
     fn flush_all(&mut self) {
-        for f in self.files.values_mut() {
-            let _ = std::io::Write::flush(f.w.get_mut());
+        let keys: Vec<String> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.unflushed > 0)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            let Some(mut f) = self.files.remove(&k) else {
+                continue;
+            };
+            if self.flush_one(&mut f) {
+                self.files.insert(k, f);
+            } else {
+                // A file that cannot be flushed is given up; the key is retried later.
+                self.failed.insert(k, Instant::now() + RETRY_AFTER);
+            }
         }
+    }
+
+    fn prune(&mut self) {
+        let loaded = self.live.current();
+        let cfg = &loaded.config.capture;
+        let open: Vec<PathBuf> = self.files.values().map(|f| f.path.clone()).collect();
+        let deleted = prune(&cfg.dir, cfg.max_total_bytes, cfg.max_files, &open);
+        self.metrics.capture_deleted.inc_by(deleted);
+        self.last_prune = Some(Instant::now());
+        self.opened_since_prune = 0;
     }
 
     fn handle(&mut self, ev: Event) {
@@ -257,6 +421,7 @@ impl Writer {
         let cfg = &loaded.config.capture;
         let max_frame = loaded.config.limits.max_frame;
         let key = Self::file_key(cfg, &meta, at);
+        let per_connection = cfg.per_device && meta.peer.id_label().is_none();
         let base = isn(&meta.id);
         let mut device_leg = TcpLeg::new(meta.device_addr, meta.proxy_device_addr, base);
         let mut cloud_leg = meta
@@ -278,10 +443,14 @@ impl Writer {
         }
         let comment = format!("{comment_prefix} conn={} connection opened", meta.id);
         self.write(&key, cfg, at, packets, Some(&comment));
+        if let Some(f) = self.files.get_mut(&key) {
+            f.idle_since = None;
+        }
         self.streams.insert(
             meta.id,
             Stream {
                 key,
+                per_connection,
                 device_leg,
                 cloud_leg,
                 seg: [Segmenter::new(max_frame), Segmenter::new(max_frame)],
@@ -402,6 +571,14 @@ impl Writer {
         }
         let comment = format!("{} conn={} connection closed", st.comment_prefix, id);
         self.write(&st.key, cfg, at, packets, Some(&comment));
+        if !self.streams.values().any(|o| o.key == st.key) {
+            if st.per_connection {
+                // Nobody else will ever write to a connection's own file.
+                self.close_file(&st.key);
+            } else if let Some(f) = self.files.get_mut(&st.key) {
+                f.idle_since = Some(Instant::now());
+            }
+        }
     }
 
     fn write(
@@ -429,7 +606,8 @@ impl Writer {
         if packets.is_empty() {
             return;
         }
-        let Some(file) = self.file(key, cfg) else {
+        let Some(mut file) = self.take_file(key, cfg) else {
+            self.metrics.capture_dropped_error.inc();
             return;
         };
         let mut marks: Vec<(usize, String)> = Vec::new();
@@ -440,6 +618,7 @@ impl Writer {
         }
         let mut marks = marks.into_iter().peekable();
         let mut written = 0u64;
+        let mut failed = None;
         for (i, (iface, p)) in packets.into_iter().enumerate() {
             let mut options = Vec::new();
             while marks.peek().is_some_and(|(at_i, _)| *at_i == i) {
@@ -466,30 +645,72 @@ impl Writer {
             match file.w.write_pcapng_block(block) {
                 Ok(n) => written += n as u64,
                 Err(e) => {
-                    tracing::warn!(file = %file.path.display(), error = %e, "capture write failed");
+                    failed = Some(e);
                     break;
                 }
             }
         }
         file.bytes += written;
+        file.unflushed += written;
+        file.used = Instant::now();
+        if let Some(e) = failed {
+            // The file is given up (what it holds stays readable up to the failure); the key is
+            // retried after RETRY_AFTER.
+            self.failures
+                .record(&self.metrics, Failure::Write, &file.path, &e);
+            self.metrics.capture_dropped_error.inc();
+            self.failed
+                .insert(key.to_owned(), Instant::now() + RETRY_AFTER);
+            return;
+        }
         let rotate = file.bytes >= cfg.max_file_bytes || file.opened.elapsed() >= cfg.max_file_age;
-        self.metrics.capture_written_bytes.inc_by(written);
-        if rotate && let Some(mut f) = self.files.remove(key) {
-            let _ = std::io::Write::flush(f.w.get_mut());
+        if rotate {
+            self.flush_one(&mut file);
+        } else {
+            self.files.insert(key.to_owned(), file);
         }
     }
 
-    fn file(&mut self, key: &str, cfg: &CaptureConfig) -> Option<&mut OutFile> {
-        if !self.files.contains_key(key) {
-            let f = match open_file(&cfg.dir, key) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!(dir = %cfg.dir.display(), error = %e, "cannot open a capture file");
-                    return None;
-                }
-            };
-            tracing::info!(file = %f.path.display(), "capture file opened");
-            self.metrics.capture_files.inc();
+    /// The open file of `key` (taken out of the map while it is written), opening it when
+    /// needed: retention runs first, and at most `capture.max_open_files` stay open (idle ones
+    /// are closed first, then the least recently used).
+    fn take_file(&mut self, key: &str, cfg: &CaptureConfig) -> Option<OutFile> {
+        if let Some(f) = self.files.remove(key) {
+            return Some(f);
+        }
+        if self
+            .failed
+            .get(key)
+            .is_some_and(|until| *until > Instant::now())
+        {
+            return None;
+        }
+        while self.files.len() >= cfg.max_open_files {
+            let victim = self
+                .files
+                .iter()
+                .min_by_key(|(_, f)| (f.idle_since.is_none(), f.used))
+                .map(|(k, _)| k.clone());
+            match victim {
+                Some(k) => self.close_file(&k),
+                None => break,
+            }
+        }
+        let f = match open_file(&cfg.dir, key) {
+            Ok(f) => f,
+            Err(e) => {
+                self.failures
+                    .record(&self.metrics, Failure::Open, &cfg.dir.join(key), &e);
+                self.failed
+                    .insert(key.to_owned(), Instant::now() + RETRY_AFTER);
+                return None;
+            }
+        };
+        self.failed.remove(key);
+        tracing::info!(file = %f.path.display(), "capture file opened");
+        self.metrics.capture_files.inc();
+        self.opened_since_prune += 1;
+        if self.last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             let open: Vec<PathBuf> = self
                 .files
                 .values()
@@ -498,9 +719,10 @@ impl Writer {
                 .collect();
             let deleted = prune(&cfg.dir, cfg.max_total_bytes, cfg.max_files, &open);
             self.metrics.capture_deleted.inc_by(deleted);
-            self.files.insert(key.to_owned(), f);
+            self.last_prune = Some(Instant::now());
+            self.opened_since_prune = 0;
         }
-        self.files.get_mut(key)
+        Some(f)
     }
 }
 
@@ -544,11 +766,15 @@ fn open_file(dir: &Path, key: &str) -> std::io::Result<OutFile> {
         };
         w.write_pcapng_block(idb).map_err(std::io::Error::other)?;
     }
+    let now = Instant::now();
     Ok(OutFile {
         path,
         w,
         bytes: 0,
-        opened: Instant::now(),
+        unflushed: 0,
+        opened: now,
+        used: now,
+        idle_since: None,
     })
 }
 
@@ -627,6 +853,21 @@ mod tests {
         assert_eq!(got.last(), Some(&(true, 5)));
         s.push(&[0x48, 0, 0], &mut out);
         assert!(matches!(s.finish(), Some(Piece::Raw(r, _)) if r.len() == 3));
+    }
+
+    #[test]
+    fn failures_are_all_counted_and_logged_once_a_minute_per_kind() {
+        let m = Metrics::new(false);
+        let mut log = FailureLog::default();
+        let p = Path::new("x");
+        let logged: usize = (0..100)
+            .map(|_| log.record(&m, Failure::Write, p, &"ENOSPC") as usize)
+            .sum();
+        assert_eq!(logged, 1);
+        assert!(log.record(&m, Failure::Open, p, &"EACCES"));
+        assert!(!log.record(&m, Failure::Open, p, &"EACCES"));
+        assert_eq!(m.capture_errors.with_label_values(&["write"]).get(), 100);
+        assert_eq!(m.capture_errors.with_label_values(&["open"]).get(), 2);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! records, command and status layouts, a streaming framer and answer matching. No sockets and no
 //! clock: everything here is a pure function of its input bytes, and no input makes it panic.
 //!
-//! The layouts follow `../shared/protocol/cync-protocol.md`; section numbers in the docs refer to it.
+//! The layouts follow `docs/protocol.md`; section numbers in the docs refer to it.
 //!
 //! ```
 //! use cync_mitm::codec::{Framer, FramerEvent, Payload, decode_payload};
