@@ -182,8 +182,101 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
     }
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown`.
-pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+/// Limits of the admin server (from `[admin]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A request's headers must arrive within this.
+    pub header_timeout: Duration,
+    /// Close a connection with no bytes either way for this long.
+    pub idle_timeout: Duration,
+    /// Connections at once; more are closed at accept.
+    pub max_connections: usize,
+}
+
+impl From<&crate::config::AdminConfig> for Limits {
+    fn from(c: &crate::config::AdminConfig) -> Self {
+        Self {
+            header_timeout: c.header_timeout,
+            idle_timeout: c.idle_timeout,
+            max_connections: c.max_connections,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        (&crate::config::AdminConfig::default()).into()
+    }
+}
+
+/// A stream that notes when bytes last moved, for the idle timeout.
+struct Tracked<S> {
+    inner: S,
+    start: std::time::Instant,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<S> Tracked<S> {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown`, within `limits`: headers must
+/// arrive within `header_timeout`, a connection idle for `idle_timeout` is closed, and
+/// connections beyond `max_connections` are closed at accept (counted in
+/// `cync_mitm_admin_rejected_total`).
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+    limits: Limits,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -196,9 +289,23 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            state.metrics.admin_rejected.inc();
+            tracing::debug!(%remote, "admin connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let last_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let io = Tracked {
+                inner: stream,
+                start: std::time::Instant::now(),
+                last_ms: last_ms.clone(),
+            };
+            let started = io.start;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
@@ -207,9 +314,24 @@ pub async fn run(listener: TcpListener, state: Arc<AdminState>, shutdown: Cancel
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(io), svc);
+            let idle = async {
+                let tick = (limits.idle_timeout / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                loop {
+                    tokio::time::sleep(tick).await;
+                    let now = started.elapsed().as_millis() as u64;
+                    let last = last_ms.load(Ordering::Relaxed);
+                    if Duration::from_millis(now.saturating_sub(last)) >= limits.idle_timeout {
+                        return;
+                    }
+                }
+            };
             tokio::select! {
                 _ = conn => {}
+                _ = idle => tracing::debug!(%remote, "admin connection idle; closed"),
                 _ = shutdown.cancelled() => {}
             }
         });

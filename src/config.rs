@@ -10,6 +10,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Largest `limits.max_connections` (each connection holds two TLS legs and descriptors).
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// Largest `capture.queue` (events; the queue is allocated up front).
+pub const MAX_CAPTURE_QUEUE: usize = 1 << 20;
+
 /// Exit status for an invalid configuration at start (`EX_USAGE`).
 pub const EXIT_INVALID_CONFIG: u8 = 64;
 
@@ -361,6 +367,9 @@ pub struct ListenConfig {
     pub tls: SocketAddr,
     /// Optional plaintext listener (the old app port 23778). Off by default.
     pub plain: Option<SocketAddr>,
+    /// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`).
+    /// Default 1024: a burst of reconnecting devices does not wait for SYN retries.
+    pub backlog: u32,
 }
 
 impl Default for ListenConfig {
@@ -368,6 +377,7 @@ impl Default for ListenConfig {
         Self {
             tls: SocketAddr::from(([0, 0, 0, 0], 23779)),
             plain: None,
+            backlog: 1024,
         }
     }
 }
@@ -533,6 +543,15 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Admin address. Default `127.0.0.1:9400` (loopback only).
     pub listen: SocketAddr,
+    /// A request's headers must arrive within this. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Close an admin connection with no bytes either way for this long. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Admin connections at once; more are closed at accept (they share the process's
+    /// descriptors with the devices). Default 64.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -540,6 +559,9 @@ impl Default for AdminConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 64,
         }
     }
 }
@@ -834,8 +856,29 @@ impl Config {
                 return Err(invalid(name, "must be greater than zero"));
             }
         }
-        if self.limits.max_connections == 0 {
-            return Err(invalid("limits.max_connections", "must be at least 1"));
+        if !(1..=MAX_CONNECTIONS).contains(&self.limits.max_connections) {
+            return Err(invalid(
+                "limits.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        if !(1..=65_535).contains(&self.listen.backlog) {
+            return Err(invalid("listen.backlog", "must be between 1 and 65535"));
+        }
+        let a = &self.admin;
+        for (name, d) in [
+            ("admin.header_timeout", a.header_timeout),
+            ("admin.idle_timeout", a.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(name, "must be greater than zero"));
+            }
+        }
+        if !(1..=4096).contains(&a.max_connections) {
+            return Err(invalid(
+                "admin.max_connections",
+                "must be between 1 and 4096",
+            ));
         }
         if !(crate::codec::HEADER_LEN + 7..=16 * 1024 * 1024).contains(&self.limits.max_frame) {
             return Err(invalid(
@@ -899,8 +942,13 @@ impl Config {
                 format!("{bad:?} is not a packet type (\"0x73\" or a name such as \"pipe\")"),
             ));
         }
-        if c.queue == 0 {
-            return Err(invalid("capture.queue", "must be at least 1"));
+        if !(1..=MAX_CAPTURE_QUEUE).contains(&c.queue) {
+            return Err(invalid(
+                "capture.queue",
+                format!(
+                    "must be between 1 and {MAX_CAPTURE_QUEUE} (the queue is allocated up front)"
+                ),
+            ));
         }
         if c.max_file_bytes < 4096 {
             return Err(invalid("capture.max_file_bytes", "must be at least 4096"));

@@ -117,6 +117,8 @@ pub struct Metrics {
     pub drained: IntCounter,
     /// new_primary connections that fell back to legacy because the new path was unreachable.
     pub new_path_fallbacks: IntCounter,
+    /// Admin connections closed at accept because `admin.max_connections` were open.
+    pub admin_rejected: IntCounter,
     /// Capture chunks dropped because the writer's queue was full.
     pub capture_dropped: IntCounter,
     /// Capture writes skipped because their file failed (disk full, unwritable folder).
@@ -309,6 +311,10 @@ impl Metrics {
             "Bytes written to capture files (counted once flushed to the file).",
         );
         let capture_files = simple("cync_mitm_capture_files_total", "Capture files opened.");
+        let admin_rejected = simple(
+            "cync_mitm_admin_rejected_total",
+            "Admin connections closed at accept because admin.max_connections were open.",
+        );
         let capture_deleted = simple(
             "cync_mitm_capture_files_deleted_total",
             "Capture files deleted by retention.",
@@ -375,6 +381,7 @@ impl Metrics {
             routing_decisions,
             drained,
             new_path_fallbacks,
+            admin_rejected,
             capture_dropped,
             capture_dropped_error,
             capture_errors,

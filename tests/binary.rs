@@ -383,3 +383,132 @@ fn canary_set_edits_the_file_and_refuses_invalid_results() {
         "[routing]\nmode = \"new_only\"\n"
     );
 }
+
+/// Starts `cync-mitm run --config cfg` (under `prefix`, such as `prlimit`), and waits for its
+/// `listening` line. Returns the child, its log lines, and the TLS and admin addresses.
+fn spawn_proxy(
+    cfg: &std::path::Path,
+    prefix: &[&str],
+) -> (
+    std::process::Child,
+    mpsc::Receiver<String>,
+    std::net::SocketAddr,
+    String,
+) {
+    let mut cmd = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_cync-mitm"));
+            c
+        }
+        None => bin(),
+    };
+    let mut child = cmd
+        .args(["run", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let listening = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no 'listening' line");
+        if line.contains("listening") {
+            break line;
+        }
+    };
+    let tls = field(&listening, "tls").unwrap().parse().unwrap();
+    let admin = field(&listening, "admin").unwrap().to_owned();
+    (child, rx, tls, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_are_capped_and_timed_out_and_devices_still_connect() {
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\nidle_timeout = \"2s\"\n\
+             max_connections = 32\n[tls]\ncert_dir = \"{}\"\n",
+            dir.path().join("certs").display()
+        ),
+    )
+    .unwrap();
+    // 128 descriptors for the whole proxy: 300 idle admin connections would take them all.
+    let (mut child, _log, tls, admin) = spawn_proxy(&cfg, &["prlimit", "--nofile=128:128"]);
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(&admin).await.unwrap());
+    }
+    let fleet = start_fleet(fleet_config(tls, 10));
+    assert!(
+        wait_until(Duration::from_secs(15), || fleet
+            .stats()
+            .online
+            .load(Ordering::Relaxed)
+            == 10)
+        .await,
+        "devices could not connect: {:?}",
+        fleet.report()
+    );
+    // Every idle admin connection is closed by the proxy within the header timeout (+ slack).
+    let t0 = Instant::now();
+    for mut s in idle {
+        let mut b = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(4), s.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle admin connection stayed open {:?}",
+            t0.elapsed()
+        );
+    }
+    eprintln!("300 idle admin connections closed after {:?}", t0.elapsed());
+    let (code, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(code, 200);
+    let rejected: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cync_mitm_admin_rejected_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(rejected >= 268.0, "{rejected} rejected");
+    // A keep-alive connection that went quiet after a request is closed after idle_timeout.
+    let mut s = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut b = [0u8; 512];
+    assert!(s.read(&mut b).await.unwrap() > 0);
+    let t1 = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "a quiet keep-alive connection stayed open");
+    assert!(
+        t1.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t1.elapsed()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    fleet.stop().await;
+    cloud.stop().await;
+}
