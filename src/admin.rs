@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | the process is alive |
-//! | `GET /readyz` | listening and not draining |
+//! | `GET /readyz` | listening, not draining, and a legacy upstream answered recently |
+//! | `GET /upstreams` | health of each upstream address (up, failures, last error, backoff) |
 //! | `GET /routing` | each connected device: path, reason, since |
 //! | `GET /config` | generation, source, pending restarts, the config (secrets masked) |
 //! | `POST /reload` | re-read the config file (from loopback only) |
@@ -99,6 +100,9 @@ fn routing(proxy: &Proxy) -> Value {
         .snapshot()
         .into_iter()
         .map(|(id, s)| {
+            let now = loaded
+                .policy
+                .decide(crate::proxy::tap::PeerKind::Device(id));
             json!({
                 "device_id": id.to_string(),
                 "path": s.decision.path.label(),
@@ -106,7 +110,8 @@ fn routing(proxy: &Proxy) -> Value {
                 "fallback": s.decision.fallback,
                 "mode": s.decision.mode.label(),
                 "reason": s.decision.reason,
-                "reason_text": s.decision.reason.to_string(),
+                "reason_text": now.reason.to_string(),
+                "would_move": now.moves_from(&s.decision),
                 "bucket": loaded.policy.bucket(id),
                 "since": rfc3339(s.since),
                 "peer": s.peer.to_string(),
@@ -120,6 +125,7 @@ fn routing(proxy: &Proxy) -> Value {
         "generation": loaded.generation,
         "mode": r.mode.label(),
         "canary_percent": r.canary_percent,
+        "threshold": loaded.policy.threshold,
         "devices": devices,
     })
 }
@@ -149,10 +155,45 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         ("/healthz", true, _) => text(StatusCode::OK, "ok\n", PLAIN),
-        ("/readyz", true, _) if state.ready.load(Ordering::Relaxed) => {
-            text(StatusCode::OK, "ready\n", PLAIN)
+        ("/readyz", true, _) => {
+            if !state.ready.load(Ordering::Relaxed) {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: not listening yet, or draining\n",
+                    PLAIN,
+                );
+            }
+            match &state.proxy {
+                Some(p) if !p.upstream_ready() => {
+                    let why: Vec<String> = p
+                        .health()
+                        .report()
+                        .into_iter()
+                        .filter(|a| a.path == "legacy")
+                        .map(|a| {
+                            format!(
+                                "{}: {}",
+                                a.address,
+                                a.last_error.as_deref().unwrap_or("not checked yet")
+                            )
+                        })
+                        .collect();
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "not ready: no legacy upstream answered recently ({})\n",
+                            why.join("; ")
+                        ),
+                        PLAIN,
+                    )
+                }
+                _ => text(StatusCode::OK, "ready\n", PLAIN),
+            }
         }
-        ("/readyz", true, _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n", PLAIN),
+        ("/upstreams", true, Some(p)) => json_resp(
+            StatusCode::OK,
+            &json!({"ready": p.upstream_ready(), "upstreams": p.health().report()}),
+        ),
         ("/routing", true, Some(p)) => json_resp(StatusCode::OK, &routing(p)),
         ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
         ("/reload", false, Some(p)) if method == Method::POST => {
@@ -173,7 +214,11 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), PLAIN),
             }
         }
-        ("/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload", _, _) => text(
+        (
+            "/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload" | "/upstreams",
+            _,
+            _,
+        ) => text(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed\n",
             PLAIN,

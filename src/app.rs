@@ -108,7 +108,10 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
         tls::enable_keylog(k)?;
         tracing::warn!(file = %k.display(), "writing TLS secrets of both legs to a key-log file: anyone with it and a raw capture can read the traffic");
     }
-    let metrics = Arc::new(Metrics::new(cfg.metrics.per_device_labels));
+    let metrics = Arc::new(Metrics::with_device_limit(
+        cfg.metrics.per_device_labels,
+        cfg.metrics.max_device_series,
+    ));
     let drain = cfg.timeouts.drain;
     let tls_addr = cfg.listen.tls;
     let plain_addr = cfg.listen.plain;
@@ -181,6 +184,7 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
             p.serve(l, ListenerKind::Plain).await
         }));
     }
+    tokio::spawn(proxy.clone().probe_upstreams());
     admin_state.ready.store(true, Ordering::Relaxed);
 
     let sig = signals.serve(live.clone()).await;

@@ -420,6 +420,11 @@ pub struct UpstreamConfig {
     /// (devices reconnect at once; a short delay causes reconnect storms). Default 15 s.
     #[serde(with = "humantime_serde")]
     pub cloud_down_close_delay: Duration,
+    /// Probe (TCP + TLS) each fixed address that no connection has checked for this long.
+    /// An address counts as up for three intervals after it answered or was reached, unless a
+    /// failure came since. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -434,6 +439,7 @@ impl Default for UpstreamConfig {
             sni: None,
             ciphers: DEFAULT_UPSTREAM_CIPHERS.into(),
             cloud_down_close_delay: Duration::from_secs(15),
+            probe_interval: Duration::from_secs(30),
         }
     }
 }
@@ -494,6 +500,11 @@ pub struct Timeouts {
     /// Upstream TCP connect plus TLS handshake, per address. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub upstream_connect: Duration,
+    /// From forwarding the device's first frame to the upstream's first answer (0x28 for a
+    /// device, 0x18 for the app). An upstream that closes, says something that is not Cync, or
+    /// stays silent this long counts as down, and the device is held. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub upstream_answer: Duration,
     /// Close a connection with no bytes in either direction for this long. Default 90 s (devices
     /// send a heartbeat about every 21 s).
     #[serde(with = "humantime_serde")]
@@ -509,6 +520,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             first_frame: Duration::from_secs(15),
             upstream_connect: Duration::from_secs(5),
+            upstream_answer: Duration::from_secs(10),
             idle: Duration::from_secs(90),
             drain: Duration::from_secs(10),
         }
@@ -597,11 +609,23 @@ impl Default for LogConfig {
 }
 
 /// `[metrics]`
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Add per-device series (`device_id` label). Off by default: cardinality grows with devices.
     pub per_device_labels: bool,
+    /// At most this many devices have per-device series (ids are chosen by peers); a device's
+    /// series are removed 10 minutes after it disconnects. Default 1000.
+    pub max_device_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            per_device_labels: false,
+            max_device_series: 1000,
+        }
+    }
 }
 
 // === impl ConfigError ===
@@ -839,6 +863,9 @@ impl Config {
             ));
         }
         check_backend("upstream", &u.addresses, &u.client_tls())?;
+        if u.probe_interval < Duration::from_secs(1) {
+            return Err(invalid("upstream.probe_interval", "must be at least 1s"));
+        }
         if u.ciphers.trim().is_empty() {
             return Err(invalid("upstream.ciphers", "must not be empty"));
         }
@@ -850,6 +877,7 @@ impl Config {
             ("timeouts.handshake", t.handshake),
             ("timeouts.first_frame", t.first_frame),
             ("timeouts.upstream_connect", t.upstream_connect),
+            ("timeouts.upstream_answer", t.upstream_answer),
             ("timeouts.idle", t.idle),
         ] {
             if d.is_zero() {
@@ -861,6 +889,15 @@ impl Config {
                 "limits.max_connections",
                 format!("must be between 1 and {MAX_CONNECTIONS}"),
             ));
+        }
+        if !(1..=100_000).contains(&self.metrics.max_device_series) {
+            return Err(invalid(
+                "metrics.max_device_series",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(5)).contains(&self.reload.debounce) {
+            return Err(invalid("reload.debounce", "must be between 10ms and 5s"));
         }
         if !(1..=65_535).contains(&self.listen.backlog) {
             return Err(invalid("listen.backlog", "must be between 1 and 65535"));

@@ -180,10 +180,10 @@ enum SimCmd {
         #[arg(long, default_value = "certs")]
         cert_dir: PathBuf,
         /// Send each connected device a command this often (e.g. 5s); none by default.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = positive_duration)]
         command_interval: Option<Duration>,
         /// Print a JSON report this often.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        #[arg(long, value_parser = positive_duration, default_value = "10s")]
         report_every: Duration,
     },
     /// Run a fleet of simulated devices.
@@ -198,7 +198,7 @@ enum SimCmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// Heartbeat period.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "21s")]
+        #[arg(long, value_parser = positive_duration, default_value = "21s")]
         heartbeat: Duration,
         /// TLS flavour.
         #[arg(long, value_enum, default_value_t = SimClientTls::Fp2)]
@@ -210,9 +210,18 @@ enum SimCmd {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
         ramp: Duration,
         /// Print a JSON report this often.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        #[arg(long, value_parser = positive_duration, default_value = "10s")]
         report_every: Duration,
     },
+}
+
+/// A duration that must be greater than zero (a zero period would spin or panic a timer).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -78,6 +78,45 @@ impl DecodeProblem {
     }
 }
 
+/// Every reason a session ends (label `reason` of `cync_mitm_connections_closed_total`).
+pub const CLOSE_REASONS: [&str; 11] = [
+    "device_closed",
+    "cloud_closed",
+    "idle",
+    "replaced",
+    "shutdown",
+    "drained",
+    "device_error",
+    "cloud_error",
+    "cloud_down",
+    "new_path_down",
+    "handshake_rejected",
+];
+
+/// Device TLS handshake failure reasons created at start. Others are OpenSSL's own reason
+/// strings (a bounded set), lower-cased with `_` for spaces.
+pub const HANDSHAKE_REASONS: [&str; 7] = [
+    "timeout",
+    "eof",
+    "closed",
+    "wrong_version_number",
+    "no_shared_cipher",
+    "http_request",
+    "unsupported_protocol",
+];
+
+/// Results of upstream connection attempts (label `result` of
+/// `cync_mitm_upstream_connects_total`).
+pub const UPSTREAM_RESULTS: [&str; 7] = [
+    "ok",
+    "connect_error",
+    "timeout",
+    "tls_error",
+    "pin_mismatch",
+    "no_original_dst",
+    "no_address",
+];
+
 /// All proxy metrics and their registry.
 pub struct Metrics {
     registry: Registry,
@@ -95,14 +134,10 @@ pub struct Metrics {
     pub handshake_failures: IntCounterVec,
     /// Connections that never produced a first frame, by reason.
     pub first_frame_failures: IntCounterVec,
-    /// Older connections of a device closed because the device connected again.
-    pub replaced: IntCounter,
     /// Upstream connection attempts, by result.
     pub upstream_connects: IntCounterVec,
     /// Upstream connect (TCP + TLS) time.
     pub upstream_connect_seconds: Histogram,
-    /// Device connections closed because no upstream answered.
-    pub cloud_down_closes: IntCounter,
     /// Session lifetime.
     pub session_seconds: Histogram,
     /// Config reloads, by result (`ok`, `unchanged`, `error`).
@@ -113,10 +148,10 @@ pub struct Metrics {
     pub canary_percentage: prometheus::Gauge,
     /// Routing decisions, by primary transport (`legacy`, `new`).
     pub routing_decisions: IntCounterVec,
-    /// Connections closed so their device reconnects through a changed routing decision.
-    pub drained: IntCounter,
     /// new_primary connections that fell back to legacy because the new path was unreachable.
     pub new_path_fallbacks: IntCounter,
+    /// Upstream health by path and address (1 up, 0 down).
+    pub upstream_up_v: IntGaugeVec,
     /// Admin connections closed at accept because `admin.max_connections` were open.
     pub admin_rejected: IntCounter,
     /// Capture chunks dropped because the writer's queue was full.
@@ -135,6 +170,17 @@ pub struct Metrics {
     frames: [Vec<IntCounter>; 2],
     decode_errors: [Vec<IntCounter>; 2],
     device_frames: Option<IntCounterVec>,
+    devices: std::sync::Mutex<DeviceSeries>,
+}
+
+/// How long a device's series outlive its last connection.
+pub const DEVICE_SERIES_LINGER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Which devices have per-device series: `None` while connected, else when it left.
+struct DeviceSeries {
+    max: usize,
+    seen: std::collections::HashMap<String, Option<std::time::Instant>>,
+    last_sweep: std::time::Instant,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -157,6 +203,11 @@ impl Metrics {
     /// Registers every metric. Panics only on a programming error (duplicate or invalid names),
     /// which the unit tests catch.
     pub fn new(per_device_labels: bool) -> Self {
+        Self::with_device_limit(per_device_labels, 1000)
+    }
+
+    /// As [`Metrics::new`], with at most `max_devices` devices having per-device series.
+    pub fn with_device_limit(per_device_labels: bool, max_devices: usize) -> Self {
         let r = Registry::new();
         let accepted = counter_vec(
             &r,
@@ -205,13 +256,6 @@ impl Metrics {
             "Connections closed before a first whole frame, by reason.",
             &["reason"],
         );
-        let replaced = IntCounter::new(
-            "cync_mitm_connections_replaced_total",
-            "Connections closed because the same device connected again.",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        r.register(Box::new(replaced.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
         let upstream_connects = counter_vec(
             &r,
             "cync_mitm_upstream_connects_total",
@@ -224,13 +268,6 @@ impl Metrics {
             "Upstream TCP+TLS connect time.",
             vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
         );
-        let cloud_down_closes = IntCounter::new(
-            "cync_mitm_cloud_down_closes_total",
-            "Device connections closed because no upstream answered.",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        r.register(Box::new(cloud_down_closes.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
         let session_seconds = histogram(
             &r,
             "cync_mitm_session_duration_seconds",
@@ -239,12 +276,12 @@ impl Metrics {
         );
         let config_reloads = counter_vec(
             &r,
-            "config_reload_total",
+            "cync_mitm_config_reloads_total",
             "Config reloads, by result.",
             &["result"],
         );
         let config_generation = IntGauge::new(
-            "config_generation",
+            "cync_mitm_config_generation",
             "Generation of the configuration in use (1 at start).",
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -263,13 +300,6 @@ impl Metrics {
             "Routing decisions at connect, by primary transport.",
             &["transport"],
         );
-        let drained = IntCounter::new(
-            "cync_mitm_drained_total",
-            "Connections closed so the device reconnects through a changed routing decision.",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        r.register(Box::new(drained.clone()))
-            .unwrap_or_else(|e| panic!("{e}"));
         let new_path_fallbacks = IntCounter::new(
             "cync_mitm_new_path_fallbacks_total",
             "new_primary connections relayed to legacy because the new path was unreachable.",
@@ -311,6 +341,16 @@ impl Metrics {
             "Bytes written to capture files (counted once flushed to the file).",
         );
         let capture_files = simple("cync_mitm_capture_files_total", "Capture files opened.");
+        let upstream_up_v = IntGaugeVec::new(
+            Opts::new(
+                "cync_mitm_upstream_up",
+                "Upstream health by path and address: 1 when it answered (or a probe reached it) recently with no failure since, else 0.",
+            ),
+            &["path", "address"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(upstream_up_v.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
         let admin_rejected = simple(
             "cync_mitm_admin_rejected_total",
             "Admin connections closed at accept because admin.max_connections were open.",
@@ -361,6 +401,40 @@ impl Metrics {
         for peer in ["device", "app", "unknown", "pending"] {
             active.with_label_values(&[peer]).set(0);
         }
+        // Every known label value exists from the start, so rate() and absent-series alerts
+        // work before the first event.
+        for l in ["tls", "plain"] {
+            accepted.with_label_values(&[l]);
+        }
+        rejected.with_label_values(&["limit"]);
+        for reason in CLOSE_REASONS {
+            closed.with_label_values(&[reason]);
+        }
+        for reason in HANDSHAKE_REASONS {
+            handshake_failures.with_label_values(&[reason]);
+        }
+        for reason in ["timeout", "eof", "error"] {
+            first_frame_failures.with_label_values(&[reason]);
+        }
+        for result in UPSTREAM_RESULTS {
+            upstream_connects.with_label_values(&[result]);
+        }
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "cync_mitm_build_info",
+                "The running build: version and git commit (value 1).",
+            ),
+            &["version", "commit"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(build_info.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("CYNC_MITM_COMMIT")])
+            .set(1);
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        r.register(Box::new(process))
+            .unwrap_or_else(|e| panic!("{e}"));
         Self {
             registry: r,
             accepted,
@@ -370,17 +444,15 @@ impl Metrics {
             closed,
             handshake_failures,
             first_frame_failures,
-            replaced,
             upstream_connects,
             upstream_connect_seconds,
-            cloud_down_closes,
             session_seconds,
             config_reloads,
             config_generation,
             canary_percentage,
             routing_decisions,
-            drained,
             new_path_fallbacks,
+            upstream_up_v,
             admin_rejected,
             capture_dropped,
             capture_dropped_error,
@@ -392,7 +464,19 @@ impl Metrics {
             frames,
             decode_errors,
             device_frames,
+            devices: std::sync::Mutex::new(DeviceSeries {
+                max: max_devices,
+                seen: std::collections::HashMap::new(),
+                last_sweep: std::time::Instant::now(),
+            }),
         }
+    }
+
+    /// Sets the health gauge of an upstream address.
+    pub fn upstream_up(&self, path: &str, address: &str, up: bool) {
+        self.upstream_up_v
+            .with_label_values(&[path, address])
+            .set(i64::from(up));
     }
 
     /// Counts one capture failure of `kind`.
@@ -411,8 +495,58 @@ impl Metrics {
             c.inc();
         }
         if let (Some(v), Some(d)) = (&self.device_frames, device) {
+            {
+                let mut g = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+                let (len, max) = (g.seen.len(), g.max);
+                match g.seen.get_mut(d) {
+                    Some(e) => *e = None,
+                    None if len >= max => return,
+                    None => {
+                        g.seen.insert(d.to_owned(), None);
+                    }
+                }
+            }
             v.with_label_values(&[d, flow.label()]).inc();
         }
+    }
+
+    /// A device's connection ended: its per-device series go once it has been away for
+    /// [`DEVICE_SERIES_LINGER`] (checked at most once a minute, here).
+    pub fn device_gone(&self, device: &str) {
+        self.sweep_devices(device, std::time::Instant::now());
+    }
+
+    fn sweep_devices(&self, gone: &str, now: std::time::Instant) {
+        let Some(v) = &self.device_frames else { return };
+        let mut g = self.devices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = g.seen.get_mut(gone) {
+            *e = Some(now);
+        }
+        if now.duration_since(g.last_sweep) < std::time::Duration::from_secs(60) {
+            return;
+        }
+        g.last_sweep = now;
+        let old: Vec<String> = g
+            .seen
+            .iter()
+            .filter(|(_, t)| t.is_some_and(|t| now.duration_since(t) >= DEVICE_SERIES_LINGER))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in old {
+            g.seen.remove(&d);
+            for f in [Flow::DeviceToCloud, Flow::CloudToDevice] {
+                let _ = v.remove_label_values(&[&d, f.label()]);
+            }
+        }
+    }
+
+    /// Devices with per-device series now.
+    pub fn device_series(&self) -> usize {
+        self.devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen
+            .len()
     }
 
     /// Counts one decode problem.
@@ -446,8 +580,10 @@ impl Metrics {
         self.active.with_label_values(&[peer])
     }
 
-    /// Prometheus text exposition of everything registered.
+    /// Prometheus text exposition of everything registered (departed devices' series older
+    /// than [`DEVICE_SERIES_LINGER`] are removed first, at most once a minute).
     pub fn render(&self) -> String {
+        self.sweep_devices("", std::time::Instant::now());
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
@@ -480,6 +616,30 @@ mod tests {
                 f.name()
             );
         }
+    }
+
+    #[test]
+    fn per_device_series_are_capped_and_removed_after_the_device_left() {
+        let m = Metrics::with_device_limit(true, 3);
+        for d in ["a", "b", "c", "d"] {
+            m.add_frame(Flow::DeviceToCloud, PacketType::PING, Some(d));
+        }
+        assert_eq!(m.device_series(), 3);
+        assert!(!m.render().contains("device_id=\"d\""));
+        let t0 = std::time::Instant::now();
+        m.sweep_devices("a", t0);
+        m.sweep_devices("b", t0 + std::time::Duration::from_secs(61));
+        assert_eq!(m.device_series(), 3, "not gone long enough");
+        m.sweep_devices(
+            "c",
+            t0 + DEVICE_SERIES_LINGER + std::time::Duration::from_secs(200),
+        );
+        assert_eq!(m.device_series(), 1, "only c, which just left, remains");
+        assert!(!m.render().contains("device_id=\"a\""));
+        assert!(!m.render().contains("device_id=\"b\""));
+        assert!(m.render().contains("device_id=\"c\""));
+        m.add_frame(Flow::DeviceToCloud, PacketType::PING, Some("d"));
+        assert!(m.render().contains("device_id=\"d\""));
     }
 
     #[test]

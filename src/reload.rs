@@ -63,6 +63,9 @@ fn cert_stamp(tls: &crate::config::TlsConfig) -> CertStamp {
     }
 }
 
+/// Largest configuration file read on reload.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// How many times a reload re-reads a file that is still changing before it gives up.
 const STABLE_READS: usize = 20;
 
@@ -78,9 +81,20 @@ fn read_stable(path: &Path, settle: Duration) -> Result<Vec<u8>, ConfigError> {
         field: None,
         message,
     };
+    let settle = settle.min(Duration::from_millis(200));
     let mut last: Option<Vec<u8>> = None;
     let mut last_err = None;
     for _ in 0..STABLE_READS {
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => return Err(err("not a regular file".into())),
+            Ok(m) if m.len() > MAX_CONFIG_BYTES => {
+                return Err(err(format!(
+                    "{} bytes; a configuration file is at most {MAX_CONFIG_BYTES}",
+                    m.len()
+                )));
+            }
+            _ => {}
+        }
         match std::fs::read(path) {
             Ok(b) => {
                 if last.as_deref() == Some(&b[..]) {

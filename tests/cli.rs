@@ -94,3 +94,22 @@ fn table_format() {
     assert!(s.contains("pipe_sync"), "{s}");
     assert!(s.contains("status mesh=5 on bri=100"), "{s}");
 }
+
+#[test]
+fn zero_periods_in_the_simulators_are_refused_not_panics() {
+    for args in [
+        vec!["sim", "cloud", "--command-interval", "0s"],
+        vec!["sim", "cloud", "--report-every", "0ms"],
+        vec!["sim", "devices", "--heartbeat", "0s"],
+        vec!["sim", "devices", "--report-every", "0s"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("greater than zero"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -241,10 +241,18 @@ async fn cloud_down_closes_devices_after_the_delay_and_recovers() {
         "closed after {:?}",
         t0.elapsed()
     );
-    assert_eq!(p.metrics.cloud_down_closes.get(), 1);
+    assert_eq!(p.metrics.closed.with_label_values(&["cloud_down"]).get(), 1);
 
     let fleet = start_fleet(fleet_config(p.addr, 3));
-    assert!(wait_until(T, || p.metrics.cloud_down_closes.get() >= 4).await);
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["cloud_down"])
+            .get()
+            >= 4)
+        .await
+    );
     assert_eq!(fleet.stats().online.load(Ordering::Relaxed), 0);
 
     // The cloud comes back on the same address: devices reconnect and work.
@@ -397,7 +405,7 @@ async fn a_device_connecting_again_replaces_its_old_connection() {
         closed_within(&mut a, Duration::from_secs(3)).await,
         "old connection still open"
     );
-    assert_eq!(p.metrics.replaced.get(), 1);
+    assert_eq!(p.metrics.closed.with_label_values(&["replaced"]).get(), 1);
     assert!(
         wait_until(T, || p
             .metrics
@@ -644,5 +652,76 @@ async fn fingerprint_1_clients_get_ecdhe_ecdsa_with_the_p256_leaf() {
             .await
             .is_some()
     );
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_auth_impostor_cannot_take_over_a_device_and_a_right_auth_reconnect_can() {
+    let id = DeviceId(0x0102_0304);
+    let code = b"0123456789abcdef".to_vec();
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig {
+        auth_codes: Some(std::sync::Arc::new(
+            [(id, code.clone())].into_iter().collect(),
+        )),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = proxy_config(cloud_addr);
+    cfg.upstream.cloud_down_close_delay = Duration::from_millis(200);
+    let p = start_proxy(cfg).await;
+    let mut real = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    real.write_all(&handshake(id.0)).await.unwrap();
+    assert!(
+        read_until(&mut real, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_some()
+    );
+    let live = p.proxy.registry().get(id).unwrap().conn;
+
+    // The impostor: same id, wrong code. The cloud refuses it; the real device stays.
+    let mut imp = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    imp.write_all(
+        &Frame::handshake(id, b"ffffffffffffffff", 60)
+            .encode()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        read_until(&mut imp, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_none()
+    );
+    assert!(closed_within(&mut imp, Duration::from_secs(3)).await);
+    assert_eq!(cloud.stats().rejected.load(Ordering::Relaxed), 1);
+    assert_eq!(p.proxy.registry().get(id).unwrap().conn, live);
+    assert_eq!(p.metrics.closed.with_label_values(&["replaced"]).get(), 0);
+    real.write_all(&Frame::ping().encode().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        read_until(&mut real, PacketType::PONG).await.is_some(),
+        "the real device lost its session"
+    );
+
+    // The real device reconnecting (right code) replaces its old connection at once.
+    let mut again = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    again.write_all(&handshake(id.0)).await.unwrap();
+    assert!(
+        read_until(&mut again, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_some()
+    );
+    assert!(closed_within(&mut real, Duration::from_secs(3)).await);
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["replaced"])
+            .get()
+            == 1)
+        .await
+    );
+    assert_ne!(p.proxy.registry().get(id).unwrap().conn, live);
     cloud.stop().await;
 }

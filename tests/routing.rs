@@ -151,7 +151,10 @@ async fn reload_moves_only_the_devices_whose_path_changed_and_loses_nothing() {
         "all moved devices reconnected on the new path after {:?}",
         t1.elapsed()
     );
-    assert_eq!(metrics.drained.get(), moved.len() as u64);
+    assert_eq!(
+        metrics.closed.with_label_values(&["drained"]).get(),
+        moved.len() as u64
+    );
     assert_eq!(
         newp.stats().handshakes.load(Ordering::Relaxed),
         moved.len() as u64
@@ -286,7 +289,15 @@ async fn new_primary_falls_back_new_only_does_not_and_apps_stay_legacy() {
     cfg.routing.mode = cync_mitm::route::Mode::NewOnly;
     let q = start_proxy(cfg).await;
     let fleet = start_fleet(fleet_config(q.addr, 2));
-    assert!(wait_until(T, || q.metrics.cloud_down_closes.get() >= 2).await);
+    assert!(
+        wait_until(T, || q
+            .metrics
+            .closed
+            .with_label_values(&["new_path_down"])
+            .get()
+            >= 2)
+        .await
+    );
     assert_eq!(fleet.stats().online.load(Ordering::Relaxed), 0);
     assert_eq!(q.metrics.new_path_fallbacks.get(), 0);
     fleet.stop().await;

@@ -99,6 +99,8 @@ pub struct LiveSession {
     pub decision: Decision,
     /// The device's address.
     pub peer: std::net::SocketAddr,
+    /// SHA-256 of the auth code of its 0x23 (a reconnect with the same code replaces at once).
+    pub auth: [u8; 32],
 }
 
 /// Live device sessions by device id: a new connection of a device replaces the old one.
@@ -180,6 +182,7 @@ mod tests {
             since: std::time::SystemTime::now(),
             decision,
             peer: "127.0.0.1:1".parse().unwrap(),
+            auth: [0; 32],
         };
         assert!(r.register(DeviceId(1), s(ca, a.clone())).is_none());
         let old = r.register(DeviceId(1), s(cb, b.clone())).unwrap();

@@ -6,11 +6,12 @@
 //! accept loop: handshakes and connects run in the session task, under the configured timeouts.
 
 pub mod control;
+pub mod health;
 pub mod relay;
 pub mod tap;
 pub mod upstream;
 
-use crate::codec::{Frame, Framer, FramerEvent};
+use crate::codec::{Body, Frame, Framer, FramerEvent};
 use crate::config::Config;
 use crate::metrics::{Flow, Metrics};
 use crate::reload::{LiveConfig, Loaded};
@@ -71,6 +72,7 @@ pub struct Proxy {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     sinks: Arc<[Arc<dyn TapSink>]>,
+    health: health::Health,
 }
 
 struct GaugeGuard(prometheus::IntGauge);
@@ -92,8 +94,19 @@ impl Proxy {
     ) -> Result<Arc<Self>, ProxyError> {
         let cfg = live.current();
         let acceptor = DeviceAcceptor::new(&cfg.config.tls, certs)?;
-        let limit = Arc::new(Semaphore::new(cfg.config.limits.max_connections));
+        let limit = Arc::new(Semaphore::new(
+            cfg.config
+                .limits
+                .max_connections
+                .min(Semaphore::MAX_PERMITS),
+        ));
+        let health = health::Health::new(metrics.clone(), cfg.config.upstream.probe_interval * 3);
+        if cfg.config.upstream.mode == crate::config::UpstreamMode::Fixed {
+            health.track(Path::Legacy, &cfg.config.upstream.addresses);
+        }
+        health.track(Path::New, &cfg.config.new_path.addresses);
         let me = Arc::new(Self {
+            health,
             live,
             acceptor,
             metrics,
@@ -175,10 +188,79 @@ impl Proxy {
                         }
                         if loaded.policy.decide(PeerKind::Device(id)).moves_from(&s.decision) {
                             s.control.close(Cause::Drained);
-                            self.metrics.drained.inc();
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Upstream health.
+    pub fn health(&self) -> &health::Health {
+        &self.health
+    }
+
+    /// Whether the legacy path is healthy: in fixed mode, an address answered or was reached
+    /// recently with no failure since; in transparent mode, the most recent checks did not all
+    /// fail (no address is known before devices connect).
+    pub fn upstream_ready(&self) -> bool {
+        let cfg = self.live.current();
+        match cfg.config.upstream.mode {
+            crate::config::UpstreamMode::Fixed => self.health.any_up(Path::Legacy),
+            crate::config::UpstreamMode::Transparent => {
+                let r = self.health.report();
+                r.iter().all(|a| a.path != "legacy") || self.health.any_up(Path::Legacy)
+            }
+        }
+    }
+
+    /// Probes (TCP + TLS, no Cync bytes) each fixed upstream address that no connection has
+    /// checked for `upstream.probe_interval`, until shutdown. At start every address is probed,
+    /// so `/readyz` knows within a connect timeout.
+    pub async fn probe_upstreams(self: Arc<Self>) {
+        loop {
+            let loaded = self.live.current();
+            let cfg = &loaded.config;
+            let every = cfg.upstream.probe_interval;
+            let mut jobs = Vec::new();
+            if cfg.upstream.mode == crate::config::UpstreamMode::Fixed {
+                self.health.track(Path::Legacy, &cfg.upstream.addresses);
+                for a in self
+                    .health
+                    .stale(Path::Legacy, &cfg.upstream.addresses, every)
+                {
+                    let tls = cfg.upstream.tls.then(|| loaded.upstream.clone());
+                    jobs.push((Path::Legacy, a, tls));
+                }
+            }
+            self.health.track(Path::New, &cfg.new_path.addresses);
+            for a in self.health.stale(Path::New, &cfg.new_path.addresses, every) {
+                let tls = cfg.new_path.tls.then(|| loaded.new_path.clone());
+                jobs.push((Path::New, a, tls));
+            }
+            let timeout = cfg.timeouts.upstream_connect;
+            let mut probes = tokio::task::JoinSet::new();
+            for (path, addr, tls) in jobs {
+                let me = self.clone();
+                probes.spawn(async move {
+                    let check = match upstream::probe(&addr, tls.as_ref(), timeout).await {
+                        Ok(()) => health::Check::Reachable,
+                        Err(e) => {
+                            tracing::warn!(path = path.label(), upstream = %addr, error = %e, "upstream probe failed");
+                            health::Check::Failed(e.to_string())
+                        }
+                    };
+                    me.health.record(path, &addr, check);
+                });
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = probes.join_all() => {}
+            }
+            self.health.refresh();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep((every / 3).max(Duration::from_secs(1))) => {}
             }
         }
     }
@@ -375,23 +457,30 @@ impl Proxy {
             .with_label_values(&[decision.path.label()])
             .inc();
         let control = SessionControl::new(&self.shutdown);
-        if let PeerKind::Device(id) = peer_kind
-            && self
-                .registry
-                .register(
-                    id,
-                    LiveSession {
-                        conn,
-                        control: control.clone(),
-                        since: SystemTime::now(),
-                        decision,
-                        peer,
-                    },
-                )
-                .is_some()
+        // One live connection per device, but a new one replaces the old only once it is
+        // proven: the same auth code as the live one, or (below) the upstream's 0x28 answer.
+        // Until then both exist, so a LAN client claiming another device's id with a wrong
+        // code cannot close the real device's session.
+        let mut deferred = None;
+        if let (PeerKind::Device(id), Some(Body::Handshake(h))) =
+            (peer_kind, first.as_ref().map(|f| &f.body))
         {
-            self.metrics.replaced.inc();
-            tracing::info!("device connected again; closing its older connection");
+            let session = LiveSession {
+                conn,
+                control: control.clone(),
+                since: SystemTime::now(),
+                decision,
+                peer,
+                auth: openssl::sha::sha256(&h.auth_code),
+            };
+            match self.registry.get(id) {
+                Some(live) if live.auth != session.auth => deferred = Some((id, session)),
+                _ => {
+                    if self.registry.register(id, session).is_some() {
+                        tracing::info!("device connected again; closing its older connection");
+                    }
+                }
+            }
         }
         let meta = Arc::new(ConnMeta {
             id: conn,
@@ -404,11 +493,14 @@ impl Proxy {
 
         let reason = self
             .connect_and_relay(
-                &loaded, decision, device, initial, &meta, &control, orig_dst,
+                &loaded, decision, device, initial, &meta, &control, orig_dst, deferred,
             )
             .await;
         if let PeerKind::Device(id) = peer_kind {
             self.registry.unregister(id, conn);
+        }
+        if let Some(label) = peer_kind.id_label() {
+            self.metrics.device_gone(&label);
         }
         let secs = started.elapsed().as_secs_f64();
         self.metrics.session_seconds.observe(secs);
@@ -429,7 +521,7 @@ impl Proxy {
         let cfg = &loaded.config;
         if decision.path == Path::New {
             let target = upstream::Target::new_path(cfg, &loaded.new_path);
-            match upstream::connect(&target, &self.metrics).await {
+            match upstream::connect(&target, &self.metrics, &self.health, Path::New).await {
                 Ok(u) => return Ok((u, Path::New)),
                 Err(e) if decision.fallback => {
                     self.metrics.new_path_fallbacks.inc();
@@ -445,7 +537,7 @@ impl Proxy {
                     .with_label_values(&[e.label()])
                     .inc();
             })?;
-        upstream::connect(&target, &self.metrics)
+        upstream::connect(&target, &self.metrics, &self.health, Path::Legacy)
             .await
             .map(|u| (u, Path::Legacy))
     }
@@ -460,6 +552,7 @@ impl Proxy {
         meta: &Arc<ConnMeta>,
         control: &Arc<SessionControl>,
         orig_dst: Option<SocketAddr>,
+        mut deferred: Option<(crate::codec::DeviceId, LiveSession)>,
     ) -> String {
         let cfg: &Config = &loaded.config;
         // 3. Upstream.
@@ -473,9 +566,17 @@ impl Proxy {
                 tracing::warn!(error = %e, delay = ?cfg.upstream.cloud_down_close_delay,
                     "no upstream reachable; closing the device connection after the delay");
                 hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control).await;
-                self.metrics.cloud_down_closes.inc();
-                return "cloud_down".to_owned();
+                let down = if decision.path == Path::New && !decision.fallback {
+                    "new_path_down"
+                } else {
+                    "cloud_down"
+                };
+                return down.to_owned();
             }
+        };
+        let down_reason = match path {
+            Path::Legacy => "cloud_down",
+            Path::New => "new_path_down",
         };
         let _ = meta.upstream.set((up.local, up.remote));
         match meta.peer {
@@ -520,14 +621,92 @@ impl Proxy {
         }
         .await
         {
-            return relay::CloseReason::Error {
-                side: relay::Side::Cloud,
-                message: e.to_string(),
-            }
-            .label()
-            .to_owned();
+            self.health.record(
+                path,
+                &up.target,
+                health::Check::Failed(format!("write: {e}")),
+            );
+            hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control).await;
+            return down_reason.to_owned();
         }
         d2c.on_chunk(&initial);
+        // 4b. The upstream's first answer: it must come, and be Cync, or the upstream is down
+        // and the device is held (so it does not reconnect in a loop).
+        let mut answer = Vec::new();
+        if matches!(meta.peer, PeerKind::Device(_) | PeerKind::App(_)) {
+            let r = tokio::select! {
+                _ = control.token().cancelled() => return control.cause().label().to_owned(),
+                r = tokio::time::timeout(
+                    cfg.timeouts.upstream_answer,
+                    read_first_answer(&mut upstream_io, &mut answer, cfg.limits.max_frame),
+                ) => r,
+            };
+            let closed_early =
+                matches!(&r, Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof);
+            let failure = match r {
+                Ok(Ok(FirstAnswer::Cync(ptype))) => {
+                    self.health
+                        .record(path, &up.target, health::Check::Answered);
+                    if let Some((id, session)) = deferred.take() {
+                        if ptype == crate::codec::PacketType::HANDSHAKE_ACK {
+                            if self.registry.register(id, session).is_some() {
+                                tracing::info!(
+                                    "device connected again with a new auth code the upstream accepted; closing its older connection"
+                                );
+                            }
+                        } else {
+                            tracing::info!(answer = %ptype, "the upstream did not accept the handshake with 0x28; the device's live connection stays");
+                        }
+                    }
+                    None
+                }
+                Ok(Ok(FirstAnswer::NotCync(what))) => Some(format!(
+                    "the upstream does not speak Cync: it answered {what}"
+                )),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Some(
+                    "the upstream closed the connection before answering the handshake \
+                     (a wrong auth code, or not a working Cync upstream)"
+                        .to_owned(),
+                ),
+                Ok(Err(e)) => Some(format!("the upstream failed before answering: {e}")),
+                Err(_) => Some(format!(
+                    "the upstream did not answer within {:?}",
+                    cfg.timeouts.upstream_answer
+                )),
+            };
+            if let Some(why) = failure {
+                if deferred.is_some() && closed_early {
+                    // Another connection of this device is live with a different auth code,
+                    // and the upstream refused this one: a handshake rejection (an impostor,
+                    // or a stale code), not an upstream fault.
+                    tracing::warn!(upstream = %up.target, delay = ?cfg.upstream.cloud_down_close_delay,
+                        "the upstream refused this handshake (its auth code differs from the device's live connection, which stays); holding, then closing");
+                    hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control)
+                        .await;
+                    return "handshake_rejected".to_owned();
+                }
+                tracing::warn!(upstream = %up.target, path = path.label(), delay = ?cfg.upstream.cloud_down_close_delay,
+                    "{why}; holding the device connection, then closing it");
+                self.health
+                    .record(path, &up.target, health::Check::Refused(why));
+                hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control).await;
+                return down_reason.to_owned();
+            }
+            if let Err(e) = async {
+                device.write_all(&answer).await?;
+                device.flush().await
+            }
+            .await
+            {
+                return relay::CloseReason::Error {
+                    side: relay::Side::Device,
+                    message: e.to_string(),
+                }
+                .label()
+                .to_owned();
+            }
+            c2d.on_chunk(&answer);
+        }
         // 5. Relay.
         let reason = relay::run(
             device,
@@ -579,6 +758,60 @@ async fn read_first_frame(
         match framer.next_event() {
             Some(FramerEvent::Frame(raw)) => return Ok(raw.decode().ok()),
             Some(FramerEvent::Error(_)) => return Ok(None),
+            None => {}
+        }
+    }
+}
+
+/// What the upstream said first.
+enum FirstAnswer {
+    /// A whole Cync frame of a known type.
+    Cync(crate::codec::PacketType),
+    /// Bytes that are not Cync, described for the log.
+    NotCync(String),
+}
+
+/// Shows the first bytes of a foreign answer: as text when they read as text (an HTTP or
+/// SMTP server), else as hex.
+fn describe_foreign(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(48)];
+    let printable = head
+        .iter()
+        .filter(|b| b.is_ascii_graphic() || matches!(b, b' ' | b'\r' | b'\n' | b'\t'))
+        .count();
+    if !head.is_empty() && printable * 10 >= head.len() * 9 {
+        format!("{:?}", String::from_utf8_lossy(head))
+    } else {
+        format!("bytes {}", crate::hexutil::to_hex(head))
+    }
+}
+
+/// Reads the upstream until its first whole frame. Every byte read is appended to `answer` so
+/// it can be forwarded unchanged.
+async fn read_first_answer(
+    up: &mut Box<dyn Io>,
+    answer: &mut Vec<u8>,
+    max_frame: usize,
+) -> std::io::Result<FirstAnswer> {
+    let mut framer = Framer::new(max_frame);
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = up.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        answer.extend_from_slice(&buf[..n]);
+        framer.push(&buf[..n]);
+        match framer.next_event() {
+            // A whole frame counts as Cync even when its type is new to us: only bytes that do
+            // not frame at all (a length beyond the limit, resynchronisation) are foreign.
+            Some(FramerEvent::Frame(raw)) => return Ok(FirstAnswer::Cync(raw.ptype())),
+            Some(FramerEvent::Error(_)) => {
+                return Ok(FirstAnswer::NotCync(describe_foreign(answer)));
+            }
+            None if answer.len() > max_frame => {
+                return Ok(FirstAnswer::NotCync(describe_foreign(answer)));
+            }
             None => {}
         }
     }

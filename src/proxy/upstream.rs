@@ -2,8 +2,10 @@
 //! destination (iptables REDIRECT), over TLS (OpenSSL, optional pin) or plain TCP.
 
 use super::Io;
+use super::health::{Check, Health};
 use crate::config::{Config, UpstreamMode};
 use crate::metrics::Metrics;
+use crate::route::Path;
 use crate::tls::{TlsError, UpstreamConnector};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -17,6 +19,8 @@ pub struct Upstream {
     pub local: SocketAddr,
     /// The upstream's address.
     pub remote: SocketAddr,
+    /// The address as configured (`host:port`), the key of its health.
+    pub target: String,
 }
 
 /// Why no upstream could be reached (the last attempt's error).
@@ -107,7 +111,12 @@ async fn attempt(addr: &str, tls: Option<&UpstreamConnector>) -> Result<Upstream
         })?),
         None => Box::new(tcp),
     };
-    Ok(Upstream { io, local, remote })
+    Ok(Upstream {
+        io,
+        local,
+        remote,
+        target: addr.to_owned(),
+    })
 }
 
 /// Where to connect: the addresses to try, in order, and how.
@@ -150,10 +159,35 @@ impl<'a> Target<'a> {
     }
 }
 
-/// Connects to the first address of `target` that answers.
-pub async fn connect(target: &Target<'_>, metrics: &Metrics) -> Result<Upstream, UpstreamError> {
+/// One TCP (+ TLS) connection to `addr`, closed at once: the health probe.
+pub async fn probe(
+    addr: &str,
+    tls: Option<&UpstreamConnector>,
+    timeout: Duration,
+) -> Result<(), UpstreamError> {
+    match tokio::time::timeout(timeout, attempt(addr, tls)).await {
+        Ok(Ok(mut up)) => {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut up.io).await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(UpstreamError::Timeout {
+            addr: addr.to_owned(),
+            after: timeout,
+        }),
+    }
+}
+
+/// Connects to the first address of `target` that answers, trying addresses that are backing
+/// off after failures last; connect and TLS failures are recorded in `health`.
+pub async fn connect(
+    target: &Target<'_>,
+    metrics: &Metrics,
+    health: &Health,
+    path: Path,
+) -> Result<Upstream, UpstreamError> {
     let mut last = None;
-    for addr in &target.addresses {
+    for addr in &health.order(path, &target.addresses) {
         let started = Instant::now();
         let r = match tokio::time::timeout(target.timeout, attempt(addr, target.tls)).await {
             Ok(r) => r,
@@ -175,7 +209,20 @@ pub async fn connect(target: &Target<'_>, metrics: &Metrics) -> Result<Upstream,
                     .upstream_connects
                     .with_label_values(&[e.label()])
                     .inc();
-                tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
+                health.record(path, addr, Check::Failed(e.to_string()));
+                if let UpstreamError::Tls {
+                    source: TlsError::PinMismatch { got },
+                    ..
+                } = &e
+                {
+                    tracing::warn!(
+                        upstream = %addr,
+                        "upstream certificate sha256 {got} matches no pin: if this is the \
+                         upstream you expect, add \"{got}\" to pin_sha256"
+                    );
+                } else {
+                    tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
+                }
                 last = Some(e);
             }
         }

@@ -45,6 +45,9 @@ pub struct CloudSimConfig {
     pub record: bool,
     /// UTC offset of the wall-clock time in 0xc8 answers, in minutes (the cloud uses US Central).
     pub utc_offset_minutes: i16,
+    /// When set, only these devices with these auth codes are accepted: any other 0x23 is
+    /// answered by closing the connection without a 0x28, as the real cloud does.
+    pub auth_codes: Option<Arc<HashMap<DeviceId, Vec<u8>>>>,
 }
 
 impl Default for CloudSimConfig {
@@ -53,6 +56,7 @@ impl Default for CloudSimConfig {
             command_interval: None,
             record: false,
             utc_offset_minutes: -360,
+            auth_codes: None,
         }
     }
 }
@@ -66,6 +70,8 @@ pub struct CloudStats {
     pub tls_failures: AtomicU64,
     /// Device handshakes (0x23) seen.
     pub handshakes: AtomicU64,
+    /// Handshakes refused (unknown device or wrong auth code, with `auth_codes` set).
+    pub rejected: AtomicU64,
     /// App logins (0x13) seen.
     pub logins: AtomicU64,
     /// Frames received.
@@ -298,6 +304,11 @@ impl CloudConn<'_> {
                         if let FramerEvent::Frame(raw) = ev {
                             self.sim.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                             match raw.decode() {
+                                Ok(f) if !self.accepts(&f) => {
+                                    self.sim.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                                    let _ = w.shutdown().await;
+                                    return;
+                                }
                                 Ok(f) => self.answer(&f, &mut out),
                                 Err(_) => { self.sim.stats.bad_frames.fetch_add(1, Ordering::Relaxed); }
                             }
@@ -318,6 +329,16 @@ impl CloudConn<'_> {
             }
         }
         let _ = w.shutdown().await;
+    }
+
+    /// Whether a handshake passes the auth check (anything else always does).
+    fn accepts(&self, f: &Frame) -> bool {
+        match (&self.sim.cfg.auth_codes, &f.body) {
+            (Some(codes), Body::Handshake(h)) => {
+                codes.get(&h.device_id).map(Vec::as_slice) == Some(&h.auth_code[..])
+            }
+            _ => true,
+        }
     }
 
     fn push(out: &mut Vec<u8>, f: &Frame) {
