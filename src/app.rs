@@ -98,12 +98,6 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
     if created {
         tracing::warn!(dir = %cfg.tls.cert_dir.display(), "minted a new CA and device certificates");
     }
-    if cfg.upstream.tls && !cfg.upstream.verify && cfg.upstream.pin_sha256.is_empty() {
-        tracing::warn!(
-            "upstream certificate verification is OFF (the real cloud's certificate is self-signed \
-             and expired); set upstream.pin_sha256 to pin it"
-        );
-    }
     if let Some(k) = &cfg.capture.keylog_file {
         tls::enable_keylog(k)?;
         tracing::warn!(file = %k.display(), "writing TLS secrets of both legs to a key-log file: anyone with it and a raw capture can read the traffic");

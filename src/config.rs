@@ -36,6 +36,12 @@ ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-SHA38
 ECDHE-RSA-AES128-SHA256:ECDHE-RSA-AES256-SHA:ECDHE-RSA-AES128-SHA:AES256-GCM-SHA384:\
 AES128-GCM-SHA256:AES256-SHA256:AES128-SHA256:AES256-SHA:AES128-SHA:@SECLEVEL=0";
 
+/// Cipher list offered to the new path (TLS 1.2; TLS 1.3 suites are always on): forward-secret
+/// AEAD suites only, at OpenSSL's default security level. A new backend is modern.
+pub const DEFAULT_NEW_PATH_CIPHERS: &str = "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
+ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305:\
+ECDHE-RSA-CHACHA20-POLY1305";
+
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -197,15 +203,19 @@ pub struct NewPathConfig {
     pub addresses: Vec<String>,
     /// Speak TLS (default true).
     pub tls: bool,
-    /// Verify the backend certificate against `ca_file`.
+    /// Verify the backend (default true): its chain against `ca_file` and its name (`sni`, or
+    /// else the address's host or IP), or, without `ca_file`, its certificate against
+    /// `pin_sha256`. One of the two is required while verifying.
     pub verify: bool,
-    /// CA bundle for `verify`.
+    /// CA bundle (PEM) for `verify`.
     pub ca_file: Option<PathBuf>,
     /// Certificate pins (SHA-256 of the DER, hex).
     pub pin_sha256: Vec<String>,
-    /// SNI to send.
+    /// SNI to send (and the name verified).
     pub sni: Option<String>,
-    /// OpenSSL cipher list.
+    /// Lowest TLS version offered (default "1.2").
+    pub min_version: TlsVersion,
+    /// OpenSSL cipher list (TLS 1.2; TLS 1.3 suites are always on).
     pub ciphers: String,
 }
 
@@ -214,11 +224,12 @@ impl Default for NewPathConfig {
         Self {
             addresses: Vec::new(),
             tls: true,
-            verify: false,
+            verify: true,
             ca_file: None,
             pin_sha256: Vec::new(),
             sni: None,
-            ciphers: DEFAULT_UPSTREAM_CIPHERS.into(),
+            min_version: TlsVersion::Tls12,
+            ciphers: DEFAULT_NEW_PATH_CIPHERS.into(),
         }
     }
 }
@@ -234,6 +245,8 @@ pub struct ClientTlsSettings {
     pub pin_sha256: Vec<String>,
     /// SNI.
     pub sni: Option<String>,
+    /// Lowest TLS version.
+    pub min_version: TlsVersion,
     /// Ciphers.
     pub ciphers: String,
 }
@@ -246,6 +259,7 @@ impl UpstreamConfig {
             ca_file: self.ca_file.clone(),
             pin_sha256: self.pin_sha256.clone(),
             sni: self.sni.clone(),
+            min_version: self.min_version,
             ciphers: self.ciphers.clone(),
         }
     }
@@ -259,6 +273,7 @@ impl NewPathConfig {
             ca_file: self.ca_file.clone(),
             pin_sha256: self.pin_sha256.clone(),
             sni: self.sni.clone(),
+            min_version: self.min_version,
             ciphers: self.ciphers.clone(),
         }
     }
@@ -412,8 +427,10 @@ pub struct UpstreamConfig {
     /// Accept only upstream certificates whose DER SHA-256 is in this list (64 hex digits each;
     /// `:` separators allowed). Empty = no pinning.
     pub pin_sha256: Vec<String>,
-    /// SNI to send upstream. Default none, as devices send none.
+    /// SNI to send upstream (and the name verified). Default none, as devices send none.
     pub sni: Option<String>,
+    /// Lowest TLS version offered upstream (default "1.2", what devices and the cloud speak).
+    pub min_version: TlsVersion,
     /// OpenSSL cipher list offered upstream.
     pub ciphers: String,
     /// When no upstream answers, keep the device connection open this long before closing it
@@ -437,6 +454,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             pin_sha256: Vec::new(),
             sni: None,
+            min_version: TlsVersion::Tls12,
             ciphers: DEFAULT_UPSTREAM_CIPHERS.into(),
             cloud_down_close_delay: Duration::from_secs(15),
             probe_interval: Duration::from_secs(30),
@@ -444,8 +462,8 @@ impl Default for UpstreamConfig {
     }
 }
 
-/// Lowest TLS version accepted from devices.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+/// A TLS protocol version (`tls.min_version`, `upstream.min_version`, `new_path.min_version`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TlsVersion {
     /// TLS 1.0.
     #[serde(rename = "1.0")]
@@ -745,7 +763,8 @@ pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
-fn check_host_port(s: &str) -> bool {
+/// `host:port` with a non-empty host and a port number.
+pub fn check_host_port(s: &str) -> bool {
     match s.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
         None => false,
@@ -781,10 +800,12 @@ pub fn check_not_empty(bytes: &[u8], path: &Path) -> Result<(), ConfigError> {
 }
 
 /// Checks a backend section (`upstream`, `new_path`): addresses, pins, verification.
+/// `in_use`: the section is used (a missing trust anchor is an error only then).
 fn check_backend(
     section: &str,
     addresses: &[String],
     tls: &ClientTlsSettings,
+    in_use: bool,
 ) -> Result<(), (String, String)> {
     let field = |k: &str| format!("{section}.{k}");
     if let Some(bad) = addresses.iter().find(|a| !check_host_port(a)) {
@@ -796,15 +817,41 @@ fn check_backend(
             format!("{bad:?} is not 64 hex digits (a SHA-256 of the certificate's DER)"),
         ));
     }
-    if tls.verify && tls.ca_file.is_none() {
+    if in_use && tls.verify && tls.ca_file.is_none() && tls.pin_sha256.is_empty() {
         return Err((
             field("verify"),
             format!(
-                "verify = true needs {section}.ca_file (the cloud's certificate is self-signed); use pin_sha256 to pin it instead"
+                "verify = true needs {section}.ca_file (a CA bundle that signed the backend's \
+                 certificate) or {section}.pin_sha256 (`cync-mitm upstream fingerprint HOST:PORT` \
+                 prints the value to pin); {section}.verify = false accepts any certificate"
             ),
         ));
     }
     Ok(())
+}
+
+/// One warning per TLS leg in use that checks nothing about its peer.
+pub fn insecure_tls_warnings(cfg: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let u = &cfg.upstream;
+    if u.tls && !u.verify && u.pin_sha256.is_empty() {
+        out.push(
+            "upstream certificate verification is OFF (the real cloud's certificate is \
+             self-signed and expired): set upstream.pin_sha256 to pin it (`cync-mitm upstream \
+             fingerprint HOST:PORT` prints the value)"
+                .to_owned(),
+        );
+    }
+    let n = &cfg.new_path;
+    if n.tls && !n.verify && n.pin_sha256.is_empty() && !n.addresses.is_empty() {
+        out.push(
+            "new_path certificate verification is OFF (new_path.verify = false): anyone on the \
+             path to the backend can read and change the traffic; set new_path.ca_file or \
+             new_path.pin_sha256"
+                .to_owned(),
+        );
+    }
+    out
 }
 
 impl Config {
@@ -862,7 +909,7 @@ impl Config {
                 "at least one host:port is needed in fixed mode",
             ));
         }
-        check_backend("upstream", &u.addresses, &u.client_tls())?;
+        check_backend("upstream", &u.addresses, &u.client_tls(), u.tls)?;
         if u.probe_interval < Duration::from_secs(1) {
             return Err(invalid("upstream.probe_interval", "must be at least 1s"));
         }
@@ -871,6 +918,9 @@ impl Config {
         }
         if self.tls.ciphers.trim().is_empty() {
             return Err(invalid("tls.ciphers", "must not be empty"));
+        }
+        if self.new_path.ciphers.trim().is_empty() {
+            return Err(invalid("new_path.ciphers", "must not be empty"));
         }
         let t = &self.timeouts;
         for (name, d) in [
@@ -948,7 +998,12 @@ impl Config {
             }
         }
         let n = &self.new_path;
-        check_backend("new_path", &n.addresses, &n.client_tls())?;
+        check_backend(
+            "new_path",
+            &n.addresses,
+            &n.client_tls(),
+            n.tls && !n.addresses.is_empty(),
+        )?;
         let routes_new = matches!(
             r.mode,
             crate::route::Mode::NewPrimary | crate::route::Mode::NewOnly
@@ -1134,6 +1189,85 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+
+    /// [`Config::to_toml`] with each optional key that is unset shown as a comment at the end
+    /// of its section (`# key = example`), so every setting can be seen in one place.
+    pub fn to_toml_annotated(&self) -> String {
+        let unset: Vec<(&str, &str, &str)> = [
+            (
+                "listen",
+                "plain",
+                "\"0.0.0.0:23778\"",
+                self.listen.plain.is_none(),
+            ),
+            (
+                "upstream",
+                "ca_file",
+                "\"/etc/cync-mitm/cloud-ca.pem\"",
+                self.upstream.ca_file.is_none(),
+            ),
+            (
+                "upstream",
+                "sni",
+                "\"cm.gelighting.com\"",
+                self.upstream.sni.is_none(),
+            ),
+            (
+                "new_path",
+                "ca_file",
+                "\"/etc/cync-mitm/new-path-ca.pem\"",
+                self.new_path.ca_file.is_none(),
+            ),
+            (
+                "new_path",
+                "sni",
+                "\"backend.example\"",
+                self.new_path.sni.is_none(),
+            ),
+            (
+                "capture",
+                "keylog_file",
+                "\"captures/keys.log\"",
+                self.capture.keylog_file.is_none(),
+            ),
+        ]
+        .into_iter()
+        .filter(|x| x.3)
+        .map(|(s, k, v, _)| (s, k, v))
+        .collect();
+        let text = self.to_toml();
+        let mut out = String::with_capacity(text.len() + 512);
+        let mut section = String::new();
+        let mut pending = String::new();
+        let flush = |section: &str, out: &mut String| {
+            for (s, k, v) in &unset {
+                if *s == section {
+                    out.push_str(&format!("# {k} = {v}    # unset\n"));
+                }
+            }
+        };
+        for line in text.lines() {
+            let t = line.trim();
+            if t.starts_with('[') && t.ends_with(']') {
+                flush(&section, &mut out);
+                out.push_str(&pending);
+                pending.clear();
+                section = t.trim_matches(|c| c == '[' || c == ']').to_owned();
+                out.push_str(line);
+                out.push('\n');
+            } else if t.is_empty() {
+                pending.push('\n');
+            } else {
+                out.push_str(&pending);
+                pending.clear();
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        flush(&section, &mut out);
+        out.push_str(&pending);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -1142,6 +1276,28 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_toml(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn annotated_toml_shows_unset_keys_commented_and_parses_back() {
+        let mut c = Config::default();
+        c.upstream.sni = Some("cm.gelighting.com".into());
+        let text = c.to_toml_annotated();
+        assert_eq!(Config::from_toml(&text, Path::new("x")).unwrap(), c);
+        assert!(text.contains("# plain = "), "{text}");
+        assert!(text.contains("# keylog_file = "), "{text}");
+        assert!(!text.contains("# sni = \"cm.gelighting.com\""), "{text}");
+        // Each comment sits in its own section.
+        let upstream = text.split("[upstream]").nth(1).unwrap_or_default();
+        let upstream = upstream.split("\n[").next().unwrap_or_default();
+        assert!(upstream.contains("# ca_file = "), "{upstream}");
+        assert!(
+            upstream.contains("sni = \"cm.gelighting.com\""),
+            "{upstream}"
+        );
+        // Uncommenting a line gives a valid file.
+        let set = text.replace("# keylog_file = ", "keylog_file = ");
+        assert!(Config::from_toml(&set, Path::new("x")).is_ok());
     }
 
     #[test]
@@ -1195,6 +1351,51 @@ mod tests {
     }
 
     #[test]
+    fn new_path_tls_is_verified_by_default() {
+        let c = Config::default();
+        assert!(c.new_path.verify);
+        assert_eq!(c.new_path.min_version, TlsVersion::Tls12);
+        assert_eq!(c.upstream.min_version, TlsVersion::Tls12);
+        assert!(!c.new_path.ciphers.contains("SECLEVEL"));
+        // No address: nothing to verify yet.
+        assert!(
+            insecure_tls_warnings(&c).len() == 1,
+            "only the upstream warns"
+        );
+        let e = parse("[new_path]\naddresses = [\"10.0.0.5:23779\"]\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("new_path.verify"));
+        assert!(e.message.contains("new_path.ca_file"), "{e}");
+        assert!(e.message.contains("upstream fingerprint"), "{e}");
+        for ok in [
+            "[new_path]\naddresses = [\"10.0.0.5:23779\"]\nca_file = \"ca.pem\"\n",
+            "[new_path]\naddresses = [\"10.0.0.5:23779\"]\npin_sha256 = [\"{pin}\"]\n",
+            "[new_path]\naddresses = [\"10.0.0.5:23779\"]\ntls = false\n",
+        ] {
+            let text = ok.replace("{pin}", &"ab".repeat(32));
+            parse(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+        let c = parse("[new_path]\naddresses = [\"10.0.0.5:23779\"]\nverify = false\n").unwrap();
+        let w = insecure_tls_warnings(&c);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[1].contains("new_path certificate verification is OFF"));
+        let c = parse(
+            "[upstream]\npin_sha256 = [\"{p}\"]\n"
+                .replace("{p}", &"cd".repeat(32))
+                .as_str(),
+        )
+        .unwrap();
+        assert!(insecure_tls_warnings(&c).is_empty());
+        // Pins alone satisfy upstream.verify too.
+        let text = format!(
+            "[upstream]\nverify = true\npin_sha256 = [\"{}\"]\n",
+            "cd".repeat(32)
+        );
+        assert!(parse(&text).is_ok());
+        let e = parse("[tls]\nmin_version = \"1.4\"\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("tls.min_version"));
+    }
+
+    #[test]
     fn routing_validation_and_drain_shorthand() {
         let e = parse("[routing]\ncanary_percent = 101\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("routing.canary_percent"));
@@ -1219,6 +1420,7 @@ mod tests {
     fn env_overrides() {
         let mut c = Config::default();
         c.new_path.addresses = vec!["127.0.0.1:1".into()];
+        c.new_path.pin_sha256 = vec!["ab".repeat(32)];
         let env = |k: &str| match k {
             "CANARY_PERCENTAGE" => Some("12.5".to_string()),
             "DARK_LAUNCH" => Some("true".to_string()),

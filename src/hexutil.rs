@@ -21,11 +21,20 @@ fn nibble(c: u8) -> Option<u8> {
     }
 }
 
-/// Parses whitespace-separated hex tokens (`"23 00 0a"`, `"23000a"`, or a mix) into bytes.
+/// Parses hex tokens separated by whitespace or commas (`"23 00 0a"`, `"23000a"`,
+/// `"0x23, 0x00"`, or a mix; a `0x` prefix is allowed on each token) into bytes.
 pub fn parse_hex(s: &str) -> Result<Vec<u8>, HexError> {
     let mut out = Vec::with_capacity(s.len() / 2);
-    for token in s.split_whitespace() {
-        let t = token.as_bytes();
+    for token in s
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|t| !t.is_empty())
+    {
+        // `0x23`, `0X23` and `0x2300…` as well as bare digits.
+        let digits = token
+            .strip_prefix("0x")
+            .or_else(|| token.strip_prefix("0X"))
+            .unwrap_or(token);
+        let t = digits.as_bytes();
         if t.iter().any(|&c| nibble(c).is_none()) {
             return Err(HexError {
                 token: token.to_owned(),
@@ -69,6 +78,10 @@ mod tests {
             vec![0x23, 0, 0x0a, 0xff]
         );
         assert_eq!(parse_hex("").unwrap(), Vec::<u8>::new());
+        assert_eq!(
+            parse_hex("0x23, 0X00,0a 0xff0e").unwrap(),
+            vec![0x23, 0, 0x0a, 0xff, 0x0e]
+        );
         assert_eq!(to_hex(&[0x7e, 0x0a]), "7e0a");
     }
 
@@ -80,7 +93,9 @@ mod tests {
         let e = parse_hex("23 0").unwrap_err();
         assert!(e.odd);
         assert_eq!(e.token, "0");
-        assert!(parse_hex("0x23").is_err());
+        assert!(parse_hex("0x").is_ok());
+        assert!(parse_hex("0xzz").is_err());
+        assert!(parse_hex("x23").is_err());
         assert!(parse_hex("…").is_err());
     }
 }

@@ -24,6 +24,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the proxy (built-in defaults when no config file is given).
+    #[command(after_help = "Examples:\n  \
+        cync-mitm run --config config/cync-mitm.toml\n  \
+        RUST_LOG=debug cync-mitm run -c /etc/cync-mitm/cync-mitm.toml\n\n\
+        Relative paths in the file (tls.cert_dir, capture.dir, ...) are relative to the working \
+        directory, not to the file. SIGHUP or POST /reload re-reads the file; SIGTERM drains.")]
     Run {
         /// Configuration file (TOML).
         #[arg(long, short)]
@@ -40,9 +45,13 @@ enum Cmd {
         cmd: ConfigCmd,
     },
     /// Decode Cync frames from hex: arguments form one stream; `-` reads stdin, one stream per line.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm decode 23 00 00 00 1a 03 38 e8 cf 46 00 10 31 65 30 37 64 38 63 65 30 61 36 31 37 61 33 37 00 00 3c\n  \
+        cync-mitm decode 0xd3,0x00,0x00,0x00,0x00 --format table\n  \
+        xxd -p -c 0 frames.bin | cync-mitm decode - --with-hex")]
     Decode {
-        /// Hex bytes (spaces allowed), or `-` for stdin.
-        #[arg(required = true, allow_hyphen_values = true)]
+        /// Hex bytes (spaces, commas and `0x` prefixes allowed), or `-` for stdin.
+        #[arg(required = true)]
         hex: Vec<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutFormat::Json)]
@@ -69,6 +78,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CanaryCmd,
     },
+    /// Upstream (cloud or new path) tools.
+    Upstream {
+        #[command(subcommand)]
+        cmd: UpstreamCmd,
+    },
     /// Device and cloud simulators.
     Sim {
         #[command(subcommand)]
@@ -79,10 +93,16 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum CertsCmd {
     /// Mint the CA and the device-facing leaf certificates (keys written 0600).
+    #[command(after_help = "Examples:\n  \
+        cync-mitm certs init --config config/cync-mitm.toml   # into its tls.cert_dir\n  \
+        cync-mitm certs init --dir /etc/cync-mitm/certs --force")]
     Init {
-        /// Output folder.
-        #[arg(long, default_value = "certs")]
-        dir: PathBuf,
+        /// Output folder (default: `tls.cert_dir` of `--config`, else `certs`).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Take the folder from this configuration file's `tls.cert_dir`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
         /// Replace existing files.
         #[arg(long)]
         force: bool,
@@ -92,6 +112,9 @@ enum CertsCmd {
 #[derive(Subcommand, Debug)]
 enum CaptureCmd {
     /// Print the decoded frames of a capture (pcapng or pcap), per stream and direction.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm capture read captures/20261201/38e8cf46.pcapng\n  \
+        cync-mitm capture read capture.pcapng --format table --stream 0")]
     Read {
         /// The capture.
         file: PathBuf,
@@ -107,6 +130,8 @@ enum CaptureCmd {
 #[derive(Subcommand, Debug)]
 enum FixturesCmd {
     /// Write every distinct frame of a capture, with its decoded fields, as a fixture file.
+    #[command(after_help = "Example:\n  \
+        cync-mitm fixtures extract captures/20261201/38e8cf46.pcapng --out fixtures/captures --name lamp")]
     Extract {
         /// The capture.
         file: PathBuf,
@@ -123,6 +148,9 @@ enum FixturesCmd {
 enum CanaryCmd {
     /// Set routing.canary_percent in a config file, keeping its comments; a running proxy
     /// watching the file applies it.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm canary set 10 --config config/cync-mitm.toml\n  \
+        cync-mitm canary set 0 -c /etc/cync-mitm/cync-mitm.toml   # everyone back to legacy")]
     Set {
         /// Share of devices on the new path, 0–100 (fractions allowed).
         percent: f64,
@@ -133,13 +161,41 @@ enum CanaryCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum UpstreamCmd {
+    /// Connect once and print the server's certificate chain with the SHA-256 to pin
+    /// (`upstream.pin_sha256` or `new_path.pin_sha256`). Accepts any certificate.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm upstream fingerprint 127.0.0.1:23780\n  \
+        cync-mitm upstream fingerprint backend.lan:23779 --sni backend.lan --json")]
+    Fingerprint {
+        /// `host:port` to connect to.
+        address: String,
+        /// SNI to send (none by default, like devices).
+        #[arg(long)]
+        sni: Option<String>,
+        /// Give up after this long.
+        #[arg(long, value_parser = positive_duration, default_value = "10s")]
+        timeout: Duration,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum ConfigCmd {
     /// Validate a file: exit 0, or 64 with the file, line and field at fault.
+    #[command(after_help = "Example:\n  \
+        cync-mitm config check config/cync-mitm.toml && systemctl reload cync-mitm")]
     Check {
         /// The file.
         file: PathBuf,
     },
-    /// Print the effective configuration (a file's, or the defaults) as TOML.
+    /// Print the effective configuration (a file's, or the defaults, with the environment
+    /// overrides applied) as TOML; unset optional keys are shown commented.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm config show > my.toml             # every key with its default\n  \
+        CANARY_PERCENTAGE=5 cync-mitm config show config/cync-mitm.toml")]
     Show {
         /// The file.
         file: Option<PathBuf>,
@@ -169,6 +225,8 @@ enum SimClientTls {
 #[derive(Subcommand, Debug)]
 enum SimCmd {
     /// Run a simulated cloud.
+    #[command(after_help = "Example:\n  \
+        cync-mitm sim cloud --listen 127.0.0.1:23780 --command-interval 5s")]
     Cloud {
         /// Listen address.
         #[arg(long, default_value = "127.0.0.1:23780")]
@@ -187,6 +245,8 @@ enum SimCmd {
         report_every: Duration,
     },
     /// Run a fleet of simulated devices.
+    #[command(after_help = "Example:\n  \
+        cync-mitm sim devices --target 127.0.0.1:23779 --count 100 --duration 60s")]
     Devices {
         /// Where to connect (the proxy, or a cloud).
         #[arg(long, default_value = "127.0.0.1:23779")]
@@ -291,8 +351,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Certs {
-            cmd: CertsCmd::Init { dir, force },
+            cmd: CertsCmd::Init { dir, config, force },
         } => {
+            let dir = match (dir, config) {
+                (Some(d), _) => d,
+                (None, Some(f)) => match load_config(Some(&f)) {
+                    Ok(c) => c.tls.cert_dir,
+                    Err(code) => return Ok(code),
+                },
+                (None, None) => PathBuf::from("certs"),
+            };
             let p = cync_mitm::tls::init_certs(&dir, force)?;
             println!("CA:          {}", p.ca_cert.display());
             println!(
@@ -321,13 +389,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Cmd::Config {
             cmd: ConfigCmd::Show { file },
-        } => match load_config(file.as_deref()) {
-            Ok(c) => {
-                print!("{}", c.to_toml());
-                Ok(ExitCode::SUCCESS)
+        } => {
+            let mut c = match load_config(file.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let applied = match c.apply_env(|k| std::env::var(k).ok()) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("cync-mitm: invalid configuration: {e}");
+                    return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
+                }
+            };
+            for a in &applied {
+                println!("# from the environment: {a}");
             }
-            Err(code) => Ok(code),
-        },
+            if !applied.is_empty() {
+                println!();
+            }
+            print!("{}", c.to_toml_annotated());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Decode {
             hex,
             format,
@@ -403,6 +485,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "{}: routing.canary_percent {old} -> {percent}; a running proxy applies it on its next reload (file watch, SIGHUP or POST /reload)",
                     config.display()
                 );
+                if let Ok(cfg) = Config::load(&config) {
+                    for note in cync_mitm::cmd::canary::moot_notes(&cfg, |k| std::env::var(k).ok())
+                    {
+                        eprintln!("cync-mitm canary set: note: {note}");
+                    }
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e @ cync_mitm::cmd::canary::Error::Invalid(_)) => {
@@ -414,6 +502,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Cmd::Upstream {
+            cmd:
+                UpstreamCmd::Fingerprint {
+                    address,
+                    sni,
+                    timeout,
+                    json,
+                },
+        } => {
+            let r = runtime()?.block_on(cync_mitm::cmd::upstream::fingerprint(
+                &address,
+                sni.as_deref(),
+                timeout,
+            ));
+            match r {
+                Ok(report) if json => {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(report) => {
+                    print!("{}", cync_mitm::cmd::upstream::render(&report));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm upstream fingerprint: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
         Cmd::Sim { cmd } => {
             init_logging(LogFormat::Text, "info");
             runtime()?.block_on(sim(cmd))?;

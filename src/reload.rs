@@ -252,6 +252,12 @@ fn build(b: Build<'_>, previous: Option<&Loaded>) -> Result<Loaded, ConfigError>
         "new_path",
         file,
     )?;
+    let warnings = crate::config::insecure_tls_warnings(&config);
+    if previous.map(|p| crate::config::insecure_tls_warnings(&p.config)) != Some(warnings.clone()) {
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+    }
     let stamp = cert_stamp(&config.tls);
     let acceptor = match previous {
         Some(p) if p.stamp != stamp => Some(

@@ -55,7 +55,10 @@ pub enum TlsError {
     #[error("handshake: {0}")]
     Handshake(String),
     /// The peer's certificate is not one of the pinned ones.
-    #[error("upstream certificate sha256 {got} matches no pin")]
+    #[error(
+        "certificate sha256 {got} matches no pin_sha256 entry; if this certificate is the right \
+         one (check with `cync-mitm upstream fingerprint HOST:PORT`), add \"{got}\" to pin_sha256"
+    )]
     PinMismatch {
         /// Hex SHA-256 of the certificate presented.
         got: String,
@@ -63,6 +66,14 @@ pub enum TlsError {
     /// A PEM file held nothing usable.
     #[error("{0}: no usable PEM item")]
     Pem(PathBuf),
+    /// OpenSSL refused a certificate or key file.
+    #[error("{path}: {source}")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: openssl::error::ErrorStack,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -244,16 +255,25 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(io_err(path))
 }
 
+/// Loads a leaf with its chain and key. The chain belongs to this leaf (OpenSSL keeps one per
+/// key type), not to the context: with an RSA and an ECDSA leaf signed by one CA, each
+/// handshake sends the leaf it picked and the CA once.
 fn load_chain(ctx: &mut SslContextBuilder, cert: &Path, key: &Path) -> Result<(), TlsError> {
-    let mut chain = X509::stack_from_pem(&read(cert)?)?.into_iter();
-    let leaf = chain.next().ok_or_else(|| TlsError::Pem(cert.to_owned()))?;
-    let pkey = PKey::private_key_from_pem(&read(key)?)?;
-    ctx.set_certificate(&leaf)?;
-    ctx.set_private_key(&pkey)?;
-    for extra in chain {
-        ctx.add_extra_chain_cert(extra)?;
+    let load = |path: &Path| {
+        let path = path.to_owned();
+        move |source| TlsError::Load { path, source }
+    };
+    // Read first: a missing file gets the plain I/O error, an empty one a clear message.
+    if X509::stack_from_pem(&read(cert)?)
+        .map_err(load(cert))?
+        .is_empty()
+    {
+        return Err(TlsError::Pem(cert.to_owned()));
     }
-    ctx.check_private_key()?;
+    let pkey = PKey::private_key_from_pem(&read(key)?).map_err(load(key))?;
+    ctx.set_certificate_chain_file(cert).map_err(load(cert))?;
+    ctx.set_private_key(&pkey).map_err(load(key))?;
+    ctx.check_private_key().map_err(load(key))?;
     Ok(())
 }
 
@@ -286,6 +306,9 @@ impl DeviceAcceptor {
         let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
         b.set_security_level(0);
         b.set_cipher_list(&cfg.ciphers)?;
+        // The Mozilla preset also disables TLS 1.0 and 1.1 by option flags, which win over the
+        // minimum version: clear them so `min_version` is the one setting that decides.
+        b.clear_options(openssl::ssl::SslOptions::NO_TLSV1 | openssl::ssl::SslOptions::NO_TLSV1_1);
         b.set_min_proto_version(Some(ssl_version(cfg.min_version)))?;
         b.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
         // Idle device sessions are the norm: free OpenSSL's record buffers between reads.
@@ -347,23 +370,34 @@ impl UpstreamConnector {
         &self.settings
     }
 
-    /// Builds the connector from `[upstream]` or `[new_path]` settings. Only `ca_file` is
-    /// trusted when verifying: the system store is not loaded (it is slow, and the cloud's
-    /// certificate is self-signed anyway).
+    /// Builds the connector from `[upstream]` or `[new_path]` settings.
+    ///
+    /// With `verify` and a `ca_file`, the chain must lead to a CA in that file (the system store
+    /// is not loaded: the cloud's certificate is self-signed, and a new backend has its own CA)
+    /// and the name must match (`sni`, or else the address's host or IP). With `verify` and only
+    /// pins, the pin is the check. The security level is what the cipher list says (the
+    /// upstream's default list carries `@SECLEVEL=0` for the cloud's static-RSA suites; the new
+    /// path's keeps OpenSSL's default).
     pub fn new(cfg: &ClientTlsSettings) -> Result<Self, TlsError> {
         let mut b = SslContextBuilder::new(SslMethod::tls_client())?;
-        b.set_security_level(0);
         b.set_cipher_list(&cfg.ciphers)?;
-        b.set_min_proto_version(Some(SslVersion::TLS1))?;
+        if cfg.min_version < TlsVersion::Tls12 {
+            b.clear_options(
+                openssl::ssl::SslOptions::NO_TLSV1 | openssl::ssl::SslOptions::NO_TLSV1_1,
+            );
+        }
+        b.set_min_proto_version(Some(ssl_version(cfg.min_version)))?;
         b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
         attach_keylog(&mut b);
-        if cfg.verify {
-            if let Some(ca) = &cfg.ca_file {
-                b.set_ca_file(ca)?;
+        match (&cfg.ca_file, cfg.verify) {
+            (Some(ca), true) => {
+                b.set_ca_file(ca).map_err(|source| TlsError::Load {
+                    path: ca.clone(),
+                    source,
+                })?;
+                b.set_verify(SslVerifyMode::PEER);
             }
-            b.set_verify(SslVerifyMode::PEER);
-        } else {
-            b.set_verify(SslVerifyMode::NONE);
+            _ => b.set_verify(SslVerifyMode::NONE),
         }
         Ok(Self {
             ctx: b.build(),
@@ -372,23 +406,37 @@ impl UpstreamConnector {
         })
     }
 
-    /// Runs the client handshake on `stream` and checks the pins.
-    pub async fn connect<S>(&self, stream: S) -> Result<SslStream<S>, TlsError>
+    /// Runs the client handshake on `stream` to `host` (the address's host part, the name or IP
+    /// checked when verifying without `sni`) and checks the pins.
+    pub async fn connect<S>(&self, stream: S, host: &str) -> Result<SslStream<S>, TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut ssl = Ssl::new(&self.ctx)?;
         if let Some(name) = &self.settings.sni {
             ssl.set_hostname(name)?;
-            if self.settings.verify {
-                ssl.param_mut().set_host(name)?;
+        }
+        if self.settings.verify && self.settings.ca_file.is_some() {
+            let name = self.settings.sni.as_deref().unwrap_or(host);
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => ssl.param_mut().set_ip(ip)?,
+                Err(_) => ssl.param_mut().set_host(name)?,
             }
         }
         let mut s = SslStream::new(ssl, stream)?;
-        Pin::new(&mut s)
-            .connect()
-            .await
-            .map_err(|e| TlsError::Handshake(describe_ssl_error(&e)))?;
+        if let Err(e) = Pin::new(&mut s).connect().await {
+            // Say what verification found (a name mismatch, an unknown CA, a bad signature)
+            // rather than the last OpenSSL reason on the stack.
+            let v = s.ssl().verify_result();
+            if v != openssl::x509::X509VerifyResult::OK {
+                return Err(TlsError::Handshake(format!(
+                    "certificate verify failed: {}",
+                    v.error_string()
+                )));
+            }
+            return Err(TlsError::Handshake(describe_ssl_error(&e)));
+        }
         if !self.pins.is_empty() {
             let der = s
                 .ssl()

@@ -397,6 +397,7 @@ fn spawn_proxy(
     mpsc::Receiver<String>,
     std::net::SocketAddr,
     String,
+    Vec<String>,
 ) {
     let mut cmd = match prefix.split_first() {
         Some((p, rest)) => {
@@ -422,6 +423,7 @@ fn spawn_proxy(
             }
         }
     });
+    let mut before = Vec::new();
     let listening = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
@@ -429,10 +431,11 @@ fn spawn_proxy(
         if line.contains("listening") {
             break line;
         }
+        before.push(line);
     };
     let tls = field(&listening, "tls").unwrap().parse().unwrap();
     let admin = field(&listening, "admin").unwrap().to_owned();
-    (child, rx, tls, admin)
+    (child, rx, tls, admin, before)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,7 +454,7 @@ async fn idle_admin_connections_are_capped_and_timed_out_and_devices_still_conne
     )
     .unwrap();
     // 128 descriptors for the whole proxy: 300 idle admin connections would take them all.
-    let (mut child, _log, tls, admin) = spawn_proxy(&cfg, &["prlimit", "--nofile=128:128"]);
+    let (mut child, _log, tls, admin, _) = spawn_proxy(&cfg, &["prlimit", "--nofile=128:128"]);
     let mut idle = Vec::new();
     for _ in 0..300 {
         idle.push(tokio::net::TcpStream::connect(&admin).await.unwrap());
@@ -560,7 +563,7 @@ async fn upstreams_that_close_or_speak_http_hold_devices_and_make_readyz_false()
             ),
         )
         .unwrap();
-        let (mut child, log, tls, admin) = spawn_proxy(&cfg, &[]);
+        let (mut child, log, tls, admin, _) = spawn_proxy(&cfg, &[]);
         let fleet = start_fleet(fleet_config(tls, 3));
         tokio::time::sleep(Duration::from_secs(3)).await;
         let connects = fleet.stats().connects.load(Ordering::Relaxed);
@@ -608,7 +611,7 @@ async fn readyz_follows_the_upstream() {
         ),
     )
     .unwrap();
-    let (mut child, _log, _tls, admin) = spawn_proxy(&cfg, &[]);
+    let (mut child, _log, _tls, admin, _) = spawn_proxy(&cfg, &[]);
     // With no device at all, the probe makes it ready.
     let mut ready = false;
     for _ in 0..50 {
@@ -630,6 +633,57 @@ async fn readyz_follows_the_upstream() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(down, "still ready with the upstream gone");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unverified_tls_legs_are_warned_about_at_start_and_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let write = |new_path: &str| {
+        let text = format!(
+            "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"127.0.0.1:9\"]\n\
+             pin_sha256 = [\"{}\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n\
+             [reload]\ndebounce = \"50ms\"\n[new_path]\naddresses = [\"127.0.0.1:9\"]\n{new_path}",
+            "ab".repeat(32),
+            dir.path().join("certs").display()
+        );
+        let tmp = cfg.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &cfg).unwrap();
+    };
+    write("verify = false\n");
+    let (mut child, log, _tls, admin, before) = spawn_proxy(&cfg, &[]);
+    let warned = |l: &str| l.contains("new_path certificate verification is OFF");
+    assert!(before.iter().any(|l| warned(l)), "{before:#?}");
+    assert!(
+        !before
+            .iter()
+            .any(|l| l.contains("upstream certificate verification is OFF")),
+        "the upstream is pinned: {before:#?}"
+    );
+    // A reload to a verified new path: no warning; back to unverified: warned again.
+    write(&format!("pin_sha256 = [\"{}\"]\n", "cd".repeat(32)));
+    let (code, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(code, 200, "{body}");
+    write("verify = false\n");
+    let (code, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(code, 200, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = false;
+    while std::time::Instant::now() < deadline {
+        if let Ok(l) = log.recv_timeout(Duration::from_millis(200))
+            && warned(&l)
+        {
+            seen = true;
+            break;
+        }
+    }
+    assert!(
+        seen,
+        "no warning after the reload that turned verification off"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -27,7 +27,7 @@ fn decodes_arguments_with_spaces() {
     assert_eq!(v[0]["type"], "0x23");
     assert_eq!(v[0]["name"], "handshake");
     assert_eq!(v[0]["len"], 26);
-    assert_eq!(v[0]["device_id"], 0x38e8cf46u32);
+    assert_eq!(v[0]["device_id"], "38e8cf46");
     assert_eq!(v[0]["auth_code"], "1e07d8ce0a617a37");
 }
 
@@ -112,4 +112,213 @@ fn zero_periods_in_the_simulators_are_refused_not_panics() {
         assert!(err.contains("greater than zero"), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+const HANDSHAKE: &str =
+    "23 00 00 00 1a 03 38 e8 cf 46 00 10 31 65 30 37 64 38 63 65 30 61 36 31 37 61 33 37 00 00 3c";
+
+#[test]
+fn decode_takes_options_after_the_hex_and_0x_prefixes() {
+    // Options after the hex are options, not more hex.
+    let out = bin()
+        .args(["decode", HANDSHAKE, "--with-hex", "--max-frame", "64"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json_lines(&out.stdout);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0]["device_id"], "38e8cf46");
+    assert_eq!(v[0]["hex"], HANDSHAKE.replace(' ', ""));
+    // 0x prefixes and commas, as copied from C arrays or Wireshark.
+    let c_array: Vec<String> = HANDSHAKE.split(' ').map(|b| format!("0x{b}")).collect();
+    let out = bin()
+        .arg("decode")
+        .arg(c_array.join(", "))
+        .args(["--format", "table"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("handshake") && s.contains("38e8cf46"), "{s}");
+    // `-` then an option reads stdin and applies the option.
+    let mut child = bin()
+        .args(["decode", "-", "--with-hex"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"0xd3 0x00 0x00 0x00 0x00\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v = json_lines(&out.stdout);
+    assert_eq!(v[0]["name"], "ping");
+    assert_eq!(v[0]["hex"], "d300000000");
+}
+
+#[test]
+fn ids_print_as_hex_everywhere() {
+    // 0x7b carries the device id in its envelope; 0x13 the app user.
+    let out = bin()
+        .args(["decode", "7b 00 00 00 07 2d e4 b5 d2 15 37 00"])
+        .output()
+        .unwrap();
+    let v = json_lines(&out.stdout);
+    assert_eq!(v[0]["id"], "2de4b5d2");
+    let login = cync_mitm::codec::Frame::login(0x0102_0a0b, b"secret", 30)
+        .encode()
+        .unwrap();
+    let out = bin()
+        .args(["decode", &cync_mitm::hexutil::to_hex(&login)])
+        .output()
+        .unwrap();
+    let v = json_lines(&out.stdout);
+    assert_eq!(v[0]["user_id"], "01020a0b", "{v:?}");
+}
+
+#[test]
+fn every_subcommand_help_has_an_example() {
+    for cmd in [
+        vec!["run"],
+        vec!["certs", "init"],
+        vec!["config", "check"],
+        vec!["config", "show"],
+        vec!["decode"],
+        vec!["capture", "read"],
+        vec!["fixtures", "extract"],
+        vec!["canary", "set"],
+        vec!["upstream", "fingerprint"],
+        vec!["sim", "cloud"],
+        vec!["sim", "devices"],
+    ] {
+        let out = bin().args(&cmd).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{cmd:?}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        let example = help
+            .split_once("Example")
+            .map(|(_, rest)| rest)
+            .unwrap_or_else(|| panic!("{cmd:?} --help has no example:\n{help}"));
+        assert!(
+            example.contains(&format!("cync-mitm {}", cmd.join(" "))),
+            "{cmd:?}: the example runs the command itself:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn certs_init_reads_the_cert_dir_of_the_config() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("c.toml");
+    let dir = d.path().join("my-certs");
+    std::fs::write(&cfg, format!("[tls]\ncert_dir = \"{}\"\n", dir.display())).unwrap();
+    let out = bin()
+        .args(["certs", "init", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("ca.pem").exists() && dir.join("server-rsa-key.pem").exists());
+    // --dir wins over the file's.
+    let other = d.path().join("other");
+    let out = bin()
+        .args(["certs", "init", "--config"])
+        .arg(&cfg)
+        .arg("--dir")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(std::fs::read_dir(&other).unwrap().count(), 6);
+    // An invalid config file: exit 64, nothing minted.
+    std::fs::write(&cfg, "[tls]\ncert_dirr = \"x\"\n").unwrap();
+    let out = bin()
+        .args(["certs", "init", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn config_show_applies_the_environment_and_comments_unset_keys() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("c.toml");
+    std::fs::write(&cfg, "[routing]\nmode = \"shadow\"\ncanary_percent = 1\n").unwrap();
+    let out = bin()
+        .args(["config", "show"])
+        .arg(&cfg)
+        .env("CANARY_PERCENTAGE", "42.5")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("canary_percent = 42.5"), "{text}");
+    assert!(
+        text.contains("# from the environment: routing.canary_percent = 42.5"),
+        "{text}"
+    );
+    assert!(text.contains("# sni = "), "{text}");
+    assert!(text.contains("# keylog_file = "), "{text}");
+    // What it prints is a valid file that gives the same configuration.
+    let back = d.path().join("back.toml");
+    std::fs::write(&back, text.as_bytes()).unwrap();
+    let c = cync_mitm::config::Config::load(&back).unwrap();
+    assert_eq!(c.routing.canary_percent, 42.5);
+    // A bad environment value is a configuration error.
+    let out = bin()
+        .args(["config", "show"])
+        .arg(&cfg)
+        .env("CANARY_PERCENTAGE", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn canary_set_says_when_the_percentage_does_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("c.toml");
+    std::fs::write(&cfg, "[routing]\nmode = \"legacy_only\"\n").unwrap();
+    let out = bin()
+        .args(["canary", "set", "10", "--config"])
+        .arg(&cfg)
+        .env_remove("CANARY_PERCENTAGE")
+        .env_remove("DARK_LAUNCH")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("legacy_only"), "{err}");
+    std::fs::write(&cfg, "[routing]\nmode = \"shadow\"\n").unwrap();
+    let out = bin()
+        .args(["canary", "set", "10", "--config"])
+        .arg(&cfg)
+        .env_remove("DARK_LAUNCH")
+        .env("CANARY_PERCENTAGE", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("legacy_only"), "{err}");
+    assert!(err.contains("CANARY_PERCENTAGE=3"), "{err}");
 }

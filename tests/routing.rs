@@ -24,8 +24,9 @@ const T: Duration = Duration::from_secs(20);
 fn write_config(path: &Path, legacy: std::net::SocketAddr, new: std::net::SocketAddr, extra: &str) {
     let text = format!(
         "# test config\n[listen]\ntls = \"127.0.0.1:0\"\n\n[upstream]\naddresses = [\"{legacy}\"]\n\n\
-         [new_path]\naddresses = [\"{new}\"]\n\n[tls]\ncert_dir = \"{}\"\n\n\
-         [drain]\nbatch = 50\ninterval = \"50ms\"\n\n{extra}",
+         [new_path]\naddresses = [\"{new}\"]\nca_file = \"{}\"\nsni = \"cm.gelighting.com\"\n\n\
+         [tls]\ncert_dir = \"{}\"\n\n[drain]\nbatch = 50\ninterval = \"50ms\"\n\n{extra}",
+        certs().ca_cert.display(),
         certs().ca_cert.parent().unwrap().display()
     );
     // Write then rename, as editors do.
@@ -271,6 +272,7 @@ async fn new_primary_falls_back_new_only_does_not_and_apps_stay_legacy() {
     drop(dead);
     let mut cfg = proxy_config(legacy_addr);
     cfg.new_path.addresses = vec![dead_addr.to_string()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
     cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
     cfg.routing.canary_percent = 100.0;
     let p = start_proxy(cfg.clone()).await;

@@ -92,9 +92,58 @@ pub fn set_percent(file: &Path, percent: f64) -> Result<Option<f64>, Error> {
     Ok(old)
 }
 
+/// What may keep the new percentage from having an effect, as lines for the user: a routing
+/// mode that ignores it, or an environment variable that overrides it in a proxy started with
+/// it. `env` reads the environment (the proxy's overrides are applied as it would).
+pub fn moot_notes(cfg: &Config, env: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(v) = env("CANARY_PERCENTAGE") {
+        notes.push(format!(
+            "the environment sets CANARY_PERCENTAGE={v}, which overrides routing.canary_percent \
+             in a proxy started with it"
+        ));
+    }
+    let mut effective = cfg.clone();
+    let dark_launch = effective
+        .apply_env(|k| if k == "DARK_LAUNCH" { env(k) } else { None })
+        .is_ok_and(|applied| !applied.is_empty());
+    if effective.routing.mode == crate::route::Mode::LegacyOnly {
+        notes.push(
+            "routing.mode is legacy_only: every device stays on the cloud whatever the \
+             percentage; it takes effect with mode shadow, new_primary or new_only"
+                .to_owned(),
+        );
+    } else if dark_launch && cfg.routing.mode == crate::route::Mode::LegacyOnly {
+        notes.push(
+            "routing.mode is legacy_only in the file, but DARK_LAUNCH makes it shadow in a \
+             proxy started with it"
+                .to_owned(),
+        );
+    }
+    notes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notes_say_when_the_percentage_is_moot() {
+        let mut cfg = Config::default();
+        let none = |_: &str| None;
+        let n = moot_notes(&cfg, none);
+        assert_eq!(n.len(), 1);
+        assert!(n[0].contains("legacy_only"));
+        cfg.routing.mode = crate::route::Mode::Shadow;
+        assert!(moot_notes(&cfg, none).is_empty());
+        let n = moot_notes(&cfg, |k| (k == "CANARY_PERCENTAGE").then(|| "5".to_owned()));
+        assert_eq!(n.len(), 1);
+        assert!(n[0].contains("CANARY_PERCENTAGE=5"));
+        cfg.routing.mode = crate::route::Mode::LegacyOnly;
+        let n = moot_notes(&cfg, |k| (k == "DARK_LAUNCH").then(|| "true".to_owned()));
+        assert_eq!(n.len(), 1);
+        assert!(n[0].contains("DARK_LAUNCH"), "{n:?}");
+    }
 
     #[test]
     fn keeps_comments_and_layout() {

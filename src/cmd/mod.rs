@@ -4,3 +4,4 @@
 pub mod canary;
 pub mod capture;
 pub mod decode;
+pub mod upstream;

@@ -217,7 +217,7 @@ pub fn frame_json(bytes: &Bytes) -> Value {
 
 fn fill_frame(o: &mut Obj, f: &Frame) {
     if let Some(id) = f.id() {
-        o.insert("id".into(), json!(id));
+        o.insert("id".into(), json!(format!("{id:08x}")));
     }
     if let Some(m) = f.msg() {
         o.insert("msg".into(), msg_json(m));
@@ -231,13 +231,13 @@ fn fill_frame(o: &mut Obj, f: &Frame) {
     match &f.body {
         Body::Login(l) => {
             o.insert("version".into(), json!(l.version));
-            o.insert("user_id".into(), json!(l.user_id));
+            o.insert("user_id".into(), json!(format!("{:08x}", l.user_id)));
             text_or_hex(o, "auth", &l.auth);
             o.insert("trailer".into(), json!(to_hex(&l.trailer)));
         }
         Body::Handshake(h) => {
             o.insert("version".into(), json!(h.version));
-            o.insert("device_id".into(), json!(h.device_id.0));
+            o.insert("device_id".into(), json!(h.device_id.to_string()));
             text_or_hex(o, "auth_code", &h.auth_code);
             o.insert("trailer".into(), json!(to_hex(&h.trailer)));
         }
@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(v["type"], "0x73");
         assert_eq!(v["name"], "pipe");
         assert_eq!(v["len"], 31);
-        assert_eq!(v["id"], 0x37962469u32);
+        assert_eq!(v["id"], "37962469");
         assert_eq!(v["msg"], "153700");
         assert_eq!(v["inner"]["seq"], 0x21);
         assert_eq!(v["inner"]["dir"], "request");
@@ -472,7 +472,7 @@ mod tests {
         assert_eq!(v["name"], "handshake");
         let v = j("73 00 00 00 0a 45 88 0f 3a 00 10 00 00 7e 10");
         assert!(v["error"].as_str().unwrap().starts_with("inner frame:"));
-        assert_eq!(v["id"], 0x45880f3au32);
+        assert_eq!(v["id"], "45880f3a");
     }
 
     #[test]

@@ -88,6 +88,11 @@ pub fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
     (orig != local).then_some(orig)
 }
 
+/// The host part of `host:port` (`[v6]:port` keeps its brackets; the connector strips them).
+pub fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
 async fn attempt(addr: &str, tls: Option<&UpstreamConnector>) -> Result<Upstream, UpstreamError> {
     let tcp = TcpStream::connect(addr)
         .await
@@ -104,13 +109,16 @@ async fn attempt(addr: &str, tls: Option<&UpstreamConnector>) -> Result<Upstream
         addr: addr.to_owned(),
         source,
     })?;
-    let io: Box<dyn Io> = match tls {
-        Some(c) => Box::new(c.connect(tcp).await.map_err(|source| UpstreamError::Tls {
-            addr: addr.to_owned(),
-            source,
-        })?),
-        None => Box::new(tcp),
-    };
+    let io: Box<dyn Io> =
+        match tls {
+            Some(c) => Box::new(c.connect(tcp, host_of(addr)).await.map_err(|source| {
+                UpstreamError::Tls {
+                    addr: addr.to_owned(),
+                    source,
+                }
+            })?),
+            None => Box::new(tcp),
+        };
     Ok(Upstream {
         io,
         local,
