@@ -264,6 +264,69 @@ async fn invalid_files_keep_the_running_generation_and_symlink_swaps_are_seen() 
     assert_eq!(cur.config.listen, Config::default().listen);
 }
 
+/// A new backend that accepts TCP and TLS but then fails the protocol (closes without 0x28, or
+/// answers HTTP): new_primary devices still reach the cloud, each one falls back once, and
+/// the backend is marked down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_primary_falls_back_when_the_new_backend_fails_before_answering() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    // Knows no device: closes every handshake without an answer.
+    let (refusing, refusing_addr) = start_cloud(CloudSimConfig {
+        auth_codes: Some(Arc::new(std::collections::HashMap::new())),
+        ..CloudSimConfig::default()
+    })
+    .await;
+    // Speaks HTTP over TLS.
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let acceptor = cync_mitm::tls::DeviceAcceptor::new(&Default::default(), certs()).unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = http.accept().await {
+            let a = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                if let Ok(mut s) = a.accept(tcp).await {
+                    let mut buf = [0u8; 256];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    for (bad, what) in [(refusing_addr, "closes"), (http_addr, "answers HTTP")] {
+        let mut cfg = proxy_config(legacy_addr);
+        cfg.new_path.addresses = vec![bad.to_string()];
+        cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+        cfg.new_path.sni = Some("cm.gelighting.com".into());
+        cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
+        cfg.routing.canary_percent = 100.0;
+        let p = start_proxy(cfg).await;
+        let fleet = start_fleet(fleet_config(p.addr, 3));
+        assert!(
+            wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 3).await,
+            "{what}: devices did not reach the cloud"
+        );
+        assert_eq!(p.metrics.new_path_fallbacks.get(), 3, "{what}");
+        // They stay: no reconnect loop through the bad backend.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(p.metrics.new_path_fallbacks.get(), 3, "{what}");
+        let report = p.proxy.health().report();
+        let new = report
+            .iter()
+            .find(|r| r.address == bad.to_string())
+            .unwrap_or_else(|| panic!("{what}: {report:?}"));
+        assert!(!new.up, "{what}: {new:?}");
+        assert!(new.consecutive_failures >= 1, "{what}: {new:?}");
+        fleet.stop().await;
+    }
+    assert!(refusing.stats().rejected.load(Ordering::Relaxed) >= 3);
+    refusing.stop().await;
+    legacy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_primary_falls_back_new_only_does_not_and_apps_stay_legacy() {
     let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;

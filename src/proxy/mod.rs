@@ -511,35 +511,107 @@ impl Proxy {
         tracing::info!(reason = %reason, duration_s = format_args!("{secs:.1}"), "connection closed");
     }
 
-    /// Connects the path `decision` names; new_primary falls back to legacy.
-    async fn connect_path(
+    /// Connects `path`, writes what the device sent while it was identified, and (when
+    /// `wait_answer`) reads the upstream's first answer, which must be Cync. Nothing is tapped
+    /// yet: a failed attempt leaves no trace in captures, so a fallback starts clean.
+    async fn establish(
         &self,
         loaded: &Loaded,
-        decision: Decision,
+        path: Path,
         orig_dst: Option<SocketAddr>,
-    ) -> Result<(upstream::Upstream, Path), upstream::UpstreamError> {
+        initial: &[u8],
+        wait_answer: bool,
+        control: &SessionControl,
+    ) -> Establish {
         let cfg = &loaded.config;
-        if decision.path == Path::New {
-            let target = upstream::Target::new_path(cfg, &loaded.new_path);
-            match upstream::connect(&target, &self.metrics, &self.health, Path::New).await {
-                Ok(u) => return Ok((u, Path::New)),
-                Err(e) if decision.fallback => {
-                    self.metrics.new_path_fallbacks.inc();
-                    tracing::warn!(error = %e, "new path unreachable; falling back to legacy");
+        let connect = async {
+            match path {
+                Path::New => {
+                    let target = upstream::Target::new_path(cfg, &loaded.new_path);
+                    upstream::connect(&target, &self.metrics, &self.health, Path::New).await
                 }
-                Err(e) => return Err(e),
+                Path::Legacy => {
+                    let target = upstream::Target::legacy(cfg, &loaded.upstream, orig_dst)
+                        .inspect_err(|e| {
+                            self.metrics
+                                .upstream_connects
+                                .with_label_values(&[e.label()])
+                                .inc();
+                        })?;
+                    upstream::connect(&target, &self.metrics, &self.health, Path::Legacy).await
+                }
             }
+        };
+        let mut up = tokio::select! {
+            _ = control.token().cancelled() => return Establish::Cancelled,
+            r = connect => match r {
+                Ok(u) => u,
+                Err(e) => return Establish::Unreachable(e),
+            },
+        };
+        if let Err(e) = async {
+            up.io.write_all(initial).await?;
+            up.io.flush().await
         }
-        let target =
-            upstream::Target::legacy(cfg, &loaded.upstream, orig_dst).inspect_err(|e| {
-                self.metrics
-                    .upstream_connects
-                    .with_label_values(&[e.label()])
-                    .inc();
-            })?;
-        upstream::connect(&target, &self.metrics, &self.health, Path::Legacy)
-            .await
-            .map(|u| (u, Path::Legacy))
+        .await
+        {
+            return Establish::Failed {
+                target: up.target,
+                check: health::Check::Failed(format!("write: {e}")),
+                why: format!("the upstream failed as the handshake was written: {e}"),
+                closed_early: false,
+            };
+        }
+        let mut answer = Vec::new();
+        if !wait_answer {
+            return Establish::Ok {
+                up,
+                answer,
+                ptype: None,
+            };
+        }
+        let r = tokio::select! {
+            _ = control.token().cancelled() => return Establish::Cancelled,
+            r = tokio::time::timeout(
+                cfg.timeouts.upstream_answer,
+                read_first_answer(&mut up.io, &mut answer, cfg.limits.max_frame),
+            ) => r,
+        };
+        let why = match r {
+            Ok(Ok(FirstAnswer::Cync(ptype))) => {
+                self.health
+                    .record(path, &up.target, health::Check::Answered);
+                return Establish::Ok {
+                    up,
+                    answer,
+                    ptype: Some(ptype),
+                };
+            }
+            Ok(Ok(FirstAnswer::NotCync(what))) => {
+                format!("the upstream does not speak Cync: it answered {what}")
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let why = "the upstream closed the connection before answering the handshake \
+                           (a wrong auth code, or not a working Cync upstream)";
+                return Establish::Failed {
+                    target: up.target,
+                    check: health::Check::Refused(why.to_owned()),
+                    why: why.to_owned(),
+                    closed_early: true,
+                };
+            }
+            Ok(Err(e)) => format!("the upstream failed before answering: {e}"),
+            Err(_) => format!(
+                "the upstream did not answer within {:?}",
+                cfg.timeouts.upstream_answer
+            ),
+        };
+        Establish::Failed {
+            target: up.target,
+            check: health::Check::Refused(why.clone()),
+            why,
+            closed_early: false,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -555,29 +627,86 @@ impl Proxy {
         mut deferred: Option<(crate::codec::DeviceId, LiveSession)>,
     ) -> String {
         let cfg: &Config = &loaded.config;
-        // 3. Upstream.
-        let up = tokio::select! {
-            _ = control.token().cancelled() => return control.cause().label().to_owned(),
-            r = self.connect_path(loaded, decision, orig_dst) => r,
-        };
-        let (up, path) = match up {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(error = %e, delay = ?cfg.upstream.cloud_down_close_delay,
-                    "no upstream reachable; closing the device connection after the delay");
-                hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control).await;
-                let down = if decision.path == Path::New && !decision.fallback {
-                    "new_path_down"
-                } else {
-                    "cloud_down"
-                };
-                return down.to_owned();
+        let hold = cfg.upstream.cloud_down_close_delay;
+        let wait_answer = matches!(meta.peer, PeerKind::Device(_) | PeerKind::App(_));
+        // 3. Upstream: connect, hand over the handshake, and see a Cync answer. new_primary
+        // falls back to legacy when the new path fails anywhere before that answer.
+        let mut path = decision.path;
+        let mut result = self
+            .establish(loaded, path, orig_dst, &initial, wait_answer, control)
+            .await;
+        if path == Path::New && decision.fallback {
+            let fall_back = match &result {
+                Establish::Unreachable(e) => {
+                    tracing::warn!(error = %e, "new path unreachable; falling back to legacy");
+                    true
+                }
+                // An impostor refused by the backend is not a backend fault: no fallback.
+                Establish::Failed { closed_early, .. } if *closed_early && deferred.is_some() => {
+                    false
+                }
+                Establish::Failed {
+                    target, check, why, ..
+                } => {
+                    tracing::warn!(upstream = %target, "{why}; falling back to legacy");
+                    self.health.record(Path::New, target, check.clone());
+                    true
+                }
+                Establish::Ok { .. } | Establish::Cancelled => false,
+            };
+            if fall_back {
+                self.metrics.new_path_fallbacks.inc();
+                path = Path::Legacy;
+                result = self
+                    .establish(loaded, path, orig_dst, &initial, wait_answer, control)
+                    .await;
             }
-        };
+        }
         let down_reason = match path {
             Path::Legacy => "cloud_down",
             Path::New => "new_path_down",
         };
+        let (up, answer, ptype) = match result {
+            Establish::Ok { up, answer, ptype } => (up, answer, ptype),
+            Establish::Cancelled => return control.cause().label().to_owned(),
+            Establish::Unreachable(e) => {
+                tracing::warn!(error = %e, delay = ?hold,
+                    "no upstream reachable; closing the device connection after the delay");
+                hold_then_close(&mut device, hold, control).await;
+                return down_reason.to_owned();
+            }
+            Establish::Failed {
+                closed_early: true, ..
+            } if deferred.is_some() => {
+                // Another connection of this device is live with a different auth code, and
+                // the upstream refused this one: a handshake rejection (an impostor, or a
+                // stale code), not an upstream fault.
+                tracing::warn!(delay = ?hold,
+                    "the upstream refused this handshake (its auth code differs from the device's live connection, which stays); holding, then closing");
+                hold_then_close(&mut device, hold, control).await;
+                return "handshake_rejected".to_owned();
+            }
+            Establish::Failed {
+                target, check, why, ..
+            } => {
+                tracing::warn!(upstream = %target, path = path.label(), delay = ?hold,
+                    "{why}; holding the device connection, then closing it");
+                self.health.record(path, &target, check);
+                hold_then_close(&mut device, hold, control).await;
+                return down_reason.to_owned();
+            }
+        };
+        if let (Some((id, session)), Some(ptype)) = (deferred.take(), ptype) {
+            if ptype == crate::codec::PacketType::HANDSHAKE_ACK {
+                if self.registry.register(id, session).is_some() {
+                    tracing::info!(
+                        "device connected again with a new auth code the upstream accepted; closing its older connection"
+                    );
+                }
+            } else {
+                tracing::info!(answer = %ptype, "the upstream did not accept the handshake with 0x28; the device's live connection stays");
+            }
+        }
         let _ = meta.upstream.set((up.local, up.remote));
         match meta.peer {
             PeerKind::Device(id) => {
@@ -586,6 +715,7 @@ impl Proxy {
                     upstream = %up.remote,
                     path = %path.label(),
                     reason = %decision.reason,
+                    fell_back = path != decision.path,
                     "device connected"
                 )
             }
@@ -599,7 +729,7 @@ impl Proxy {
         for s in self.sinks.iter() {
             s.on_open(meta);
         }
-        let mut upstream_io = up.io;
+        let upstream_io = up.io;
         let mut d2c = DirectionTap::new(
             Flow::DeviceToCloud,
             cfg.limits.max_frame,
@@ -614,84 +744,9 @@ impl Proxy {
             meta.clone(),
             self.sinks.clone(),
         );
-        // 4. What was read while identifying goes first, unchanged.
-        if let Err(e) = async {
-            upstream_io.write_all(&initial).await?;
-            upstream_io.flush().await
-        }
-        .await
-        {
-            self.health.record(
-                path,
-                &up.target,
-                health::Check::Failed(format!("write: {e}")),
-            );
-            hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control).await;
-            return down_reason.to_owned();
-        }
+        // 4. What was read while identifying went first, unchanged; then the answer.
         d2c.on_chunk(&initial);
-        // 4b. The upstream's first answer: it must come, and be Cync, or the upstream is down
-        // and the device is held (so it does not reconnect in a loop).
-        let mut answer = Vec::new();
-        if matches!(meta.peer, PeerKind::Device(_) | PeerKind::App(_)) {
-            let r = tokio::select! {
-                _ = control.token().cancelled() => return control.cause().label().to_owned(),
-                r = tokio::time::timeout(
-                    cfg.timeouts.upstream_answer,
-                    read_first_answer(&mut upstream_io, &mut answer, cfg.limits.max_frame),
-                ) => r,
-            };
-            let closed_early =
-                matches!(&r, Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof);
-            let failure = match r {
-                Ok(Ok(FirstAnswer::Cync(ptype))) => {
-                    self.health
-                        .record(path, &up.target, health::Check::Answered);
-                    if let Some((id, session)) = deferred.take() {
-                        if ptype == crate::codec::PacketType::HANDSHAKE_ACK {
-                            if self.registry.register(id, session).is_some() {
-                                tracing::info!(
-                                    "device connected again with a new auth code the upstream accepted; closing its older connection"
-                                );
-                            }
-                        } else {
-                            tracing::info!(answer = %ptype, "the upstream did not accept the handshake with 0x28; the device's live connection stays");
-                        }
-                    }
-                    None
-                }
-                Ok(Ok(FirstAnswer::NotCync(what))) => Some(format!(
-                    "the upstream does not speak Cync: it answered {what}"
-                )),
-                Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Some(
-                    "the upstream closed the connection before answering the handshake \
-                     (a wrong auth code, or not a working Cync upstream)"
-                        .to_owned(),
-                ),
-                Ok(Err(e)) => Some(format!("the upstream failed before answering: {e}")),
-                Err(_) => Some(format!(
-                    "the upstream did not answer within {:?}",
-                    cfg.timeouts.upstream_answer
-                )),
-            };
-            if let Some(why) = failure {
-                if deferred.is_some() && closed_early {
-                    // Another connection of this device is live with a different auth code,
-                    // and the upstream refused this one: a handshake rejection (an impostor,
-                    // or a stale code), not an upstream fault.
-                    tracing::warn!(upstream = %up.target, delay = ?cfg.upstream.cloud_down_close_delay,
-                        "the upstream refused this handshake (its auth code differs from the device's live connection, which stays); holding, then closing");
-                    hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control)
-                        .await;
-                    return "handshake_rejected".to_owned();
-                }
-                tracing::warn!(upstream = %up.target, path = path.label(), delay = ?cfg.upstream.cloud_down_close_delay,
-                    "{why}; holding the device connection, then closing it");
-                self.health
-                    .record(path, &up.target, health::Check::Refused(why));
-                hold_then_close(&mut device, cfg.upstream.cloud_down_close_delay, control).await;
-                return down_reason.to_owned();
-            }
+        if !answer.is_empty() {
             if let Err(e) = async {
                 device.write_all(&answer).await?;
                 device.flush().await
@@ -784,6 +839,27 @@ fn describe_foreign(bytes: &[u8]) -> String {
     } else {
         format!("bytes {}", crate::hexutil::to_hex(head))
     }
+}
+
+/// How an attempt to reach an upstream ended.
+enum Establish {
+    /// Connected; the handshake is written and (when waited for) a Cync answer read.
+    Ok {
+        up: upstream::Upstream,
+        answer: Vec<u8>,
+        ptype: Option<crate::codec::PacketType>,
+    },
+    /// The session was cancelled (drain, replacement, shutdown).
+    Cancelled,
+    /// No address could be connected.
+    Unreachable(upstream::UpstreamError),
+    /// Connected, but it failed before a Cync answer.
+    Failed {
+        target: String,
+        check: health::Check,
+        why: String,
+        closed_early: bool,
+    },
 }
 
 /// Reads the upstream until its first whole frame. Every byte read is appended to `answer` so
