@@ -479,6 +479,11 @@ impl Metrics {
             .set(i64::from(up));
     }
 
+    /// Drops the `cync_mitm_upstream_up` series of an address no longer tracked.
+    pub fn remove_upstream_up(&self, path: &str, address: &str) {
+        let _ = self.upstream_up_v.remove_label_values(&[path, address]);
+    }
+
     /// Counts one capture failure of `kind`.
     pub fn capture_error(&self, kind: &str) {
         self.capture_errors.with_label_values(&[kind]).inc();

@@ -158,3 +158,52 @@ async fn a_slow_truncate_then_write_save_never_applies_a_partial_file() {
     assert_eq!(last.config.routing.canary_percent, 50.0);
     assert_eq!(last.generation, 2, "exactly one new generation");
 }
+
+/// An address removed from the config is forgotten: its `cync_mitm_upstream_up` series goes
+/// and `/upstreams` no longer lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_upstream_addresses_lose_their_health_series() {
+    let (cloud, cloud_addr) = start_cloud(Default::default()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    let text = |addrs: &str| {
+        format!(
+            "[upstream]\naddresses = [{addrs}]\nprobe_interval = \"1s\"\n[admin]\nenabled = false\n\
+             [listen]\ntls = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n",
+            certs().ca_cert.parent().unwrap().display()
+        )
+    };
+    std::fs::write(&file, text(&format!("\"{cloud_addr}\", \"{dead_addr}\""))).unwrap();
+    let (live, metrics) = live_from_file(&file);
+    let p = start_proxy_live(live.clone(), metrics.clone()).await;
+    tokio::spawn(p.proxy.clone().probe_upstreams());
+    let series = |addr: &std::net::SocketAddr| {
+        metrics
+            .render()
+            .lines()
+            .any(|l| l.starts_with("cync_mitm_upstream_up{") && l.contains(&addr.to_string()))
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || series(&dead_addr)
+            && series(&cloud_addr))
+        .await
+    );
+    std::fs::write(&file, text(&format!("\"{cloud_addr}\""))).unwrap();
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !series(&dead_addr)).await,
+        "the removed address keeps its series"
+    );
+    assert!(series(&cloud_addr));
+    assert!(
+        p.proxy
+            .health()
+            .report()
+            .iter()
+            .all(|r| r.address != dead_addr.to_string())
+    );
+    cloud.stop().await;
+}

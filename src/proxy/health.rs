@@ -40,6 +40,8 @@ struct Addr {
     last_error: Option<String>,
     last_error_at: Option<SystemTime>,
     consecutive_failures: u32,
+    /// When a connection (not a probe) last checked it, or when tracking began.
+    last_used: Option<Instant>,
 }
 
 impl Addr {
@@ -119,29 +121,108 @@ impl Health {
 
     /// Starts tracking `addresses` of `path` (their gauges read 0 until a check succeeds).
     pub fn track(&self, path: Path, addresses: &[String]) {
+        let now = Instant::now();
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for a in addresses {
-            let n = m.keys().filter(|(p, _)| *p == path).count();
-            let key = (path, a.clone());
-            if !m.contains_key(&key) && n < MAX_TRACKED {
-                m.insert(key, Addr::default());
-                self.metrics.upstream_up(path.label(), a, false);
-            }
+            self.insert(&mut m, path, a, now);
         }
     }
 
-    /// Records a check of `address` on `path`.
-    pub fn record(&self, path: Path, address: &str, check: Check) {
+    /// Adds `address` unless tracked; at [`MAX_TRACKED`] the entry of `path` a connection
+    /// used longest ago makes room (transparent mode learns addresses from peers).
+    fn insert(
+        &self,
+        m: &mut HashMap<(Path, String), Addr>,
+        path: Path,
+        address: &str,
+        now: Instant,
+    ) {
+        let key = (path, address.to_owned());
+        if m.contains_key(&key) {
+            return;
+        }
+        if m.keys().filter(|(p, _)| *p == path).count() >= MAX_TRACKED {
+            let oldest = m
+                .iter()
+                .filter(|((p, _), _)| *p == path)
+                .min_by_key(|(_, a)| a.last_used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                m.remove(&k);
+                self.metrics.remove_upstream_up(k.0.label(), &k.1);
+            }
+        }
+        m.insert(
+            key,
+            Addr {
+                last_used: Some(now),
+                ..Addr::default()
+            },
+        );
+        self.metrics.upstream_up(path.label(), address, false);
+    }
+
+    /// Stops tracking addresses of `path` not in `keep` (removed from the config), and their
+    /// gauges.
+    pub fn retain(&self, path: Path, keep: &[String]) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|(p, a), _| {
+            let stay = *p != path || keep.contains(a);
+            if !stay {
+                self.metrics.remove_upstream_up(p.label(), a);
+            }
+            stay
+        });
+    }
+
+    /// Stops tracking addresses of `path` no connection has used for `older_than` (the
+    /// original destinations of transparent mode), and their gauges.
+    pub fn forget_unused(&self, path: Path, older_than: Duration) {
         let now = Instant::now();
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (path, address.to_owned());
-        if !m.contains_key(&key) {
-            if m.keys().filter(|(p, _)| *p == path).count() >= MAX_TRACKED {
-                return;
+        m.retain(|(p, a), s| {
+            let stay = *p != path
+                || s.last_used
+                    .is_some_and(|t| now.duration_since(t) < older_than);
+            if !stay {
+                self.metrics.remove_upstream_up(p.label(), a);
             }
-            m.insert(key.clone(), Addr::default());
-        }
+            stay
+        });
+    }
+
+    /// The addresses of `path` being tracked.
+    pub fn known(&self, path: Path) -> Vec<String> {
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = m
+            .keys()
+            .filter(|(p, _)| *p == path)
+            .map(|(_, a)| a.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Records what a connection found at `address` on `path`.
+    pub fn record(&self, path: Path, address: &str, check: Check) {
+        self.apply(path, address, check, true);
+    }
+
+    /// Records what a probe found (it does not count as use: an address only probes see
+    /// is forgotten by [`Health::forget_unused`]).
+    pub fn record_probe(&self, path: Path, address: &str, check: Check) {
+        self.apply(path, address, check, false);
+    }
+
+    fn apply(&self, path: Path, address: &str, check: Check, used: bool) {
+        let now = Instant::now();
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.insert(&mut m, path, address, now);
+        let key = (path, address.to_owned());
         let Some(a) = m.get_mut(&key) else { return };
+        if used {
+            a.last_used = Some(now);
+        }
         match check {
             Check::Answered => {
                 a.last_answer = Some(now);
@@ -299,11 +380,42 @@ mod tests {
     }
 
     #[test]
-    fn tracking_is_bounded() {
+    fn tracking_is_bounded_and_the_newest_address_gets_in() {
         let h = health();
         for i in 0..200 {
             h.record(Path::Legacy, &format!("10.0.0.{i}:1"), Check::Answered);
         }
         assert_eq!(h.report().len(), MAX_TRACKED);
+        // The address seen last is tracked (the one used longest ago made room) and counts.
+        assert!(h.known(Path::Legacy).contains(&"10.0.0.199:1".to_string()));
+        assert!(!h.known(Path::Legacy).contains(&"10.0.0.0:1".to_string()));
+        assert!(h.any_up(Path::Legacy));
+    }
+
+    #[test]
+    fn removed_and_unused_addresses_are_forgotten_with_their_gauges() {
+        let metrics = Arc::new(Metrics::new(false));
+        let h = Health::new(metrics.clone(), Duration::from_secs(60));
+        let gauges = || {
+            let text = metrics.render();
+            text.lines()
+                .filter(|l| l.starts_with("cync_mitm_upstream_up{"))
+                .count()
+        };
+        h.track(Path::Legacy, &["a:1".into(), "b:1".into()]);
+        h.track(Path::New, &["n:1".into()]);
+        assert_eq!(gauges(), 3);
+        h.retain(Path::Legacy, &["b:1".into()]);
+        assert_eq!(h.known(Path::Legacy), vec!["b:1"]);
+        assert_eq!(h.known(Path::New), vec!["n:1"], "other paths untouched");
+        assert_eq!(gauges(), 2);
+        // Probes alone do not keep an address: only connections do.
+        h.record_probe(Path::Legacy, "b:1", Check::Reachable);
+        h.forget_unused(Path::Legacy, Duration::ZERO);
+        assert!(h.known(Path::Legacy).is_empty());
+        h.record(Path::Legacy, "c:1", Check::Answered);
+        h.forget_unused(Path::Legacy, Duration::from_secs(3600));
+        assert_eq!(h.known(Path::Legacy), vec!["c:1"]);
+        assert_eq!(gauges(), 2);
     }
 }

@@ -208,8 +208,7 @@ impl Proxy {
         match cfg.config.upstream.mode {
             crate::config::UpstreamMode::Fixed => self.health.any_up(Path::Legacy),
             crate::config::UpstreamMode::Transparent => {
-                let r = self.health.report();
-                r.iter().all(|a| a.path != "legacy") || self.health.any_up(Path::Legacy)
+                self.health.known(Path::Legacy).is_empty() || self.health.any_up(Path::Legacy)
             }
         }
     }
@@ -223,16 +222,26 @@ impl Proxy {
             let cfg = &loaded.config;
             let every = cfg.upstream.probe_interval;
             let mut jobs = Vec::new();
-            if cfg.upstream.mode == crate::config::UpstreamMode::Fixed {
-                self.health.track(Path::Legacy, &cfg.upstream.addresses);
-                for a in self
-                    .health
-                    .stale(Path::Legacy, &cfg.upstream.addresses, every)
-                {
-                    let tls = cfg.upstream.tls.then(|| loaded.upstream.clone());
-                    jobs.push((Path::Legacy, a, tls));
+            // The addresses to watch: the configured ones (removed ones are forgotten), or
+            // in transparent mode the original destinations connections used in the last
+            // hour, so readiness does not age out while devices sit on a working cloud.
+            let legacy = match cfg.upstream.mode {
+                crate::config::UpstreamMode::Fixed => {
+                    self.health.retain(Path::Legacy, &cfg.upstream.addresses);
+                    self.health.track(Path::Legacy, &cfg.upstream.addresses);
+                    cfg.upstream.addresses.clone()
                 }
+                crate::config::UpstreamMode::Transparent => {
+                    self.health
+                        .forget_unused(Path::Legacy, TRANSPARENT_FORGET_AFTER);
+                    self.health.known(Path::Legacy)
+                }
+            };
+            for a in self.health.stale(Path::Legacy, &legacy, every) {
+                let tls = cfg.upstream.tls.then(|| loaded.upstream.clone());
+                jobs.push((Path::Legacy, a, tls));
             }
+            self.health.retain(Path::New, &cfg.new_path.addresses);
             self.health.track(Path::New, &cfg.new_path.addresses);
             for a in self.health.stale(Path::New, &cfg.new_path.addresses, every) {
                 let tls = cfg.new_path.tls.then(|| loaded.new_path.clone());
@@ -250,7 +259,7 @@ impl Proxy {
                             health::Check::Failed(e.to_string())
                         }
                     };
-                    me.health.record(path, &addr, check);
+                    me.health.record_probe(path, &addr, check);
                 });
             }
             tokio::select! {
@@ -840,6 +849,9 @@ fn describe_foreign(bytes: &[u8]) -> String {
         format!("bytes {}", crate::hexutil::to_hex(head))
     }
 }
+
+/// Transparent mode forgets an original destination no connection has used for this long.
+const TRANSPARENT_FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// How an attempt to reach an upstream ended.
 enum Establish {
