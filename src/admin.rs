@@ -109,8 +109,12 @@ fn routing(proxy: &Proxy) -> Value {
                 "mirror": s.decision.mirror,
                 "fallback": s.decision.fallback,
                 "mode": s.decision.mode.label(),
-                "reason": s.decision.reason,
-                "reason_text": now.reason.to_string(),
+                // Why it took its path when it connected, under the policy of then.
+                "connect_reason": s.decision.reason,
+                // What the policy in force now says (its threshold is the top-level one).
+                "current_path": now.path.label(),
+                "current_reason": now.reason,
+                "current_reason_text": now.reason.to_string(),
                 "would_move": now.moves_from(&s.decision),
                 "bucket": loaded.policy.bucket(id),
                 "since": rfc3339(s.since),

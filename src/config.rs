@@ -763,6 +763,19 @@ pub fn parse_pin(s: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
+/// A DNS host name (letters, digits, `-`, `_`, dots; labels of 1–63, at most 253 in all).
+pub fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// `host:port` with a non-empty host and a port number.
 pub fn check_host_port(s: &str) -> bool {
     match s.rsplit_once(':') {
@@ -817,6 +830,15 @@ fn check_backend(
             format!("{bad:?} is not 64 hex digits (a SHA-256 of the certificate's DER)"),
         ));
     }
+    if let Some(sni) = &tls.sni
+        && !is_dns_name(sni)
+        && sni.parse::<std::net::IpAddr>().is_err()
+    {
+        return Err((
+            field("sni"),
+            format!("{sni:?} is not a host name or an IP address"),
+        ));
+    }
     if in_use && tls.verify && tls.ca_file.is_none() && tls.pin_sha256.is_empty() {
         return Err((
             field("verify"),
@@ -843,6 +865,13 @@ pub fn insecure_tls_warnings(cfg: &Config) -> Vec<String> {
         );
     }
     let n = &cfg.new_path;
+    if !n.tls && !n.addresses.is_empty() {
+        out.push(
+            "new_path.tls = false: the traffic to the new path is plaintext, readable and \
+             changeable by anyone on the path to the backend"
+                .to_owned(),
+        );
+    }
     if n.tls && !n.verify && n.pin_sha256.is_empty() && !n.addresses.is_empty() {
         out.push(
             "new_path certificate verification is OFF (new_path.verify = false): anyone on the \
@@ -921,6 +950,13 @@ impl Config {
         }
         if self.new_path.ciphers.trim().is_empty() {
             return Err(invalid("new_path.ciphers", "must not be empty"));
+        }
+        if self.new_path.min_version < TlsVersion::Tls12 {
+            return Err(invalid(
+                "new_path.min_version",
+                "the new path speaks TLS 1.2 or 1.3 (\"1.2\" or \"1.3\"); TLS 1.0 and 1.1 are \
+                 for the cloud leg only (upstream.min_version)",
+            ));
         }
         let t = &self.timeouts;
         for (name, d) in [
@@ -1393,6 +1429,35 @@ mod tests {
         assert!(parse(&text).is_ok());
         let e = parse("[tls]\nmin_version = \"1.4\"\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("tls.min_version"));
+        let e = parse("[new_path]\nmin_version = \"1.1\"\n").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("new_path.min_version"));
+        assert!(parse("[upstream]\nmin_version = \"1.0\"\n").is_ok());
+        // SNI must be a name or an IP: a NUL would panic OpenSSL, "" or "[]" would verify
+        // nothing.
+        for bad in ["\\u0000", "", "[]", "a b", "x..y", "\\u001b[31m"] {
+            let e = parse(&format!("[upstream]\nsni = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("upstream.sni"), "{bad:?}");
+            let e = parse(&format!("[new_path]\nsni = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("new_path.sni"), "{bad:?}");
+        }
+        for good in [
+            "cm.gelighting.com",
+            "backend",
+            "10.0.0.5",
+            "::1",
+            "a-b_c.example.",
+        ] {
+            assert!(
+                parse(&format!("[upstream]\nsni = \"{good}\"\n")).is_ok(),
+                "{good}"
+            );
+        }
+        let c = parse("[new_path]\naddresses = [\"10.0.0.5:23779\"]\ntls = false\n").unwrap();
+        assert!(
+            insecure_tls_warnings(&c)
+                .iter()
+                .any(|w| w.contains("new_path.tls = false")),
+        );
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub fn parse_hex(s: &str) -> Result<Vec<u8>, HexError> {
             .or_else(|| token.strip_prefix("0X"))
             .unwrap_or(token);
         let t = digits.as_bytes();
+        if t.is_empty() {
+            // A lone `0x` is a byte someone forgot, not zero bytes.
+            return Err(HexError {
+                token: token.to_owned(),
+                odd: false,
+            });
+        }
         if t.iter().any(|&c| nibble(c).is_none()) {
             return Err(HexError {
                 token: token.to_owned(),
@@ -93,7 +100,8 @@ mod tests {
         let e = parse_hex("23 0").unwrap_err();
         assert!(e.odd);
         assert_eq!(e.token, "0");
-        assert!(parse_hex("0x").is_ok());
+        assert_eq!(parse_hex("0x").unwrap_err().token, "0x");
+        assert_eq!(parse_hex("0x23, 0x, 00").unwrap_err().token, "0x");
         assert!(parse_hex("0xzz").is_err());
         assert!(parse_hex("x23").is_err());
         assert!(parse_hex("…").is_err());

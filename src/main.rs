@@ -15,7 +15,16 @@ use std::time::Duration;
 
 /// Transparent MITM sidecar for GE Cync devices.
 #[derive(Parser, Debug)]
-#[command(name = "cync-mitm", version, about)]
+#[command(
+    name = "cync-mitm",
+    version,
+    about,
+    after_help = "Examples:\n  \
+    cync-mitm run --config config/cync-mitm.toml\n  \
+    cync-mitm config check config/cync-mitm.toml\n  \
+    cync-mitm decode 0xd3,0x00,0x00,0x00,0x00\n\n\
+    Every command has its own --help with examples. Reference: docs/configuration.md, docs/metrics.md."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -35,11 +44,16 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Certificate management.
+    #[command(after_help = "Example:\n  cync-mitm certs init --config config/cync-mitm.toml")]
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
     /// Configuration files.
+    #[command(
+        after_help = "Examples:\n  cync-mitm config check config/cync-mitm.toml\n  \
+        cync-mitm config show config/cync-mitm.toml"
+    )]
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
@@ -64,26 +78,38 @@ enum Cmd {
         with_hex: bool,
     },
     /// Decrypted captures.
+    #[command(
+        after_help = "Example:\n  cync-mitm capture read captures/20261201/38e8cf46.pcapng --format table"
+    )]
     Capture {
         #[command(subcommand)]
         cmd: CaptureCmd,
     },
     /// Test fixtures.
+    #[command(
+        after_help = "Example:\n  cync-mitm fixtures extract capture.pcapng --out fixtures/captures"
+    )]
     Fixtures {
         #[command(subcommand)]
         cmd: FixturesCmd,
     },
     /// Canary routing.
+    #[command(after_help = "Example:\n  cync-mitm canary set 10 --config config/cync-mitm.toml")]
     Canary {
         #[command(subcommand)]
         cmd: CanaryCmd,
     },
     /// Upstream (cloud or new path) tools.
+    #[command(after_help = "Example:\n  cync-mitm upstream fingerprint 127.0.0.1:23780")]
     Upstream {
         #[command(subcommand)]
         cmd: UpstreamCmd,
     },
     /// Device and cloud simulators.
+    #[command(
+        after_help = "Examples:\n  cync-mitm sim cloud --listen 127.0.0.1:23780\n  \
+        cync-mitm sim devices --target 127.0.0.1:23779 --count 10"
+    )]
     Sim {
         #[command(subcommand)]
         cmd: SimCmd,

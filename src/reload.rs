@@ -49,9 +49,19 @@ pub struct Loaded {
 struct CertStamp {
     tls: crate::config::TlsConfig,
     digests: Vec<Option<[u8; 32]>>,
+    /// The CA files of the upstream and the new path (a replaced file reloads).
+    ca: [Option<[u8; 32]>; 2],
 }
 
-fn cert_stamp(tls: &crate::config::TlsConfig) -> CertStamp {
+impl CertStamp {
+    /// Whether the device-facing certificates differ (the acceptor must be rebuilt).
+    fn devices_differ(&self, other: &Self) -> bool {
+        self.tls != other.tls || self.digests != other.digests
+    }
+}
+
+fn cert_stamp(cfg: &Config) -> CertStamp {
+    let tls = &cfg.tls;
     let p = CertPaths::in_dir(&tls.cert_dir);
     let digests = [&p.rsa_cert, &p.rsa_key, &p.ecdsa_cert, &p.ecdsa_key]
         .iter()
@@ -60,6 +70,10 @@ fn cert_stamp(tls: &crate::config::TlsConfig) -> CertStamp {
     CertStamp {
         tls: tls.clone(),
         digests,
+        ca: [
+            crate::tls::ca_file_digest(&cfg.upstream.client_tls()),
+            crate::tls::ca_file_digest(&cfg.new_path.client_tls()),
+        ],
     }
 }
 
@@ -210,7 +224,9 @@ fn connector(
     field: &str,
     file: &Path,
 ) -> Result<UpstreamConnector, ConfigError> {
-    if let Some(p) = previous.filter(|p| *p.settings() == settings) {
+    if let Some(p) = previous.filter(|p| {
+        *p.settings() == settings && p.ca_digest() == crate::tls::ca_file_digest(&settings)
+    }) {
         return Ok(p.clone());
     }
     UpstreamConnector::new(&settings).map_err(|e| ConfigError {
@@ -252,15 +268,9 @@ fn build(b: Build<'_>, previous: Option<&Loaded>) -> Result<Loaded, ConfigError>
         "new_path",
         file,
     )?;
-    let warnings = crate::config::insecure_tls_warnings(&config);
-    if previous.map(|p| crate::config::insecure_tls_warnings(&p.config)) != Some(warnings.clone()) {
-        for w in &warnings {
-            tracing::warn!("{w}");
-        }
-    }
-    let stamp = cert_stamp(&config.tls);
+    let stamp = cert_stamp(&config);
     let acceptor = match previous {
-        Some(p) if p.stamp != stamp => Some(
+        Some(p) if p.stamp.devices_differ(&stamp) => Some(
             DeviceAcceptor::new(&config.tls, &CertPaths::in_dir(&config.tls.cert_dir)).map_err(
                 |e| ConfigError {
                     file: file.to_owned(),
@@ -274,6 +284,14 @@ fn build(b: Build<'_>, previous: Option<&Loaded>) -> Result<Loaded, ConfigError>
         Some(p) => p.acceptor.clone(),
         None => None,
     };
+    // Warn about unverified legs once everything that can refuse this configuration has
+    // accepted it, and only when the set of warnings changed.
+    let warnings = crate::config::insecure_tls_warnings(&config);
+    if previous.map(|p| crate::config::insecure_tls_warnings(&p.config)) != Some(warnings.clone()) {
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
+    }
     Ok(Loaded {
         acceptor,
         stamp,
@@ -409,7 +427,7 @@ impl LiveConfig {
         let cur = self.current();
         let bytes = read_stable(path, cur.config.reload.debounce)?;
         let digest = openssl::sha::sha256(&bytes);
-        if cur.digest == Some(digest) && cert_stamp(&cur.config.tls) == cur.stamp {
+        if cur.digest == Some(digest) && cert_stamp(&cur.config) == cur.stamp {
             // Same text, same certificates: nothing to parse or rebuild.
             return Ok(Outcome::Unchanged {
                 generation: cur.generation,
@@ -428,7 +446,7 @@ impl LiveConfig {
         let effective = cur.config.with_running_restart_only(new);
         if effective == cur.config
             && pending == cur.pending_restart
-            && cert_stamp(&effective.tls) == cur.stamp
+            && cert_stamp(&effective) == cur.stamp
         {
             // A different text that says the same (comments, order): remember the new text so
             // the next identical read is skipped without parsing.

@@ -56,8 +56,10 @@ pub enum TlsError {
     Handshake(String),
     /// The peer's certificate is not one of the pinned ones.
     #[error(
-        "certificate sha256 {got} matches no pin_sha256 entry; if this certificate is the right \
-         one (check with `cync-mitm upstream fingerprint HOST:PORT`), add \"{got}\" to pin_sha256"
+        "certificate sha256 {got} matches no pin_sha256 entry. If the server's certificate was \
+         replaced on purpose (confirm it out of band: from the server itself, not over this \
+         network), pin the new one: add \"{got}\" to pin_sha256 (`cync-mitm upstream \
+         fingerprint HOST:PORT` shows the certificate)"
     )]
     PinMismatch {
         /// Hex SHA-256 of the certificate presented.
@@ -362,12 +364,25 @@ pub struct UpstreamConnector {
     ctx: SslContext,
     settings: ClientTlsSettings,
     pins: Vec<[u8; 32]>,
+    ca_digest: Option<[u8; 32]>,
+}
+
+/// SHA-256 of the CA file `settings` names, when it is read for verification.
+pub fn ca_file_digest(settings: &ClientTlsSettings) -> Option<[u8; 32]> {
+    let ca = settings.ca_file.as_ref().filter(|_| settings.verify)?;
+    std::fs::read(ca).ok().map(|b| openssl::sha::sha256(&b))
 }
 
 impl UpstreamConnector {
     /// The settings it was built from (a reload reuses the connector when they are unchanged).
     pub fn settings(&self) -> &ClientTlsSettings {
         &self.settings
+    }
+
+    /// SHA-256 of the CA file as it was loaded (a reload rebuilds the connector when the file
+    /// changed, even under the same name).
+    pub fn ca_digest(&self) -> Option<[u8; 32]> {
+        self.ca_digest
     }
 
     /// Builds the connector from `[upstream]` or `[new_path]` settings.
@@ -377,15 +392,17 @@ impl UpstreamConnector {
     /// and the name must match (`sni`, or else the address's host or IP). With `verify` and only
     /// pins, the pin is the check. The security level is what the cipher list says (the
     /// upstream's default list carries `@SECLEVEL=0` for the cloud's static-RSA suites; the new
-    /// path's keeps OpenSSL's default).
+    /// path's keeps OpenSSL's default), except that asking for TLS 1.0 or 1.1 (upstream only)
+    /// sets level 0, the only one at which OpenSSL 3 speaks them.
     pub fn new(cfg: &ClientTlsSettings) -> Result<Self, TlsError> {
         let mut b = SslContextBuilder::new(SslMethod::tls_client())?;
-        b.set_cipher_list(&cfg.ciphers)?;
         if cfg.min_version < TlsVersion::Tls12 {
+            b.set_security_level(0);
             b.clear_options(
                 openssl::ssl::SslOptions::NO_TLSV1 | openssl::ssl::SslOptions::NO_TLSV1_1,
             );
         }
+        b.set_cipher_list(&cfg.ciphers)?;
         b.set_min_proto_version(Some(ssl_version(cfg.min_version)))?;
         b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
         attach_keylog(&mut b);
@@ -403,6 +420,7 @@ impl UpstreamConnector {
             ctx: b.build(),
             settings: cfg.clone(),
             pins: cfg.pin_sha256.iter().filter_map(|p| parse_pin(p)).collect(),
+            ca_digest: ca_file_digest(cfg),
         })
     }
 
@@ -413,23 +431,41 @@ impl UpstreamConnector {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut ssl = Ssl::new(&self.ctx)?;
+        // `sni` was checked by config validation (a name or an IP, no NUL): these cannot panic.
         if let Some(name) = &self.settings.sni {
             ssl.set_hostname(name)?;
         }
-        if self.settings.verify && self.settings.ca_file.is_some() {
+        let verifying = self.settings.verify && self.settings.ca_file.is_some();
+        if verifying {
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
             let name = self.settings.sni.as_deref().unwrap_or(host);
-            let name = name.trim_start_matches('[').trim_end_matches(']');
             match name.parse::<std::net::IpAddr>() {
                 Ok(ip) => ssl.param_mut().set_ip(ip)?,
-                Err(_) => ssl.param_mut().set_host(name)?,
+                Err(_) if crate::config::is_dns_name(name) => {
+                    ssl.param_mut().set_host(name)?;
+                    // The name verified is also the one asked for, so a backend behind an SNI
+                    // router serves the right certificate.
+                    if self.settings.sni.is_none() {
+                        ssl.set_hostname(name)?;
+                    }
+                }
+                Err(_) => {
+                    return Err(TlsError::Handshake(format!(
+                        "{name:?} is neither a host name nor an IP address to verify"
+                    )));
+                }
             }
         }
         let mut s = SslStream::new(ssl, stream)?;
         if let Err(e) = Pin::new(&mut s).connect().await {
             // Say what verification found (a name mismatch, an unknown CA, a bad signature)
-            // rather than the last OpenSSL reason on the stack.
+            // rather than the last OpenSSL reason on the stack. Only when verifying: OpenSSL
+            // records a result even when told not to act on it.
             let v = s.ssl().verify_result();
-            if v != openssl::x509::X509VerifyResult::OK {
+            if verifying && v != openssl::x509::X509VerifyResult::OK {
                 return Err(TlsError::Handshake(format!(
                     "certificate verify failed: {}",
                     v.error_string()

@@ -667,6 +667,15 @@ async fn unverified_tls_legs_are_warned_about_at_start_and_on_reload() {
     write(&format!("pin_sha256 = [\"{}\"]\n", "cd".repeat(32)));
     let (code, body) = http(&admin, "POST", "/reload").await;
     assert_eq!(code, 200, "{body}");
+    // The verified configuration is in force and said nothing.
+    let mut after_verified = Vec::new();
+    while let Ok(l) = log.recv_timeout(Duration::from_millis(300)) {
+        after_verified.push(l);
+    }
+    assert!(
+        !after_verified.iter().any(|l| warned(l)),
+        "a verified new path warned: {after_verified:#?}"
+    );
     write("verify = false\n");
     let (code, body) = http(&admin, "POST", "/reload").await;
     assert_eq!(code, 200, "{body}");

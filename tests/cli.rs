@@ -188,33 +188,50 @@ fn ids_print_as_hex_everywhere() {
     assert_eq!(v[0]["user_id"], "01020a0b", "{v:?}");
 }
 
+/// The subcommand names listed under "Commands:" in a help text (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.split_once("Commands:")
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
-fn every_subcommand_help_has_an_example() {
-    for cmd in [
-        vec!["run"],
-        vec!["certs", "init"],
-        vec!["config", "check"],
-        vec!["config", "show"],
-        vec!["decode"],
-        vec!["capture", "read"],
-        vec!["fixtures", "extract"],
-        vec!["canary", "set"],
-        vec!["upstream", "fingerprint"],
-        vec!["sim", "cloud"],
-        vec!["sim", "devices"],
-    ] {
+fn every_command_and_subcommand_help_has_an_example() {
+    // Walk the whole command tree from the top-level help, so a new command cannot be missed.
+    let mut todo = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(cmd) = todo.pop() {
         let out = bin().args(&cmd).arg("--help").output().unwrap();
         assert!(out.status.success(), "{cmd:?}");
-        let help = String::from_utf8_lossy(&out.stdout);
+        let help = String::from_utf8_lossy(&out.stdout).to_string();
         let example = help
             .split_once("Example")
             .map(|(_, rest)| rest)
             .unwrap_or_else(|| panic!("{cmd:?} --help has no example:\n{help}"));
+        let prefix = if cmd.is_empty() {
+            "cync-mitm ".to_owned()
+        } else {
+            format!("cync-mitm {}", cmd.join(" "))
+        };
         assert!(
-            example.contains(&format!("cync-mitm {}", cmd.join(" "))),
+            example.contains(&prefix),
             "{cmd:?}: the example runs the command itself:\n{help}"
         );
+        seen += 1;
+        for sub in subcommands(&help) {
+            let mut next = cmd.clone();
+            next.push(sub);
+            todo.push(next);
+        }
     }
+    assert!(seen >= 19, "only {seen} commands found");
 }
 
 #[test]
@@ -309,7 +326,11 @@ fn canary_set_says_when_the_percentage_does_nothing() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("legacy_only"), "{err}");
-    std::fs::write(&cfg, "[routing]\nmode = \"shadow\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[routing]\nmode = \"new_primary\"\n[new_path]\naddresses = [\"127.0.0.1:9\"]\nverify = false\n",
+    )
+    .unwrap();
     let out = bin()
         .args(["canary", "set", "10", "--config"])
         .arg(&cfg)
@@ -317,8 +338,26 @@ fn canary_set_says_when_the_percentage_does_nothing() {
         .env("CANARY_PERCENTAGE", "3")
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("legacy_only"), "{err}");
     assert!(err.contains("CANARY_PERCENTAGE=3"), "{err}");
+    // new_primary without the variable: the percentage matters, nothing to say.
+    let out = bin()
+        .args(["canary", "set", "20", "--config"])
+        .arg(&cfg)
+        .env_remove("DARK_LAUNCH")
+        .env_remove("CANARY_PERCENTAGE")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

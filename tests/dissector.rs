@@ -56,10 +56,18 @@ fn dissector_decodes_the_committed_sample() {
     let hs = fields(
         &s,
         "cync.type == 0x23",
-        &["cync.device_id", "cync.auth_code", "cync.type_name"],
+        &[
+            "cync.device_id",
+            "cync.auth_code",
+            "cync.type_name",
+            "cync.device",
+        ],
     );
     assert_eq!(hs.len(), 2, "one handshake per leg: {hs:?}");
-    assert_eq!(hs[0], vec!["0x49300000", "****************", "handshake"]);
+    assert_eq!(
+        hs[0],
+        vec!["0x49300000", "****************", "handshake", "49300000"]
+    );
     let cmds = fields(
         &s,
         "cync.inner.dir == 0xf8",

@@ -207,3 +207,48 @@ async fn removed_upstream_addresses_lose_their_health_series() {
     );
     cloud.stop().await;
 }
+
+/// A CA file replaced under the same name is used from the next reload (the text of the
+/// config did not change, its certificates did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_ca_file_reloads_the_connector() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("backend-ca.pem");
+    let other = tempfile::tempdir().unwrap();
+    let other = cync_mitm::tls::init_certs(other.path(), false).unwrap();
+    std::fs::copy(&other.ca_cert, &ca).unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[upstream]\naddresses = [\"127.0.0.1:9\"]\n[admin]\nenabled = false\n\
+             [new_path]\naddresses = [\"127.0.0.1:9\"]\nca_file = \"{}\"\n[tls]\ncert_dir = \"{}\"\n",
+            ca.display(),
+            certs().ca_cert.parent().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let (live, _metrics) = live_from_file(&file);
+    let before = live.current().new_path.ca_digest();
+    assert!(before.is_some());
+    // Nothing changed: unchanged, same connector.
+    let r = live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        matches!(r, cync_mitm::reload::Outcome::Unchanged { .. }),
+        "{r:?}"
+    );
+    std::fs::copy(&certs().ca_cert, &ca).unwrap();
+    let r = live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        matches!(r, cync_mitm::reload::Outcome::Applied { .. }),
+        "{r:?}"
+    );
+    let after = live.current().new_path.ca_digest();
+    assert_ne!(before, after);
+    assert_eq!(
+        after,
+        Some(openssl::sha::sha256(
+            &std::fs::read(&certs().ca_cert).unwrap()
+        ))
+    );
+}

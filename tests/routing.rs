@@ -109,6 +109,20 @@ async fn reload_moves_only_the_devices_whose_path_changed_and_loses_nothing() {
     }
     let seen = seen.expect("the new split did not show in /routing within a second");
     eprintln!("new generation visible after {seen:?}");
+    // Each device shows what the policy in force says now next to how it connected.
+    let v = routing_json(&admin).await;
+    let devs = v["devices"].as_array().unwrap();
+    assert_eq!(devs.len(), 100);
+    assert!(devs.iter().any(|d| d["current_path"] == "new"), "{v}");
+    for d in devs {
+        assert!(
+            d["connect_reason"].is_object() || d["connect_reason"].is_string(),
+            "{d}"
+        );
+        assert!(d["current_reason_text"].is_string(), "{d}");
+        let moves = d["path"] != d["current_path"];
+        assert_eq!(d["would_move"], moves, "{d}");
+    }
 
     let policy = live.current().policy.clone();
     let moved: HashSet<DeviceId> = fleet

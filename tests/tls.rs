@@ -174,7 +174,18 @@ async fn new_path_client_verifies_the_chain_and_the_name_or_the_pin() {
         n.sni = Some("cm.gelighting.com".into());
     });
     let got = connect(&ok, addr, "127.0.0.1").await.unwrap();
-    assert!(got.starts_with("TLSv1.3") || got.contains("ECDHE"), "{got}");
+    assert!(got.starts_with("TLSv1.3 "), "{got}");
+    // Capped at TLS 1.2 the server must pick a forward-secret suite.
+    let mut ok12 = ok.clone();
+    ok12.min_version = TlsVersion::Tls12;
+    let rsa_12 = serve_raw(
+        SslVersion::TLS1_2,
+        SslVersion::TLS1_2,
+        "AES256-SHA256:ECDHE-RSA-AES256-GCM-SHA384:@SECLEVEL=0",
+    )
+    .await;
+    let got = connect(&ok12, rsa_12, "cm.gelighting.com").await.unwrap();
+    assert!(got.contains("ECDHE-RSA-AES256-GCM"), "{got}");
 
     // CA but no SNI: the address's host is checked; the certificate has no IP in its names.
     let by_ip = new_path(|n| n.ca_file = Some(ca.clone()));
@@ -290,22 +301,17 @@ async fn serve_raw(min: SslVersion, max: SslVersion, ciphers: &str) -> SocketAdd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fingerprint_prints_the_pin_that_the_proxy_accepts() {
-    let addr = serve(
-        DeviceAcceptor::new(
-            &TlsConfig {
-                ecdsa: false,
-                ..TlsConfig::default()
-            },
-            certs(),
-        )
-        .unwrap(),
-    )
-    .await;
-    let leaf = openssl::x509::X509::stack_from_pem(&std::fs::read(&certs().rsa_cert).unwrap())
-        .unwrap()
-        .remove(0);
-    let want = cync_mitm::tls::cert_sha256_hex(&leaf.to_der().unwrap());
+async fn fingerprint_prints_the_pins_that_the_proxy_accepts() {
+    // cync-mitm's own acceptor holds an RSA and an ECDSA leaf and picks one by suite.
+    let addr = serve(DeviceAcceptor::new(&TlsConfig::default(), certs()).unwrap()).await;
+    let sha = |f: &std::path::Path| {
+        let c = openssl::x509::X509::stack_from_pem(&std::fs::read(f).unwrap())
+            .unwrap()
+            .remove(0);
+        cync_mitm::tls::cert_sha256_hex(&c.to_der().unwrap())
+    };
+    let want = sha(&certs().rsa_cert);
+    let want_ec = sha(&certs().ecdsa_cert);
     let bin = env!("CARGO_BIN_EXE_cync-mitm");
     let a = addr.to_string();
     let out = tokio::task::spawn_blocking(move || {
@@ -323,8 +329,9 @@ async fn fingerprint_prints_the_pin_that_the_proxy_accepts() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains(&format!("pin_sha256 = [\"{want}\"]")),
-        "{text}"
+        text.contains(&format!("pin_sha256 = [\"{want_ec}\", \"{want}\"]"))
+            || text.contains(&format!("pin_sha256 = [\"{want}\", \"{want_ec}\"]")),
+        "both leaves are to be pinned: {text}"
     );
     assert!(text.contains("cm.gelighting.com"), "names listed: {text}");
 
@@ -338,12 +345,34 @@ async fn fingerprint_prints_the_pin_that_the_proxy_accepts() {
     .await
     .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["chain"][0]["sha256"], want.as_str());
     assert_eq!(v["chain"].as_array().map(Vec::len), Some(2));
+    let mut leaves: Vec<String> = v["leaves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["sha256"].as_str().unwrap().to_owned())
+        .collect();
+    leaves.sort();
+    let mut both = vec![want.clone(), want_ec.clone()];
+    both.sort();
+    assert_eq!(leaves, both);
 
-    // The printed value is one the connector accepts.
-    let pinned = new_path(|n| n.pin_sha256 = vec![want.clone()]);
+    // The printed values are what both legs' connectors accept, whichever leaf they get.
+    let pinned = new_path(|n| n.pin_sha256 = both.clone());
     connect(&pinned, addr, "127.0.0.1").await.unwrap();
+    let mut upstream = Config::default().upstream.client_tls();
+    upstream.pin_sha256 = both.clone();
+    connect(&upstream, addr, "127.0.0.1").await.unwrap();
+    // Pinning only the RSA leaf (what a one-handshake tool would print) fails the new path,
+    // whose suites make the server pick the other one.
+    let rsa_only = new_path(|n| n.pin_sha256 = vec![want.clone()]);
+    let e = connect(&rsa_only, addr, "127.0.0.1").await;
+    let ec_only = new_path(|n| n.pin_sha256 = vec![want_ec.clone()]);
+    let f = connect(&ec_only, addr, "127.0.0.1").await;
+    assert!(
+        e.is_ok() != f.is_ok(),
+        "exactly one leaf is served to the new path"
+    );
 
     // Nothing listening: a clear error, exit 2.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -359,4 +388,107 @@ async fn fingerprint_prints_the_pin_that_the_proxy_accepts() {
     .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("connect"));
+}
+
+/// A CA and an RSA leaf for `names` (IPs become IP SANs), laid out as the acceptor expects.
+fn mint_for(names: &[&str]) -> (tempfile::TempDir, cync_mitm::tls::CertPaths) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = cync_mitm::tls::CertPaths::in_dir(dir.path());
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+    std::fs::write(&paths.ca_cert, ca_cert.pem()).unwrap();
+    std::fs::write(&paths.rsa_cert, format!("{}{}", leaf.pem(), ca_cert.pem())).unwrap();
+    std::fs::write(&paths.rsa_key, key.serialize_pem()).unwrap();
+    (dir, paths)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_by_address_checks_ips_and_sends_dns_names_as_sni() {
+    let (_d, paths) = mint_for(&["127.0.0.1", "::1", "backend.test"]);
+    let acceptor = DeviceAcceptor::new(
+        &TlsConfig {
+            ecdsa: false,
+            ..TlsConfig::default()
+        },
+        &paths,
+    )
+    .unwrap();
+    let v4 = serve(acceptor.clone()).await;
+    let n = new_path(|n| n.ca_file = Some(paths.ca_cert.clone()));
+    // The IP of the address is what is checked (no sni).
+    connect(&n, v4, "127.0.0.1").await.unwrap();
+    let e = connect(&n, v4, "127.0.0.2").await.unwrap_err();
+    assert!(e.to_string().contains("IP address mismatch"), "{e}");
+    // IPv6 in brackets, as in "[::1]:port", through the proxy's own connect path.
+    if let Ok(l6) = TcpListener::bind("[::1]:0").await {
+        let a6 = l6.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l6.accept().await {
+                let a = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(s) = a.accept(tcp).await {
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        drop(s);
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            cync_mitm::proxy::upstream::host_of(&a6.to_string()),
+            "[::1]"
+        );
+        connect(&n, a6, cync_mitm::proxy::upstream::host_of(&a6.to_string()))
+            .await
+            .unwrap();
+    }
+    // A DNS name in the address is verified and sent as SNI: a server that answers only
+    // when asked for its name accepts it.
+    let sni_only = serve_requiring_sni("backend.test", &paths).await;
+    connect(&n, sni_only, "backend.test").await.unwrap();
+}
+
+/// An OpenSSL server that refuses handshakes whose SNI is not `name`.
+async fn serve_requiring_sni(name: &'static str, paths: &cync_mitm::tls::CertPaths) -> SocketAddr {
+    use openssl::ssl::{SniError, SslAcceptor};
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).unwrap();
+    b.set_certificate_chain_file(&paths.rsa_cert).unwrap();
+    b.set_private_key_file(&paths.rsa_key, openssl::ssl::SslFiletype::PEM)
+        .unwrap();
+    b.set_servername_callback(move |ssl, _| {
+        match ssl.servername(openssl::ssl::NameType::HOST_NAME) {
+            Some(n) if n == name => Ok(()),
+            _ => Err(SniError::ALERT_FATAL),
+        }
+    });
+    let acc = std::sync::Arc::new(b.build());
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acc = acc.clone();
+            tokio::spawn(async move {
+                let Ok(ssl) = openssl::ssl::Ssl::new(acc.context()) else {
+                    return;
+                };
+                let Ok(mut s) = tokio_openssl::SslStream::new(ssl, tcp) else {
+                    return;
+                };
+                if Pin::new(&mut s).accept().await.is_ok() {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                }
+            });
+        }
+    });
+    addr
 }

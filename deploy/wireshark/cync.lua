@@ -27,6 +27,9 @@ f.len = ProtoField.uint32("cync.len", "Body length", base.DEC)
 f.id = ProtoField.uint32("cync.id", "Id", base.HEX)
 f.msg = ProtoField.bytes("cync.msg", "Message field")
 f.device_id = ProtoField.uint32("cync.device_id", "Device id", base.HEX)
+-- The id as cync-mitm prints it everywhere (logs, file names, JSON, cohort): 8 hex digits.
+-- Filter with cync.device == "38e8cf46"; the numeric fields stay for ranges.
+f.device = ProtoField.string("cync.device", "Device (as in cync-mitm)")
 f.auth_code = ProtoField.string("cync.auth_code", "Authorize code")
 f.inner = ProtoField.bytes("cync.inner", "Inner frame")
 f.inner_seq = ProtoField.uint32("cync.inner.seq", "Sequence", base.DEC)
@@ -162,6 +165,7 @@ local function dissect_frame(tvb, pinfo, tree)
   local body = tvb:len() - 5
   if ty == 0x23 and body >= 7 then
     st:add(f.device_id, tvb(6, 4))
+    st:add(f.device, tvb(6, 4), string.format("%08x", tvb(6, 4):uint()))
     local alen = tvb(10, 2):uint()
     if 12 + alen <= tvb:len() then
       st:add(f.auth_code, tvb(12, alen))
@@ -169,6 +173,7 @@ local function dissect_frame(tvb, pinfo, tree)
     info = string.format("handshake device=%08x", tvb(6, 4):uint())
   elseif (ty == 0x43 or ty == 0x73 or ty == 0x7b or ty == 0x78 or ty == 0x83 or ty == 0xa3 or ty == 0xa8) and body >= 7 then
     st:add(f.id, tvb(5, 4))
+    st:add(f.device, tvb(5, 4), string.format("%08x", tvb(5, 4):uint()))
     st:add(f.msg, tvb(9, 3))
     info = string.format("%s id=%08x msg=%s", name, tvb(5, 4):uint(), tostring(tvb(9, 3):bytes()))
     if (ty == 0x73 or ty == 0x83) and body > 7 then

@@ -99,26 +99,31 @@ pub fn moot_notes(cfg: &Config, env: impl Fn(&str) -> Option<String>) -> Vec<Str
     let mut notes = Vec::new();
     if let Some(v) = env("CANARY_PERCENTAGE") {
         notes.push(format!(
-            "the environment sets CANARY_PERCENTAGE={v}, which overrides routing.canary_percent \
-             in a proxy started with it"
+            "CANARY_PERCENTAGE={v} is set in this shell; a proxy started with it in its \
+             environment uses that value instead of routing.canary_percent"
         ));
     }
-    let mut effective = cfg.clone();
-    let dark_launch = effective
-        .apply_env(|k| if k == "DARK_LAUNCH" { env(k) } else { None })
-        .is_ok_and(|applied| !applied.is_empty());
-    if effective.routing.mode == crate::route::Mode::LegacyOnly {
-        notes.push(
+    let dark_launch = env("DARK_LAUNCH")
+        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
+    match cfg.routing.mode {
+        crate::route::Mode::LegacyOnly if dark_launch => notes.push(
+            "routing.mode is legacy_only in the file; DARK_LAUNCH (set in this shell) makes it \
+             shadow in a proxy started with it, where the percentage picks the devices to \
+             mirror, and every device stays on the cloud"
+                .to_owned(),
+        ),
+        crate::route::Mode::LegacyOnly => notes.push(
             "routing.mode is legacy_only: every device stays on the cloud whatever the \
-             percentage; it takes effect with mode shadow, new_primary or new_only"
+             percentage; it moves devices with mode new_primary or new_only"
                 .to_owned(),
-        );
-    } else if dark_launch && cfg.routing.mode == crate::route::Mode::LegacyOnly {
-        notes.push(
-            "routing.mode is legacy_only in the file, but DARK_LAUNCH makes it shadow in a \
-             proxy started with it"
+        ),
+        crate::route::Mode::Shadow => notes.push(
+            "routing.mode is shadow: every device stays on the cloud; the percentage picks the \
+             devices whose frames are to be mirrored to the new path (moving devices needs \
+             mode new_primary or new_only)"
                 .to_owned(),
-        );
+        ),
+        crate::route::Mode::NewPrimary | crate::route::Mode::NewOnly => {}
     }
     notes
 }
@@ -135,6 +140,10 @@ mod tests {
         assert_eq!(n.len(), 1);
         assert!(n[0].contains("legacy_only"));
         cfg.routing.mode = crate::route::Mode::Shadow;
+        let n = moot_notes(&cfg, none);
+        assert_eq!(n.len(), 1);
+        assert!(n[0].contains("shadow"), "{n:?}");
+        cfg.routing.mode = crate::route::Mode::NewPrimary;
         assert!(moot_notes(&cfg, none).is_empty());
         let n = moot_notes(&cfg, |k| (k == "CANARY_PERCENTAGE").then(|| "5".to_owned()));
         assert_eq!(n.len(), 1);

@@ -223,10 +223,16 @@ pub async fn connect(
                     ..
                 } = &e
                 {
+                    let section = match path {
+                        Path::Legacy => "upstream",
+                        Path::New => "new_path",
+                    };
                     tracing::warn!(
                         upstream = %addr,
-                        "upstream certificate sha256 {got} matches no pin: if this is the \
-                         upstream you expect, add \"{got}\" to pin_sha256"
+                        "{section} certificate sha256 {got} matches no {section}.pin_sha256 entry: \
+                         someone may be intercepting this connection. If the server's \
+                         certificate was replaced on purpose (confirm it out of band), add \
+                         \"{got}\" to {section}.pin_sha256"
                     );
                 } else {
                     tracing::warn!(upstream = %addr, error = %e, "upstream connect failed");
