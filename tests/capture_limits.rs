@@ -179,5 +179,76 @@ async fn a_full_disk_is_counted_and_the_relay_goes_on() {
     );
     fleet.stop().await;
     capture.shutdown();
+    // A file that never reached the disk is removed: no empty file per key per retry.
+    let mut files = Vec::new();
+    let mut stack = vec![fs.0.path().to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push((p.clone(), std::fs::metadata(&p).unwrap().len()));
+            }
+        }
+    }
+    eprintln!("files left on the full disk: {files:?}");
+    assert!(
+        files.iter().all(|(_, len)| *len > 0),
+        "empty files left: {files:?}"
+    );
+    assert!(files.len() <= 5, "{files:?}");
+    cloud.stop().await;
+}
+
+/// More devices than `capture.max_open_files`: files are closed and reopened as devices take
+/// turns, and each device still has exactly one file per day, appended to (a new pcapng
+/// section each time) and readable whole by `capture read` and tshark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_device_files_are_appended_to_not_split() {
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = proxy_config(cloud_addr);
+    cfg.capture.enabled = true;
+    cfg.capture.dir = dir.path().to_owned();
+    cfg.capture.max_open_files = 1;
+    let (_proxy, addr, capture, metrics) = start(cfg).await;
+    let mut fc = fleet_config(addr, 3);
+    fc.heartbeat = Duration::from_millis(100);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 3).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = fleet.report();
+    fleet.stop().await;
+    capture.shutdown();
+    let days: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert_eq!(days.len(), 1);
+    let files: Vec<std::path::PathBuf> = std::fs::read_dir(days[0].path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 3, "one file per device: {files:?}");
+    assert_eq!(metrics.capture_files.get(), 3, "files created");
+    assert!(r.requests >= 30, "{r:?}");
+    let have_tshark = common::tshark::have_tshark();
+    for f in &files {
+        let mut out = Vec::new();
+        cync_mitm::cmd::capture::read(f, cync_mitm::cmd::capture::Format::Json, None, &mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let pings = text.matches("\"name\":\"ping\"").count();
+        assert!(pings >= 20, "{}: {pings} pings\n{text}", f.display());
+        if have_tshark {
+            let p = f.to_str().unwrap();
+            // Sequence numbers run on across the sections: no analysis flags.
+            let flagged = common::tshark::tshark(&["-r", p, "-Y", "tcp.analysis.flags"]);
+            assert!(flagged.trim().is_empty(), "{}: {flagged}", f.display());
+            let n = common::tshark::tshark(&["-r", p, "-Y", "tcp.len > 0"])
+                .lines()
+                .count();
+            assert!(n >= 40, "{}: {n} data segments in tshark", f.display());
+        }
+    }
     cloud.stop().await;
 }

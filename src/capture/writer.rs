@@ -150,6 +150,34 @@ struct OutFile {
     used: Instant,
     /// Since when no session writes to it (`None` while one does).
     idle_since: Option<Instant>,
+    /// A flush has succeeded since it was opened (a file that never reached the disk is
+    /// removed when it fails, so a full disk leaves no empty files behind).
+    durable: bool,
+    /// Bytes of the section header and interfaces this file starts with.
+    header_len: u64,
+}
+
+/// A device's file closed while the device may write again the same day (evicted for
+/// `capture.max_open_files`, or idle): the next write appends to it as a new pcapng section
+/// instead of starting `-2`, so a busy proxy does not split a device into many files.
+struct Parked {
+    path: PathBuf,
+    bytes: u64,
+    opened: Instant,
+    at: Instant,
+}
+
+/// Parked files remembered at most (the oldest are forgotten first).
+const MAX_PARKED: usize = 4096;
+
+/// Errors that concern the whole capture folder (full, read-only, no permission): every key
+/// backs off, not only the one that hit it.
+fn folder_wide(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::StorageFull | K::ReadOnlyFilesystem | K::PermissionDenied | K::QuotaExceeded
+    )
 }
 
 /// How often one kind of capture failure is logged.
@@ -225,6 +253,9 @@ pub(super) struct Writer {
     files: HashMap<String, OutFile>,
     /// Keys whose file failed, and until when they are left alone.
     failed: HashMap<String, Instant>,
+    /// The folder failed as a whole (disk full, read-only): nothing is opened until then.
+    folder_failed_until: Option<Instant>,
+    parked: HashMap<String, Parked>,
     failures: FailureLog,
     last_prune: Option<Instant>,
     /// Files opened since retention last ran (it runs on the next tick when any were).
@@ -260,6 +291,8 @@ impl Writer {
             streams: HashMap::new(),
             files: HashMap::new(),
             failed: HashMap::new(),
+            folder_failed_until: None,
+            parked: HashMap::new(),
             failures: FailureLog::default(),
             last_prune: None,
             opened_since_prune: 0,
@@ -290,7 +323,7 @@ impl Writer {
         }
         let keys: Vec<String> = self.files.keys().cloned().collect();
         for k in keys {
-            self.close_file(&k);
+            self.close_file(&k, false);
         }
         if self.opened_since_prune > 0 {
             self.prune();
@@ -307,6 +340,11 @@ impl Writer {
         self.close_idle(Instant::now(), SystemTime::now());
         let now = Instant::now();
         self.failed.retain(|_, until| *until > now);
+        if self.folder_failed_until.is_some_and(|t| t <= now) {
+            self.folder_failed_until = None;
+        }
+        let today = day(SystemTime::now());
+        self.parked.retain(|k, _| k.starts_with(today.as_str()));
         if self.opened_since_prune > 0 {
             self.prune();
         }
@@ -328,15 +366,42 @@ impl Writer {
             .map(|(k, _)| k.clone())
             .collect();
         for k in stale {
-            self.close_file(&k);
+            // Today's device files may be written again: they are appended to then.
+            let park = k.starts_with(today.as_str());
+            self.close_file(&k, park);
         }
     }
 
-    /// Flushes and closes the file of `key`.
-    fn close_file(&mut self, key: &str) {
+    /// Flushes and closes the file of `key`; `park`: the key may write again today, and its
+    /// next write appends to this file.
+    fn close_file(&mut self, key: &str, park: bool) {
         if let Some(mut f) = self.files.remove(key) {
-            self.flush_one(&mut f);
+            let ok = self.flush_one(&mut f);
             tracing::debug!(file = %f.path.display(), "capture file closed");
+            if !ok {
+                self.give_up(key, f);
+                return;
+            }
+            if park {
+                if self.parked.len() >= MAX_PARKED
+                    && let Some(oldest) = self
+                        .parked
+                        .iter()
+                        .min_by_key(|(_, p)| p.at)
+                        .map(|(k, _)| k.clone())
+                {
+                    self.parked.remove(&oldest);
+                }
+                self.parked.insert(
+                    key.to_owned(),
+                    Parked {
+                        path: f.path.clone(),
+                        bytes: f.bytes,
+                        opened: f.opened,
+                        at: Instant::now(),
+                    },
+                );
+            }
         }
     }
 
@@ -346,12 +411,41 @@ impl Writer {
             Ok(()) => {
                 self.metrics.capture_written_bytes.inc_by(f.unflushed);
                 f.unflushed = 0;
+                f.durable = true;
                 true
             }
             Err(e) => {
                 self.failures
                     .record(&self.metrics, Failure::Write, &f.path, &e);
+                if folder_wide(&e) {
+                    self.folder_failed_until = Some(Instant::now() + RETRY_AFTER);
+                }
                 false
+            }
+        }
+    }
+
+    /// Gives up a file that failed: `key` is retried after [`RETRY_AFTER`], and a file that
+    /// never reached the disk is removed rather than left empty.
+    fn give_up(&mut self, key: &str, f: OutFile) {
+        self.failed
+            .insert(key.to_owned(), Instant::now() + RETRY_AFTER);
+        self.parked.remove(key);
+        let path = f.path.clone();
+        let durable = f.durable;
+        let header_len = f.header_len;
+        // Dropping the writer tries one last flush; its result does not matter any more.
+        drop(f);
+        // Keep whatever packets did reach the disk; remove a file holding none.
+        let holds_packets = std::fs::metadata(&path).is_ok_and(|m| m.len() > header_len);
+        if !durable && !holds_packets {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::debug!(file = %path.display(), "removed a capture file that never reached the disk")
+                }
+                Err(e) => {
+                    tracing::debug!(file = %path.display(), error = %e, "could not remove a failed capture file")
+                }
             }
         }
     }
@@ -371,7 +465,7 @@ impl Writer {
                 self.files.insert(k, f);
             } else {
                 // A file that cannot be flushed is given up; the key is retried later.
-                self.failed.insert(k, Instant::now() + RETRY_AFTER);
+                self.give_up(&k, f);
             }
         }
     }
@@ -574,7 +668,7 @@ impl Writer {
         if !self.streams.values().any(|o| o.key == st.key) {
             if st.per_connection {
                 // Nobody else will ever write to a connection's own file.
-                self.close_file(&st.key);
+                self.close_file(&st.key, false);
             } else if let Some(f) = self.files.get_mut(&st.key) {
                 f.idle_since = Some(Instant::now());
             }
@@ -654,13 +748,17 @@ impl Writer {
         file.unflushed += written;
         file.used = Instant::now();
         if let Some(e) = failed {
-            // The file is given up (what it holds stays readable up to the failure); the key is
-            // retried after RETRY_AFTER.
+            // The file is given up (what reached the disk stays readable up to the failure);
+            // the key is retried after RETRY_AFTER.
             self.failures
                 .record(&self.metrics, Failure::Write, &file.path, &e);
+            if let pcap_file::PcapError::IoError(io) = &e
+                && folder_wide(io)
+            {
+                self.folder_failed_until = Some(Instant::now() + RETRY_AFTER);
+            }
             self.metrics.capture_dropped_error.inc();
-            self.failed
-                .insert(key.to_owned(), Instant::now() + RETRY_AFTER);
+            self.give_up(key, file);
             return;
         }
         let rotate = file.bytes >= cfg.max_file_bytes || file.opened.elapsed() >= cfg.max_file_age;
@@ -678,10 +776,9 @@ impl Writer {
         if let Some(f) = self.files.remove(key) {
             return Some(f);
         }
-        if self
-            .failed
-            .get(key)
-            .is_some_and(|until| *until > Instant::now())
+        let now = Instant::now();
+        if self.failed.get(key).is_some_and(|until| *until > now)
+            || self.folder_failed_until.is_some_and(|until| until > now)
         {
             return None;
         }
@@ -692,23 +789,47 @@ impl Writer {
                 .min_by_key(|(_, f)| (f.idle_since.is_none(), f.used))
                 .map(|(k, _)| k.clone());
             match victim {
-                Some(k) => self.close_file(&k),
+                // A file of a connection's own is never written again; a device's may be.
+                Some(k) => {
+                    let park = !self
+                        .streams
+                        .values()
+                        .any(|s| s.key == k && s.per_connection);
+                    self.close_file(&k, park);
+                }
                 None => break,
             }
         }
-        let f = match open_file(&cfg.dir, key) {
-            Ok(f) => f,
-            Err(e) => {
-                self.failures
-                    .record(&self.metrics, Failure::Open, &cfg.dir.join(key), &e);
-                self.failed
-                    .insert(key.to_owned(), Instant::now() + RETRY_AFTER);
-                return None;
+        // Append to the key's parked file when it may still grow, else start a new one.
+        let reopened = match self.parked.remove(key) {
+            Some(p) if p.bytes < cfg.max_file_bytes && p.opened.elapsed() < cfg.max_file_age => {
+                reopen_file(&p).ok()
             }
+            _ => None,
+        };
+        let f = match reopened {
+            Some(f) => {
+                tracing::debug!(file = %f.path.display(), "capture file reopened to append");
+                f
+            }
+            None => match open_file(&cfg.dir, key) {
+                Ok(f) => {
+                    tracing::debug!(file = %f.path.display(), "capture file opened");
+                    self.metrics.capture_files.inc();
+                    f
+                }
+                Err(e) => {
+                    self.failures
+                        .record(&self.metrics, Failure::Open, &cfg.dir.join(key), &e);
+                    if folder_wide(&e) {
+                        self.folder_failed_until = Some(now + RETRY_AFTER);
+                    }
+                    self.failed.insert(key.to_owned(), now + RETRY_AFTER);
+                    return None;
+                }
+            },
         };
         self.failed.remove(key);
-        tracing::info!(file = %f.path.display(), "capture file opened");
-        self.metrics.capture_files.inc();
         self.opened_since_prune += 1;
         if self.last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             let open: Vec<PathBuf> = self
@@ -751,6 +872,34 @@ fn open_file(dir: &Path, key: &str) -> std::io::Result<OutFile> {
         .create_new(true)
         .mode(0o600)
         .open(&path)?;
+    let now = Instant::now();
+    start_section(file, path, 0, now)
+}
+
+/// Opens a parked file to append a new section (header and interfaces again, then packets):
+/// a valid pcapng file that Wireshark and `capture read` read as one capture.
+/// A parked path replaced by a symlink is not followed (`O_NOFOLLOW`).
+fn reopen_file(p: &Parked) -> std::io::Result<OutFile> {
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&p.path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut f = start_section(file, p.path.clone(), p.bytes, p.opened)?;
+    // The file held data already: it is on disk.
+    f.durable = true;
+    Ok(f)
+}
+
+/// Writes a section header and the two interfaces to `file`.
+fn start_section(
+    file: File,
+    path: PathBuf,
+    bytes: u64,
+    opened: Instant,
+) -> std::io::Result<OutFile> {
     let mut w = PcapNgWriter::new(BufWriter::new(file)).map_err(std::io::Error::other)?;
     for name in [
         "device leg (device <-> cync-mitm)",
@@ -766,15 +915,17 @@ fn open_file(dir: &Path, key: &str) -> std::io::Result<OutFile> {
         };
         w.write_pcapng_block(idb).map_err(std::io::Error::other)?;
     }
-    let now = Instant::now();
+    let header_len = w.get_ref().buffer().len() as u64;
     Ok(OutFile {
         path,
         w,
-        bytes: 0,
+        bytes,
         unflushed: 0,
-        opened: now,
-        used: now,
+        opened,
+        used: Instant::now(),
         idle_since: None,
+        durable: false,
+        header_len,
     })
 }
 
