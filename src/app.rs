@@ -136,6 +136,20 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
         },
         _ => None,
     };
+    if live.stale_at_start() {
+        // The file changed while the proxy was starting: apply what it says now.
+        let l = live.clone();
+        match tokio::task::spawn_blocking(move || l.reload(crate::reload::Trigger::Watch)).await {
+            Ok(Ok(outcome)) => tracing::info!(
+                ?outcome,
+                "the configuration file changed during start; re-read"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the configuration file changed during start and is now invalid; keeping the one read at start")
+            }
+            Err(e) => tracing::error!(error = %e, "re-reading the configuration failed"),
+        }
+    }
 
     let tls_listener = bind(tls_addr, backlog).await?;
     let plain_listener = match plain_addr {

@@ -320,10 +320,17 @@ impl LiveConfig {
         let file = source
             .clone()
             .unwrap_or_else(|| PathBuf::from("<defaults>"));
-        let digest = source
-            .as_deref()
-            .and_then(|p| std::fs::read(p).ok())
-            .map(|b| openssl::sha::sha256(&b));
+        // The digest of the text in force lets a reload skip an unchanged file. It must be the
+        // digest of the text `config` came from: the file is read again here, and its digest
+        // kept only when that text gives the same configuration (the file may have changed
+        // since it was loaded; then the first reload applies it, see `stale_at_start`).
+        let digest = source.as_deref().and_then(|p| {
+            let bytes = std::fs::read(p).ok()?;
+            let text = std::str::from_utf8(&bytes).ok()?;
+            let mut again = Config::from_toml(text, p).ok()?;
+            again.apply_env(&env).ok()?;
+            (again == config).then(|| openssl::sha::sha256(&bytes))
+        });
         let loaded = build(
             Build {
                 config,
@@ -416,6 +423,12 @@ impl LiveConfig {
             }
         }
         r
+    }
+
+    /// Whether the file changed between the read that started the proxy and this live
+    /// configuration (its text is not known to be in force): reload once the watcher runs.
+    pub fn stale_at_start(&self) -> bool {
+        self.source.is_some() && self.current().digest.is_none()
     }
 
     fn reload_locked(&self) -> Result<Outcome, ConfigError> {

@@ -133,8 +133,20 @@ async fn a_slow_truncate_then_write_save_never_applies_a_partial_file() {
             seen
         })
     };
+    // Cut where the first part is a valid file on its own (no [routing]: legacy_only, 0 %), so
+    // only reading until the file is stable, not parsing, can tell it is half a save.
     let new = config_text(7, 50);
-    let (a, b) = new.split_at(new.len() / 2);
+    let routing = new.find("[routing]").unwrap();
+    let (head, routing_part) = new.split_at(routing);
+    let tls = routing_part.find("[tls]").unwrap();
+    let (routing_part, tls_part) = routing_part.split_at(tls);
+    let new = format!("{head}{tls_part}{routing_part}");
+    let cut = new.find("[routing]").unwrap();
+    let (a, b) = new.split_at(cut);
+    assert!(
+        cync_mitm::config::Config::from_toml(a, std::path::Path::new("half")).is_ok(),
+        "the first half must be a valid configuration for this test to mean anything"
+    );
     {
         let mut f = std::fs::File::create(&file).unwrap(); // truncates
         f.flush().unwrap();
@@ -251,4 +263,39 @@ async fn a_replaced_ca_file_reloads_the_connector() {
             &std::fs::read(&certs().ca_cert).unwrap()
         ))
     );
+}
+
+/// The file changes between the read that starts the proxy and the live configuration: the
+/// text in force is not mistaken for the new one (the next reload applies it).
+#[test]
+fn a_file_changed_during_start_is_applied_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, config_text(9, 10)).unwrap();
+    let metrics = std::sync::Arc::new(cync_mitm::metrics::Metrics::new(false));
+    let unchanged = cync_mitm::config::Config::load(&file).unwrap();
+    let live =
+        cync_mitm::reload::LiveConfig::new(unchanged, Some(file.clone()), metrics.clone(), |_| {
+            None
+        })
+        .unwrap();
+    assert!(!live.stale_at_start());
+    let r = live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        matches!(r, cync_mitm::reload::Outcome::Unchanged { .. }),
+        "{r:?}"
+    );
+
+    let old = cync_mitm::config::Config::load(&file).unwrap();
+    std::fs::write(&file, config_text(9, 20)).unwrap();
+    let live =
+        cync_mitm::reload::LiveConfig::new(old, Some(file.clone()), metrics, |_| None).unwrap();
+    assert!(live.stale_at_start());
+    assert_eq!(live.current().config.routing.canary_percent, 10.0);
+    let r = live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        matches!(r, cync_mitm::reload::Outcome::Applied { .. }),
+        "{r:?}"
+    );
+    assert_eq!(live.current().config.routing.canary_percent, 20.0);
 }
