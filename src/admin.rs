@@ -390,6 +390,90 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// Serves with `limits` on 127.0.0.1:0.
+    async fn serve(limits: Limits) -> (std::net::SocketAddr, CancellationToken) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let state = AdminState::new(Arc::new(Metrics::new(false)), None);
+        tokio::spawn(run(l, state, stop.clone(), limits));
+        (addr, stop)
+    }
+
+    /// How long until the server closes `s` (reading and discarding), at most `limit`.
+    async fn closed_after(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+        let t0 = std::time::Instant::now();
+        let mut b = [0u8; 512];
+        tokio::time::timeout(limit, async {
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+        .map(|()| t0.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_quiet_keep_alive_connection_is_closed_by_the_idle_timeout() {
+        // The header timeout is far away: only the idle timeout can close it this soon.
+        let (addr, stop) = serve(Limits {
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_millis(400),
+            max_connections: 4,
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut b = [0u8; 256];
+        assert!(s.read(&mut b).await.unwrap() > 0);
+        let after = closed_after(&mut s, Duration::from_secs(5)).await;
+        let after = after.expect("a quiet keep-alive connection stayed open");
+        assert!(after >= Duration::from_millis(300), "{after:?}");
+        // A connection that never sends anything goes the same way.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(closed_after(&mut s, Duration::from_secs(5)).await.is_some());
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn headers_dribbled_slower_than_the_header_timeout_are_cut() {
+        // Bytes keep arriving (the idle timeout never fires), but the headers never end.
+        let (addr, stop) = serve(Limits {
+            header_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 4,
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t0 = std::time::Instant::now();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        let mut cut = None;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                cut = Some(t0.elapsed());
+                break;
+            }
+            let mut b = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(1), s.read(&mut b)).await
+            {
+                cut = Some(t0.elapsed());
+                break;
+            }
+        }
+        let cut = cut.expect("a slowloris kept its admin connection for 5 s");
+        assert!(cut < Duration::from_secs(3), "{cut:?}");
+        stop.cancel();
+    }
 
     #[test]
     fn masks_secret_looking_keys() {
