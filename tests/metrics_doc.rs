@@ -1,7 +1,7 @@
 //! docs/metrics.md against the `/metrics` of a freshly started proxy: every documented family
 //! is exported before any traffic, and every exported family is documented.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -35,6 +35,111 @@ fn documented() -> (BTreeSet<String>, BTreeSet<String>) {
         }
     }
     (always, optional)
+}
+
+/// A documented label: its name and, when the page lists them all, its values.
+#[derive(Debug)]
+struct DocLabel {
+    name: String,
+    values: Option<BTreeSet<String>>,
+}
+
+/// The labels column of every documented family: names in backticks at the top level, values
+/// in backticks inside the parentheses after a name. A list with `…`, "such as", "see" or
+/// "or" is open (not every value is named).
+fn documented_labels() -> BTreeMap<String, Vec<DocLabel>> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    let mut out = BTreeMap::new();
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 4 {
+            continue;
+        }
+        let Some(name) = cells[1].strip_prefix('`').and_then(|r| r.split('`').next()) else {
+            continue;
+        };
+        if !(name.starts_with("cync_mitm_")
+            || name.starts_with("tcp_comm_")
+            || name.starts_with("process_"))
+        {
+            continue;
+        }
+        let col = cells[2];
+        let mut labels: Vec<DocLabel> = Vec::new();
+        let (mut depth, mut in_tick, mut token, mut paren) =
+            (0, false, String::new(), String::new());
+        for c in col.chars() {
+            match c {
+                '`' if in_tick => {
+                    in_tick = false;
+                    if depth == 0 {
+                        labels.push(DocLabel {
+                            name: std::mem::take(&mut token),
+                            values: None,
+                        });
+                    } else if let Some(l) = labels.last_mut() {
+                        l.values
+                            .get_or_insert_with(BTreeSet::new)
+                            .insert(std::mem::take(&mut token));
+                    }
+                }
+                '`' => in_tick = true,
+                _ if in_tick => token.push(c),
+                '(' => {
+                    depth += 1;
+                    paren.clear();
+                }
+                ')' => {
+                    depth -= 1;
+                    let open = paren.contains('…')
+                        || paren.contains("such as")
+                        || paren.contains("see")
+                        || paren.contains(" or ");
+                    if open && let Some(l) = labels.last_mut() {
+                        l.values = None;
+                    }
+                }
+                _ if depth > 0 => paren.push(c),
+                _ => {}
+            }
+        }
+        out.insert(name.to_owned(), labels);
+    }
+    out
+}
+
+/// Label names and values of every series of `family` in `text` (`le` and `quantile` aside).
+fn exported_labels(text: &str, family: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(family) else {
+            continue;
+        };
+        let rest = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| rest.strip_prefix(s))
+            .unwrap_or(rest);
+        let Some(body) = rest
+            .strip_prefix('{')
+            .and_then(|r| r.split_once('}'))
+            .map(|x| x.0)
+        else {
+            continue;
+        };
+        for pair in body.split("\",") {
+            let Some((k, v)) = pair.split_once("=\"") else {
+                continue;
+            };
+            if k == "le" || k == "quantile" {
+                continue;
+            }
+            out.entry(k.to_owned())
+                .or_default()
+                .insert(v.trim_end_matches('"').to_owned());
+        }
+    }
+    out
 }
 
 #[test]
@@ -123,5 +228,40 @@ fn docs_and_a_fresh_proxy_export_the_same_families() {
             )),
             "close reason {r} missing"
         );
+    }
+    // The labels match the page: the same names, and where the page lists every value, the
+    // same values (all present from the start, as zero series).
+    let docs = documented_labels();
+    for f in &exported {
+        let Some(doc) = docs.get(f) else { continue };
+        let got = exported_labels(&text, f);
+        let doc_names: BTreeSet<&str> = doc.iter().map(|l| l.name.as_str()).collect();
+        let got_names: BTreeSet<&str> = got.keys().map(String::as_str).collect();
+        if f == "cync_mitm_upstream_up" && got_names.is_empty() {
+            continue; // no address tracked before the first probe finishes
+        }
+        assert_eq!(
+            doc_names, got_names,
+            "{f}: documented vs exported label names"
+        );
+        for l in doc {
+            if let (Some(want), Some(have)) = (&l.values, got.get(&l.name)) {
+                // Nothing undocumented is exported.
+                assert!(
+                    have.is_subset(want),
+                    "{f}{{{}}}: exported {have:?}, documented {want:?}",
+                    l.name
+                );
+                // And every documented value is there from the start, except where the values
+                // depend on the configuration (a path's gauges need its addresses).
+                if f != "cync_mitm_upstream_up" {
+                    assert_eq!(
+                        want, have,
+                        "{f}{{{}}}: documented vs exported values",
+                        l.name
+                    );
+                }
+            }
+        }
     }
 }
