@@ -723,5 +723,74 @@ async fn a_wrong_auth_impostor_cannot_take_over_a_device_and_a_right_auth_reconn
         .await
     );
     assert_ne!(p.proxy.registry().get(id).unwrap().conn, live);
+    // The impostor's refusal was not charged to the upstream.
+    let h = p.proxy.health().report();
+    assert!(
+        h.iter()
+            .all(|r| r.consecutive_failures == 0 && r.up && r.last_error.is_none()),
+        "{h:?}"
+    );
+    assert_eq!(
+        p.metrics
+            .closed
+            .with_label_values(&["handshake_rejected"])
+            .get(),
+        1
+    );
+    cloud.stop().await;
+}
+
+/// A new connection with a different auth code that the upstream accepts (0x28: the device
+/// got a new code) replaces the live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_code_the_upstream_accepts_replaces_the_live_connection() {
+    let id = DeviceId(0x0102_0305);
+    // A cloud that accepts every code.
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let p = start_proxy(proxy_config(cloud_addr)).await;
+    let mut old = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    old.write_all(&handshake(id.0)).await.unwrap();
+    assert!(
+        read_until(&mut old, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_some()
+    );
+    let live = p.proxy.registry().get(id).unwrap().conn;
+    let mut new = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    new.write_all(
+        &Frame::handshake(id, b"fedcba9876543210", 60)
+            .encode()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        read_until(&mut new, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_some()
+    );
+    assert!(closed_within(&mut old, Duration::from_secs(3)).await);
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["replaced"])
+            .get()
+            == 1)
+        .await
+    );
+    assert_ne!(p.proxy.registry().get(id).unwrap().conn, live);
+    assert_eq!(
+        p.metrics
+            .closed
+            .with_label_values(&["handshake_rejected"])
+            .get(),
+        0
+    );
+    // The new connection works.
+    new.write_all(&Frame::ping().encode().unwrap())
+        .await
+        .unwrap();
+    assert!(read_until(&mut new, PacketType::PONG).await.is_some());
     cloud.stop().await;
 }
