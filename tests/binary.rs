@@ -16,6 +16,27 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
 }
 
+/// Writes `dir/proxy.toml` for `run`: loopback listener and admin, `upstream` as the only
+/// address, certificates in `dir/certs`, then `extra` (dotted keys, such as
+/// `admin.idle_timeout = "2s"`).
+fn proxy_toml(
+    dir: &std::path::Path,
+    upstream: std::net::SocketAddr,
+    extra: &str,
+) -> std::path::PathBuf {
+    let cfg = dir.join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen.tls = \"127.0.0.1:0\"\nupstream.addresses = [\"{upstream}\"]\n\
+             admin.listen = \"127.0.0.1:0\"\ntls.cert_dir = \"{}\"\n{extra}",
+            dir.join("certs").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 async fn http_get(addr: &str, path: &str) -> (u16, String) {
     http(addr, "GET", path).await
 }
@@ -29,44 +50,8 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 async fn sigterm_drains_and_exits_cleanly() {
     let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n[timeouts]\ndrain = \"5s\"\n",
-            dir.path().join("certs").display()
-        ),
-    )
-    .unwrap();
-    let mut child = bin()
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = Vec::new();
-    let listening = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("no 'listening' line");
-        log.push(line.clone());
-        if line.contains("listening") {
-            break line;
-        }
-    };
-    let tls: std::net::SocketAddr = field(&listening, "tls").unwrap().parse().unwrap();
-    let admin = field(&listening, "admin").unwrap().to_owned();
+    let cfg = proxy_toml(dir.path(), cloud_addr, "timeouts.drain = \"5s\"\n");
+    let (mut child, rx, tls, admin, mut log) = spawn_proxy(&cfg, &[]);
     // Certificates were minted with private keys 0600.
     let key = dir.path().join("certs/server-rsa-key.pem");
     assert_eq!(
@@ -442,17 +427,11 @@ fn spawn_proxy(
 async fn idle_admin_connections_are_capped_and_timed_out_and_devices_still_connect() {
     let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"1s\"\nidle_timeout = \"2s\"\n\
-             max_connections = 32\n[tls]\ncert_dir = \"{}\"\n",
-            dir.path().join("certs").display()
-        ),
-    )
-    .unwrap();
+    let cfg = proxy_toml(
+        dir.path(),
+        cloud_addr,
+        "admin.header_timeout = \"1s\"\nadmin.idle_timeout = \"2s\"\nadmin.max_connections = 32\n",
+    );
     // 128 descriptors for the whole proxy: 300 idle admin connections would take them all.
     let (mut child, _log, tls, admin, _) = spawn_proxy(&cfg, &["prlimit", "--nofile=128:128"]);
     let mut idle = Vec::new();
@@ -602,16 +581,7 @@ async fn upstreams_that_close_or_speak_http_hold_devices_and_make_readyz_false()
 async fn readyz_follows_the_upstream() {
     let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n\
-             probe_interval = \"1s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n",
-            dir.path().join("certs").display()
-        ),
-    )
-    .unwrap();
+    let cfg = proxy_toml(dir.path(), cloud_addr, "upstream.probe_interval = \"1s\"\n");
     let (mut child, _log, _tls, admin, _) = spawn_proxy(&cfg, &[]);
     // With no device at all, the probe makes it ready.
     let mut ready = false;

@@ -11,7 +11,6 @@ use cync_mitm::capture::Capture;
 use cync_mitm::config::Config;
 use cync_mitm::metrics::Metrics;
 use cync_mitm::proxy::{ListenerKind, Proxy};
-use cync_mitm::reload::LiveConfig;
 use cync_mitm::sim::cloud::CloudSimConfig;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -43,20 +42,10 @@ struct Setup {
 }
 
 async fn start(cfg: Config) -> Setup {
-    let metrics = Arc::new(Metrics::new(false));
-    let live = LiveConfig::fixed(cfg, metrics.clone()).unwrap();
-    let capture = Capture::start(live.clone(), metrics.clone()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::new(live, certs(), metrics.clone(), vec![capture.clone()]).unwrap();
-    let p = proxy.clone();
-    tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
+    let (proxy, capture) = start_proxy_with_capture(cfg).await;
+    let metrics = proxy.metrics.clone();
     Setup {
-        proxy: RunningProxy {
-            proxy,
-            addr,
-            metrics: metrics.clone(),
-        },
+        proxy,
         capture,
         metrics,
     }

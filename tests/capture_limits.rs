@@ -8,8 +8,7 @@ use cync_mitm::capture::Capture;
 use cync_mitm::codec::{DeviceId, Frame};
 use cync_mitm::config::Config;
 use cync_mitm::metrics::Metrics;
-use cync_mitm::proxy::{ListenerKind, Proxy};
-use cync_mitm::reload::LiveConfig;
+use cync_mitm::proxy::Proxy;
 use cync_mitm::sim::cloud::CloudSimConfig;
 use cync_mitm::tls::{ClientProfile, LegacyClient};
 use std::net::SocketAddr;
@@ -25,15 +24,8 @@ fn open_fds() -> usize {
 }
 
 async fn start(cfg: Config) -> (Arc<Proxy>, SocketAddr, Arc<Capture>, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::new(false));
-    let live = LiveConfig::fixed(cfg, metrics.clone()).unwrap();
-    let capture = Capture::start(live.clone(), metrics.clone()).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::new(live, certs(), metrics.clone(), vec![capture.clone()]).unwrap();
-    let p = proxy.clone();
-    tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
-    (proxy, addr, capture, metrics)
+    let (p, capture) = start_proxy_with_capture(cfg).await;
+    (p.proxy, p.addr, capture, p.metrics)
 }
 
 /// One short connection: TLS, then either garbage or a device handshake (and its answer).

@@ -16,7 +16,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Serves `acceptor` on 127.0.0.1:0: every connection is handshaken and then held a while.
 async fn serve(acceptor: DeviceAcceptor) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), acceptor)
+}
+
+/// [`serve`] on a listener of the caller's.
+fn serve_on(l: TcpListener, acceptor: DeviceAcceptor) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
@@ -278,26 +282,7 @@ async fn serve_raw(min: SslVersion, max: SslVersion, ciphers: &str) -> SocketAdd
     b.set_certificate_chain_file(&certs().rsa_cert).unwrap();
     b.set_private_key_file(&certs().rsa_key, openssl::ssl::SslFiletype::PEM)
         .unwrap();
-    let acc = std::sync::Arc::new(b.build());
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let acc = acc.clone();
-            tokio::spawn(async move {
-                let Ok(ssl) = openssl::ssl::Ssl::new(acc.context()) else {
-                    return;
-                };
-                let Ok(mut s) = tokio_openssl::SslStream::new(ssl, tcp) else {
-                    return;
-                };
-                if Pin::new(&mut s).accept().await.is_ok() {
-                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                }
-            });
-        }
-    });
-    addr
+    serve_openssl(b.build()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,18 +417,7 @@ async fn verification_by_address_checks_ips_and_sends_dns_names_as_sni() {
     assert!(e.to_string().contains("IP address mismatch"), "{e}");
     // IPv6 in brackets, as in "[::1]:port", through the proxy's own connect path.
     if let Ok(l6) = TcpListener::bind("[::1]:0").await {
-        let a6 = l6.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = l6.accept().await {
-                let a = acceptor.clone();
-                tokio::spawn(async move {
-                    if let Ok(s) = a.accept(tcp).await {
-                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                        drop(s);
-                    }
-                });
-            }
-        });
+        let a6 = serve_on(l6, acceptor.clone());
         assert_eq!(
             cync_mitm::proxy::upstream::host_of(&a6.to_string()),
             "[::1]"
@@ -471,7 +445,12 @@ async fn serve_requiring_sni(name: &'static str, paths: &cync_mitm::tls::CertPat
             _ => Err(SniError::ALERT_FATAL),
         }
     });
-    let acc = std::sync::Arc::new(b.build());
+    serve_openssl(b.build()).await
+}
+
+/// Serves a raw OpenSSL acceptor on 127.0.0.1:0: each connection is handshaken, then held.
+async fn serve_openssl(acc: openssl::ssl::SslAcceptor) -> SocketAddr {
+    let acc = std::sync::Arc::new(acc);
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {

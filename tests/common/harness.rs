@@ -95,6 +95,30 @@ pub async fn start_proxy_live(
     }
 }
 
+/// A proxy with capture on (the writer thread started from `cfg.capture`).
+pub async fn start_proxy_with_capture(
+    cfg: Config,
+) -> (RunningProxy, Arc<cync_mitm::capture::Capture>) {
+    let metrics = Arc::new(Metrics::new(cfg.metrics.per_device_labels));
+    let live = cync_mitm::reload::LiveConfig::fixed(cfg, metrics.clone()).unwrap();
+    let capture = cync_mitm::capture::Capture::start(live.clone(), metrics.clone()).unwrap();
+    let listener = TcpListener::bind(live.current().config.listen.tls)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let proxy = Proxy::new(live, certs(), metrics.clone(), vec![capture.clone()]).unwrap();
+    let p = proxy.clone();
+    tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
+    (
+        RunningProxy {
+            proxy,
+            addr,
+            metrics,
+        },
+        capture,
+    )
+}
+
 pub fn fleet_config(target: SocketAddr, count: u32) -> FleetConfig {
     FleetConfig {
         count,
