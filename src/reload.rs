@@ -495,18 +495,19 @@ impl LiveConfig {
     }
 }
 
-/// Watches the config file's folder (and the certificate folder) and reloads on change. Keep
-/// the returned debouncer alive.
-pub fn watch_file(
-    live: Arc<LiveConfig>,
-    debounce: Duration,
-) -> Result<
-    notify_debouncer_full::Debouncer<
-        notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-    notify::Error,
-> {
+/// A running file watch; dropping it stops the watch and its thread.
+pub struct FileWatch {
+    _watcher: notify::RecommendedWatcher,
+}
+
+/// Longest a burst of changes can postpone its reload (a file rewritten without pause still
+/// gets read; `read_stable` then waits for it to settle).
+const MAX_DEBOUNCE_WAIT: Duration = Duration::from_secs(2);
+
+/// Watches the config file's folder (and the certificate folder) and reloads on change, once
+/// `debounce` passed with no further change. The thread blocks while nothing changes (no
+/// periodic wakeups: an idle proxy stays idle). Keep the returned value alive.
+pub fn watch_file(live: Arc<LiveConfig>, debounce: Duration) -> Result<FileWatch, notify::Error> {
     let path = live
         .source()
         .map(Path::to_owned)
@@ -529,35 +530,61 @@ pub fn watch_file(
     .iter()
     .filter_map(|p| p.file_name().map(|n| n.to_owned()))
     .collect();
-    let tick = (debounce / 4).max(Duration::from_millis(5));
-    let mut d = notify_debouncer_full::new_debouncer(
-        debounce,
-        Some(tick),
-        move |res: notify_debouncer_full::DebounceEventResult| {
-            let Ok(events) = res else { return };
-            // The file itself, a ConfigMap's `..data` swap, a rename onto the file, or a
-            // certificate file.
-            let relevant = events.iter().filter(|e| is_modification(&e.kind)).any(|e| {
-                e.paths.iter().any(|p| {
+    // The file itself, a ConfigMap's `..data` swap, a rename onto the file, or a certificate
+    // file; an event without paths (a queue overflow) or a watch error may hide one.
+    let relevant = move |e: &notify::Event| {
+        is_modification(&e.kind)
+            && (e.paths.is_empty()
+                || e.paths.iter().any(|p| {
                     let f = p.file_name();
                     f == name.as_deref()
                         || f.is_some_and(|f| {
                             f.to_string_lossy().starts_with("..")
                                 || cert_names.iter().any(|c| c == f)
                         })
-                })
-            });
-            if relevant {
-                let _ = live.reload(Trigger::Watch);
-            }
-        },
-    )?;
-    d.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+                }))
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let hit = match &res {
+            Ok(e) => relevant(e),
+            Err(_) => true,
+        };
+        if hit {
+            let _ = tx.send(());
+        }
+    })?;
+    use notify::Watcher as _;
+    w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
     if cert_dir.is_dir() && cert_dir != dir {
         // Best effort: certificate rotation also works through SIGHUP and POST /reload.
-        if let Err(e) = d.watch(&cert_dir, notify::RecursiveMode::NonRecursive) {
+        if let Err(e) = w.watch(&cert_dir, notify::RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %cert_dir.display(), error = %e, "cannot watch the certificate folder");
         }
     }
-    Ok(d)
+    let spawned = std::thread::Builder::new()
+        .name("config-watch".into())
+        .spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError;
+            // Ends when the watcher (and with it the sender) is dropped.
+            while rx.recv().is_ok() {
+                let first = std::time::Instant::now();
+                loop {
+                    let left = MAX_DEBOUNCE_WAIT.saturating_sub(first.elapsed());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(debounce.min(left)) {
+                        Ok(()) => {}
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                let _ = live.reload(Trigger::Watch);
+            }
+        });
+    if let Err(e) = spawned {
+        return Err(notify::Error::io(e));
+    }
+    Ok(FileWatch { _watcher: w })
 }

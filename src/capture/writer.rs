@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
@@ -34,6 +34,8 @@ const IF_CLOUD: u32 = 1;
 const POLL: Duration = Duration::from_millis(10);
 /// How often files are flushed and lost close events handled.
 const TICK: Duration = Duration::from_millis(500);
+/// With no event for this long the writer blocks on the queue instead of polling it.
+const PARK_AFTER: Duration = Duration::from_secs(1);
 /// epb_flags direction bits.
 const INBOUND: u32 = 0b01;
 const OUTBOUND: u32 = 0b10;
@@ -299,14 +301,21 @@ impl Writer {
         }
     }
 
-    /// Drains the queue every [`POLL`] instead of blocking on it: a receiver that never parks
-    /// means the relay's `try_send` never has to wake a thread (no syscall on the hot path).
+    /// Drains the queue every [`POLL`] while traffic flows instead of blocking on it: a
+    /// receiver that does not park means the relay's `try_send` does not have to wake a thread
+    /// (no syscall on the hot path). After [`PARK_AFTER`] without an event it blocks instead
+    /// (woken by the next event, or at the next [`TICK`]), so an idle proxy does not wake 100
+    /// times a second.
     pub(super) fn run(mut self, rx: Receiver<Event>) {
         let mut last_tick = Instant::now();
+        let mut last_event = Instant::now();
         'outer: loop {
             loop {
                 match rx.try_recv() {
-                    Ok(ev) => self.handle(ev),
+                    Ok(ev) => {
+                        last_event = Instant::now();
+                        self.handle(ev);
+                    }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => break 'outer,
                 }
@@ -315,7 +324,19 @@ impl Writer {
                 self.tick();
                 last_tick = Instant::now();
             }
-            std::thread::sleep(POLL);
+            if last_event.elapsed() < PARK_AFTER {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            let wait = TICK.saturating_sub(last_tick.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(ev) => {
+                    last_event = Instant::now();
+                    self.handle(ev);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break 'outer,
+            }
         }
         let ids: Vec<Uuid> = self.streams.keys().copied().collect();
         for id in ids {
