@@ -105,7 +105,10 @@ fn routing(proxy: &Proxy) -> Value {
                 .decide(crate::proxy::tap::PeerKind::Device(id));
             json!({
                 "device_id": id.to_string(),
-                "path": s.decision.path.label(),
+                // The path it is relayed on (legacy after a new_primary fallback).
+                "path": s.path.label(),
+                "decided_path": s.decision.path.label(),
+                "fell_back": s.path != s.decision.path,
                 "mirror": s.decision.mirror,
                 "fallback": s.decision.fallback,
                 "mode": s.decision.mode.label(),
@@ -115,7 +118,7 @@ fn routing(proxy: &Proxy) -> Value {
                 "current_path": now.path.label(),
                 "current_reason": now.reason,
                 "current_reason_text": now.reason.to_string(),
-                "would_move": now.moves_from(&s.decision),
+                "would_move": s.moves_under(&now),
                 "bucket": loaded.policy.bucket(id),
                 "since": rfc3339(s.since),
                 "peer": s.peer.to_string(),

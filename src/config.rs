@@ -359,7 +359,8 @@ pub struct ReloadConfig {
     /// Watch the config file's folder and reload on change (SIGHUP and `POST /reload` always
     /// work). Default true. Needs a restart to change.
     pub watch: bool,
-    /// Wait this long for a burst of file events to settle. Default 25 ms.
+    /// Wait this long for a burst of file events to settle, and between the two reads of the
+    /// file that must agree. Default 200 ms.
     #[serde(with = "humantime_serde")]
     pub debounce: Duration,
 }
@@ -368,7 +369,7 @@ impl Default for ReloadConfig {
     fn default() -> Self {
         Self {
             watch: true,
-            debounce: Duration::from_millis(25),
+            debounce: Duration::from_millis(200),
         }
     }
 }
@@ -776,6 +777,9 @@ pub fn is_dns_name(s: &str) -> bool {
         })
 }
 
+/// The longest duration any option takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// `host:port` with a non-empty host and a port number.
 pub fn check_host_port(s: &str) -> bool {
     match s.rsplit_once(':') {
@@ -784,14 +788,60 @@ pub fn check_host_port(s: &str) -> bool {
     }
 }
 
+/// Largest configuration file read.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file: a regular file (not a device, FIFO or folder) of at most
+/// [`MAX_CONFIG_BYTES`], so `/dev/zero` or a huge file is refused instead of filling memory.
+pub fn read_config_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read as _;
+    let err = |message: String| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        column: None,
+        field: None,
+        message,
+    };
+    let f = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let m = f.metadata().map_err(|e| err(format!("cannot read: {e}")))?;
+    if !m.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let too_big = || {
+        err(format!(
+            "a configuration file is at most {MAX_CONFIG_BYTES} bytes"
+        ))
+    };
+    if m.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    Ok(bytes)
+}
+
 /// Refuses a configuration file that sets nothing (empty, blank or only comments). Such a file
 /// would mean "every built-in default" (the real cloud's addresses, capture off): far more
 /// often it is a save caught half-way (truncate, then write) than what anyone meant.
 pub fn check_not_empty(bytes: &[u8], path: &Path) -> Result<(), ConfigError> {
-    let sets_something = String::from_utf8_lossy(bytes).lines().any(|l| {
-        let t = l.trim();
-        !t.is_empty() && !t.starts_with('#')
-    });
+    fn has_value(t: &toml::Table) -> bool {
+        t.values().any(|v| match v {
+            toml::Value::Table(t) => has_value(t),
+            _ => true,
+        })
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let sets_something = match text.parse::<toml::Table>() {
+        // Section headers alone (`[upstream]` and nothing under it) set nothing either.
+        Ok(t) => has_value(&t),
+        // Not TOML: parsing reports where.
+        Err(_) => true,
+    };
     if sets_something {
         return Ok(());
     }
@@ -805,8 +855,8 @@ pub fn check_not_empty(bytes: &[u8], path: &Path) -> Result<(), ConfigError> {
              --config for the built-in defaults"
                 .into()
         } else {
-            "the file sets nothing (only blanks and comments); refusing it. Run without --config \
-             for the built-in defaults"
+            "the file sets nothing (only blanks, comments and section headers); refusing it. Run \
+             without --config for the built-in defaults"
                 .into()
         },
     })
@@ -918,15 +968,39 @@ impl Config {
     /// Reads and validates a file. An empty file (or one with only comments) is refused: see
     /// [`check_not_empty`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let bytes = read_config_file(path)?;
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError {
             file: path.to_owned(),
             line: None,
             column: None,
             field: None,
-            message: format!("cannot read: {e}"),
+            message: "not UTF-8 text".into(),
         })?;
         check_not_empty(text.as_bytes(), path)?;
         Self::from_toml(&text, path)
+    }
+
+    /// Every duration option with its dotted name (checked against [`MAX_DURATION`]).
+    pub fn durations(&self) -> [(&'static str, Duration); 14] {
+        [
+            ("capture.max_file_age", self.capture.max_file_age),
+            ("capture.close_idle_after", self.capture.close_idle_after),
+            ("drain.interval", self.drain.interval),
+            ("reload.debounce", self.reload.debounce),
+            (
+                "upstream.cloud_down_close_delay",
+                self.upstream.cloud_down_close_delay,
+            ),
+            ("upstream.probe_interval", self.upstream.probe_interval),
+            ("timeouts.handshake", self.timeouts.handshake),
+            ("timeouts.first_frame", self.timeouts.first_frame),
+            ("timeouts.upstream_connect", self.timeouts.upstream_connect),
+            ("timeouts.upstream_answer", self.timeouts.upstream_answer),
+            ("timeouts.idle", self.timeouts.idle),
+            ("timeouts.drain", self.timeouts.drain),
+            ("admin.header_timeout", self.admin.header_timeout),
+            ("admin.idle_timeout", self.admin.idle_timeout),
+        ]
     }
 
     /// Checks values that parse but make no sense. Returns the dotted field and the problem.
@@ -957,6 +1031,13 @@ impl Config {
                 "the new path speaks TLS 1.2 or 1.3 (\"1.2\" or \"1.3\"); TLS 1.0 and 1.1 are \
                  for the cloud leg only (upstream.min_version)",
             ));
+        }
+        // Every duration: at most a year (timers and deadlines add them to the clock; a
+        // century overflows).
+        for (name, d) in self.durations() {
+            if d > MAX_DURATION {
+                return Err(invalid(name, "must be at most 366 days"));
+            }
         }
         let t = &self.timeouts;
         for (name, d) in [
@@ -1384,6 +1465,82 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("upstream.verify"));
         let e = parse("[log]\nfilter = \"info,[[[\"\n").unwrap_err();
         assert_eq!(e.field.as_deref(), Some("log.filter"));
+    }
+
+    #[test]
+    fn files_that_set_nothing_or_are_not_config_files_are_refused() {
+        let p = Path::new("x.toml");
+        for nothing in [
+            "",
+            "\n# c\n",
+            "[upstream]\n",
+            "[upstream]\n[capture]\n# x\n",
+            "[a.b]\n",
+        ] {
+            assert!(
+                check_not_empty(nothing.as_bytes(), p).is_err(),
+                "{nothing:?}"
+            );
+        }
+        for something in ["[upstream]\ntls = true\n", "a.b = 1", "not toml ["] {
+            assert!(
+                check_not_empty(something.as_bytes(), p).is_ok(),
+                "{something:?}"
+            );
+        }
+        let t0 = std::time::Instant::now();
+        let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.message.contains("not a regular file"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        let d = tempfile::tempdir().unwrap();
+        assert!(Config::load(d.path()).is_err());
+        let big = d.path().join("big.toml");
+        std::fs::write(
+            &big,
+            format!("# {}\nlog.filter = \"info\"\n", "x".repeat(2 << 20)),
+        )
+        .unwrap();
+        let e = Config::load(&big).unwrap_err();
+        assert!(e.message.contains("at most"), "{e}");
+    }
+
+    #[test]
+    fn every_duration_is_bounded() {
+        // Every option that serializes as a duration is in `durations()`.
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let name = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&name, v, out);
+                    }
+                }
+                toml::Value::String(s) if humantime::parse_duration(s).is_ok() => {
+                    out.push(prefix.to_owned())
+                }
+                _ => {}
+            }
+        }
+        let c = Config::default();
+        let v: toml::Value = toml::from_str(&c.to_toml()).unwrap();
+        let mut found = Vec::new();
+        walk("", &v, &mut found);
+        found.sort();
+        let mut listed: Vec<String> = c.durations().iter().map(|(n, _)| n.to_string()).collect();
+        listed.sort();
+        assert_eq!(found, listed);
+        for (name, _) in c.durations() {
+            let (section, key) = name.split_once('.').unwrap();
+            let e = parse(&format!("[{section}]\n{key} = \"200000000000y\"\n")).expect_err(name);
+            assert_eq!(e.field.as_deref(), Some(name), "{e}");
+            let e = parse(&format!("[{section}]\n{key} = \"400d\"\n")).expect_err(name);
+            assert_eq!(e.field.as_deref(), Some(name), "{e}");
+            assert!(e.message.contains("366 days"), "{name}: {e}");
+        }
     }
 
     #[test]

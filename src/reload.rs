@@ -77,11 +77,10 @@ fn cert_stamp(cfg: &Config) -> CertStamp {
     }
 }
 
-/// Largest configuration file read on reload.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
 /// How many times a reload re-reads a file that is still changing before it gives up.
 const STABLE_READS: usize = 20;
+/// About how long a reload waits for a file that keeps changing.
+const MAX_STABLE_WAIT: Duration = Duration::from_secs(10);
 
 /// Reads `path` once it has stopped changing: two reads `settle` apart must agree (a save
 /// caught half-way, or a file briefly missing during a rename-save, is read again). An empty
@@ -95,39 +94,33 @@ fn read_stable(path: &Path, settle: Duration) -> Result<Vec<u8>, ConfigError> {
         field: None,
         message,
     };
-    let settle = settle.min(Duration::from_millis(200));
+    // Two reads a whole debounce apart; at most about MAX_STABLE_WAIT in all.
+    let reads = (MAX_STABLE_WAIT.as_millis() / settle.as_millis().max(1))
+        .clamp(3, STABLE_READS as u128) as usize;
     let mut last: Option<Vec<u8>> = None;
     let mut last_err = None;
-    for _ in 0..STABLE_READS {
-        match std::fs::metadata(path) {
-            Ok(m) if !m.is_file() => return Err(err("not a regular file".into())),
-            Ok(m) if m.len() > MAX_CONFIG_BYTES => {
-                return Err(err(format!(
-                    "{} bytes; a configuration file is at most {MAX_CONFIG_BYTES}",
-                    m.len()
-                )));
-            }
-            _ => {}
-        }
-        match std::fs::read(path) {
+    for _ in 0..reads {
+        match crate::config::read_config_file(path) {
             Ok(b) => {
                 if last.as_deref() == Some(&b[..]) {
                     return crate::config::check_not_empty(&b, path).map(|()| b);
                 }
                 last = Some(b);
             }
-            Err(e) => {
+            // Missing for a moment during a rename-save: read again.
+            Err(e) if !path.exists() => {
                 last = None;
                 last_err = Some(e);
             }
+            Err(e) => return Err(e),
         }
         std::thread::sleep(settle);
     }
     Err(match last_err {
-        Some(e) if last.is_none() => err(format!("cannot read: {e}")),
+        Some(e) if last.is_none() => e,
         _ => err(format!(
             "the file kept changing for {:?}; not applied (save it again)",
-            settle * STABLE_READS as u32
+            settle * reads as u32
         )),
     })
 }

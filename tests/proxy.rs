@@ -794,3 +794,62 @@ async fn a_different_code_the_upstream_accepts_replaces_the_live_connection() {
     assert!(read_until(&mut new, PacketType::PONG).await.is_some());
     cloud.stop().await;
 }
+
+/// A LAN client sending handshakes the cloud refuses (a made-up device, a wrong code) cannot
+/// make the proxy unready: the upstream answers everyone else, so the refusal is the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_handshakes_do_not_mark_a_working_upstream_down() {
+    let id = DeviceId(0x0102_0306);
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig {
+        auth_codes: Some(std::sync::Arc::new(
+            [(id, b"0123456789abcdef".to_vec())].into_iter().collect(),
+        )),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = proxy_config(cloud_addr);
+    cfg.upstream.cloud_down_close_delay = Duration::from_millis(100);
+    let p = start_proxy(cfg).await;
+    let mut real = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    real.write_all(&handshake(id.0)).await.unwrap();
+    assert!(
+        read_until(&mut real, PacketType::HANDSHAKE_ACK)
+            .await
+            .is_some()
+    );
+    assert!(p.proxy.upstream_ready());
+    for n in 0..5u32 {
+        let mut bogus = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+        bogus
+            .write_all(
+                &Frame::handshake(DeviceId(0x0bad_0000 + n), b"ffffffffffffffff", 60)
+                    .encode()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert!(closed_within(&mut bogus, Duration::from_secs(3)).await);
+    }
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["handshake_rejected"])
+            .get()
+            == 5)
+        .await
+    );
+    assert!(p.proxy.upstream_ready(), "{:?}", p.proxy.health().report());
+    let h = p.proxy.health().report();
+    assert!(
+        h.iter().all(|r| r.up && r.consecutive_failures == 0),
+        "{h:?}"
+    );
+    assert_eq!(p.metrics.closed.with_label_values(&["cloud_down"]).get(), 0);
+    // The real device never noticed.
+    real.write_all(&Frame::ping().encode().unwrap())
+        .await
+        .unwrap();
+    assert!(read_until(&mut real, PacketType::PONG).await.is_some());
+    cloud.stop().await;
+}

@@ -552,3 +552,89 @@ async fn mode_changes_that_keep_the_path_drain_nobody() {
     legacy.stop().await;
     newp.stop().await;
 }
+
+/// Devices that fell back to the cloud under new_primary are on the legacy path for drains and
+/// /routing: legacy_only drains nobody, new_only (no fallback allowed) drains them, and an
+/// unrelated reload leaves them alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallen_back_devices_count_as_legacy() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cync-mitm.toml");
+    let routing = |mode: &str, extra: &str| {
+        format!(
+            "[routing]\nmode = \"{mode}\"\ncanary_percent = 100\n\n[timeouts]\nidle = \"{extra}\"\n"
+        )
+    };
+    write_config(
+        &file,
+        legacy_addr,
+        dead_addr,
+        &routing("new_primary", "90s"),
+    );
+    let metrics = Arc::new(Metrics::new(false));
+    let cfg = Config::load(&file).unwrap();
+    let live = LiveConfig::new(cfg, Some(file.clone()), metrics.clone(), |_| None).unwrap();
+    let p = start_proxy_live(live.clone(), metrics.clone()).await;
+    let admin = AdminState::new(metrics.clone(), Some(p.proxy.clone()));
+    let fleet = start_fleet(fleet_config(p.addr, 4));
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 4).await);
+    assert_eq!(metrics.new_path_fallbacks.get(), 4);
+    let v = routing_json(&admin).await;
+    for d in v["devices"].as_array().unwrap() {
+        assert_eq!(d["path"], "legacy", "{d}");
+        assert_eq!(d["decided_path"], "new", "{d}");
+        assert_eq!(d["fell_back"], true, "{d}");
+        assert_eq!(d["would_move"], false, "{d}");
+    }
+    let drained = || metrics.closed.with_label_values(&["drained"]).get();
+    // An unrelated change: nobody moves.
+    write_config(
+        &file,
+        legacy_addr,
+        dead_addr,
+        &routing("new_primary", "91s"),
+    );
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        drained(),
+        0,
+        "an unrelated reload drained fallen-back devices"
+    );
+    // legacy_only: they are there already.
+    write_config(
+        &file,
+        legacy_addr,
+        dead_addr,
+        &routing("legacy_only", "91s"),
+    );
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        drained(),
+        0,
+        "legacy_only drained devices already on legacy"
+    );
+    // Back to new_primary (still dead), then new_only: the cloud is no longer allowed.
+    write_config(
+        &file,
+        legacy_addr,
+        dead_addr,
+        &routing("new_primary", "91s"),
+    );
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_config(&file, legacy_addr, dead_addr, &routing("new_only", "91s"));
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        wait_until(T, || drained() == 4).await,
+        "new_only drained {}",
+        drained()
+    );
+    fleet.stop().await;
+    legacy.stop().await;
+}

@@ -101,6 +101,23 @@ pub struct LiveSession {
     pub peer: std::net::SocketAddr,
     /// SHA-256 of the auth code of its 0x23 (a reconnect with the same code replaces at once).
     pub auth: [u8; 32],
+    /// The path it is relayed on: the decision's, or legacy after a `new_primary` fallback.
+    pub path: crate::route::Path,
+}
+
+impl LiveSession {
+    /// Whether the decision `now` (from the policy in force) wants this connection on
+    /// another path (what a drain acts on). A device that fell back to legacy under
+    /// `new_primary` stays while the policy still says `new_primary` for it: it moves back
+    /// when it reconnects, not on every reload.
+    pub fn moves_under(&self, now: &crate::route::Decision) -> bool {
+        use crate::route::Path;
+        if now.path == self.path {
+            return false;
+        }
+        let fell_back = self.path == Path::Legacy && self.decision.path == Path::New;
+        !(fell_back && now.path == Path::New && now.fallback && self.decision.fallback)
+    }
 }
 
 /// Live device sessions by device id: a new connection of a device replaces the old one.
@@ -120,6 +137,14 @@ impl Registry {
             o.control.close(Cause::Replaced);
         }
         old
+    }
+
+    /// Records the path `conn` of `device` is actually relayed on (after a fallback).
+    pub fn set_path(&self, device: DeviceId, conn: Uuid, path: crate::route::Path) {
+        let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = m.get_mut(&device).filter(|s| s.conn == conn) {
+            s.path = path;
+        }
     }
 
     /// Removes `device` if it is still registered to `conn`.
@@ -169,6 +194,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fallen_back_device_moves_only_when_the_policy_really_changes() {
+        use crate::route::{Mode, Path, Policy};
+        let root = CancellationToken::new();
+        let id = DeviceId(7);
+        let decide = |mode| {
+            Policy::new(mode, 100.0, "s", [], []).decide(crate::proxy::tap::PeerKind::Device(id))
+        };
+        let primary = decide(Mode::NewPrimary);
+        let s = LiveSession {
+            conn: Uuid::now_v7(),
+            control: SessionControl::new(&root),
+            since: std::time::SystemTime::now(),
+            decision: primary,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            auth: [0; 32],
+            path: Path::Legacy, // fell back
+        };
+        // Still new_primary: it stays on the cloud until it reconnects.
+        assert!(!s.moves_under(&primary));
+        // Legacy everywhere: it is already there.
+        assert!(!s.moves_under(&decide(Mode::LegacyOnly)));
+        assert!(!s.moves_under(&decide(Mode::Shadow)));
+        // new_only does not allow the cloud: it moves.
+        assert!(s.moves_under(&decide(Mode::NewOnly)));
+        // A device really on the new path moves when the policy sends it to legacy.
+        let on_new = LiveSession {
+            path: Path::New,
+            ..s.clone()
+        };
+        assert!(on_new.moves_under(&decide(Mode::LegacyOnly)));
+        assert!(!on_new.moves_under(&decide(Mode::NewOnly)));
+    }
+
+    #[test]
     fn replace_closes_old_and_unregister_is_owner_only() {
         let root = CancellationToken::new();
         let r = Registry::default();
@@ -183,6 +242,7 @@ mod tests {
             decision,
             peer: "127.0.0.1:1".parse().unwrap(),
             auth: [0; 32],
+            path: decision.path,
         };
         assert!(r.register(DeviceId(1), s(ca, a.clone())).is_none());
         let old = r.register(DeviceId(1), s(cb, b.clone())).unwrap();

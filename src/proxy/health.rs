@@ -104,8 +104,9 @@ pub struct AddrReport {
 /// Health of every upstream address.
 pub struct Health {
     metrics: Arc<Metrics>,
-    /// How recent a success must be to count.
-    window: Duration,
+    /// How recent a success must be to count, in milliseconds (three probe intervals; the
+    /// interval reloads live).
+    window_ms: std::sync::atomic::AtomicU64,
     inner: Mutex<HashMap<(Path, String), Addr>>,
 }
 
@@ -114,9 +115,33 @@ impl Health {
     pub fn new(metrics: Arc<Metrics>, window: Duration) -> Self {
         Self {
             metrics,
-            window,
+            window_ms: std::sync::atomic::AtomicU64::new(window.as_millis() as u64),
             inner: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Sets how recent a success must be to count (after a reload of the probe interval).
+    pub fn set_window(&self, window: Duration) {
+        self.window_ms.store(
+            window.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Whether `address` answered a connection within the window: it works, so a connection
+    /// it closes before answering was refused for its own reasons (a wrong auth code), not
+    /// because the upstream is down.
+    pub fn answered_recently(&self, path: Path, address: &str) -> bool {
+        let now = Instant::now();
+        let window = self.window();
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(path, address.to_owned()))
+            .and_then(|a| a.last_answer)
+            .is_some_and(|t| now.duration_since(t) <= window)
     }
 
     /// Starts tracking `addresses` of `path` (their gauges read 0 until a check succeeds).
@@ -231,7 +256,7 @@ impl Health {
             Check::Reachable => {
                 a.last_reachable = Some(now);
                 if a.last_refusal
-                    .is_none_or(|t| now.duration_since(t) > self.window)
+                    .is_none_or(|t| now.duration_since(t) > self.window())
                 {
                     a.consecutive_failures = 0;
                 }
@@ -249,7 +274,7 @@ impl Health {
                 a.consecutive_failures = a.consecutive_failures.saturating_add(1);
             }
         }
-        let up = a.healthy(now, self.window);
+        let up = a.healthy(now, self.window());
         self.metrics.upstream_up(path.label(), address, up);
     }
 
@@ -278,7 +303,7 @@ impl Health {
         let now = Instant::now();
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         m.iter()
-            .any(|((p, _), a)| *p == path && a.healthy(now, self.window))
+            .any(|((p, _), a)| *p == path && a.healthy(now, self.window()))
     }
 
     /// Addresses of `path` with no check (passive or probe) for `every`: the prober's list.
@@ -312,7 +337,7 @@ impl Health {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         for ((p, a), s) in m.iter() {
             self.metrics
-                .upstream_up(p.label(), a, s.healthy(now, self.window));
+                .upstream_up(p.label(), a, s.healthy(now, self.window()));
         }
     }
 
@@ -326,7 +351,7 @@ impl Health {
             .map(|((p, a), s)| AddrReport {
                 path: p.label(),
                 address: a.clone(),
-                up: s.healthy(now, self.window),
+                up: s.healthy(now, self.window()),
                 consecutive_failures: s.consecutive_failures,
                 last_error: s.last_error.clone(),
                 last_error_at: s

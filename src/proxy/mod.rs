@@ -152,7 +152,7 @@ impl Proxy {
                     queue.clear();
                     for (id, s) in self.registry.snapshot() {
                         let now = loaded.policy.decide(PeerKind::Device(id));
-                        if now.moves_from(&s.decision) {
+                        if s.moves_under(&now) {
                             queue.push_back((id, s.conn));
                         }
                     }
@@ -186,7 +186,7 @@ impl Proxy {
                         if s.conn != conn {
                             continue;
                         }
-                        if loaded.policy.decide(PeerKind::Device(id)).moves_from(&s.decision) {
+                        if s.moves_under(&loaded.policy.decide(PeerKind::Device(id))) {
                             s.control.close(Cause::Drained);
                         }
                     }
@@ -221,6 +221,7 @@ impl Proxy {
             let loaded = self.live.current();
             let cfg = &loaded.config;
             let every = cfg.upstream.probe_interval;
+            self.health.set_window(every.saturating_mul(3));
             let mut jobs = Vec::new();
             // The addresses to watch: the configured ones (removed ones are forgotten), or
             // in transparent mode the original destinations connections used in the last
@@ -481,6 +482,7 @@ impl Proxy {
                 decision,
                 peer,
                 auth: openssl::sha::sha256(&h.auth_code),
+                path: decision.path,
             };
             match self.registry.get(id) {
                 Some(live) if live.auth != session.auth => deferred = Some((id, session)),
@@ -650,8 +652,13 @@ impl Proxy {
                     tracing::warn!(error = %e, "new path unreachable; falling back to legacy");
                     true
                 }
-                // An impostor refused by the backend is not a backend fault: no fallback.
-                Establish::Failed { closed_early, .. } if *closed_early && deferred.is_some() => {
+                // A handshake the backend refused (an impostor, a wrong code) is not a backend
+                // fault: no fallback.
+                Establish::Failed {
+                    closed_early: true,
+                    target,
+                    ..
+                } if deferred.is_some() || self.health.answered_recently(Path::New, target) => {
                     false
                 }
                 Establish::Failed {
@@ -685,13 +692,21 @@ impl Proxy {
                 return down_reason.to_owned();
             }
             Establish::Failed {
-                closed_early: true, ..
-            } if deferred.is_some() => {
-                // Another connection of this device is live with a different auth code, and
-                // the upstream refused this one: a handshake rejection (an impostor, or a
-                // stale code), not an upstream fault.
-                tracing::warn!(delay = ?hold,
-                    "the upstream refused this handshake (its auth code differs from the device's live connection, which stays); holding, then closing");
+                closed_early: true,
+                target,
+                ..
+            } if deferred.is_some() || self.health.answered_recently(path, &target) => {
+                // The upstream closed this connection before answering its handshake, while it
+                // answers others: it refused this one (an impostor, a stale auth code, a wrong
+                // app password), which says nothing against the upstream. With another live
+                // connection of the device, that one stays.
+                if deferred.is_some() {
+                    tracing::warn!(upstream = %target, delay = ?hold,
+                        "the upstream refused this handshake (its auth code differs from the device's live connection, which stays); holding, then closing");
+                } else {
+                    tracing::warn!(upstream = %target, delay = ?hold,
+                        "the upstream refused this handshake (it answers other connections: a wrong auth code or an unknown device); holding, then closing");
+                }
                 hold_then_close(&mut device, hold, control).await;
                 return "handshake_rejected".to_owned();
             }
@@ -705,7 +720,8 @@ impl Proxy {
                 return down_reason.to_owned();
             }
         };
-        if let (Some((id, session)), Some(ptype)) = (deferred.take(), ptype) {
+        if let (Some((id, mut session)), Some(ptype)) = (deferred.take(), ptype) {
+            session.path = path;
             if ptype == crate::codec::PacketType::HANDSHAKE_ACK {
                 if self.registry.register(id, session).is_some() {
                     tracing::info!(
@@ -715,6 +731,11 @@ impl Proxy {
             } else {
                 tracing::info!(answer = %ptype, "the upstream did not accept the handshake with 0x28; the device's live connection stays");
             }
+        }
+        if path != decision.path
+            && let PeerKind::Device(id) = meta.peer
+        {
+            self.registry.set_path(id, meta.id, path);
         }
         let _ = meta.upstream.set((up.local, up.remote));
         match meta.peer {
