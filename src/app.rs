@@ -91,9 +91,53 @@ impl Signals {
     }
 }
 
+/// Descriptors the configuration may need at once: two per device connection, the admin
+/// connections, the capture files, and some for listeners, probes and the watcher.
+pub fn descriptors_needed(cfg: &Config) -> u64 {
+    let c = cfg.limits.max_connections as u64;
+    c * 2 + cfg.admin.max_connections as u64 + cfg.capture.max_open_files as u64 + 64
+}
+
+/// Raises the soft descriptor limit towards what the configuration needs (at most to the hard
+/// limit), and warns when it stays short: out of descriptors, device accepts and upstream
+/// connects fail.
+fn check_descriptor_limit(cfg: &Config) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let need = descriptors_needed(cfg);
+    let lim = getrlimit(Resource::Nofile);
+    let soft = lim.current.unwrap_or(u64::MAX);
+    if soft >= need {
+        return;
+    }
+    let hard = lim.maximum.unwrap_or(u64::MAX);
+    let target = need.min(hard);
+    if target > soft {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: lim.maximum,
+            },
+        ) {
+            Ok(()) => tracing::info!(from = soft, to = target, "raised the descriptor limit"),
+            Err(e) => tracing::debug!(error = %e, "could not raise the descriptor limit"),
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < need {
+        tracing::warn!(
+            limit = now,
+            needed = need,
+            "the descriptor limit is below what limits.max_connections ({} devices, two descriptors each), admin.max_connections and capture.max_open_files may need: raise it (ulimit -n, systemd LimitNOFILE) or lower limits.max_connections",
+            cfg.limits.max_connections
+        );
+    }
+}
+
 /// Runs the proxy until a termination signal, then drains. `source` is the file reloads read.
 pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), AppError> {
     let signals = Signals::install()?;
+    check_descriptor_limit(&cfg);
     let (certs, created) = tls::ensure_certs(&cfg.tls.cert_dir)?;
     if created {
         tracing::warn!(dir = %cfg.tls.cert_dir.display(), "minted a new CA and device certificates");

@@ -277,14 +277,14 @@ enum SimCmd {
         /// Where to connect (the proxy, or a cloud).
         #[arg(long, default_value = "127.0.0.1:23779")]
         target: SocketAddr,
-        /// Number of devices.
-        #[arg(long, default_value_t = 10)]
+        /// Number of devices (1–100000).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         count: u32,
         /// Seed for ids and auth codes.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Heartbeat period.
-        #[arg(long, value_parser = positive_duration, default_value = "21s")]
+        /// Heartbeat period (at least 10ms).
+        #[arg(long, value_parser = period_10ms, default_value = "21s")]
         heartbeat: Duration,
         /// TLS flavour.
         #[arg(long, value_enum, default_value_t = SimClientTls::Fp2)]
@@ -299,6 +299,18 @@ enum SimCmd {
         #[arg(long, value_parser = positive_duration, default_value = "10s")]
         report_every: Duration,
     },
+}
+
+/// A period of at least 10 ms and at most a day (a heartbeat of 1 ns floods the target).
+fn period_10ms(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    if !(Duration::from_millis(10)..=Duration::from_secs(86_400)).contains(&d) {
+        return Err("must be between 10ms and 1 day".into());
+    }
+    Ok(d)
 }
 
 /// A duration that must be greater than zero (a zero period would spin or panic a timer).

@@ -79,7 +79,7 @@ impl DecodeProblem {
 }
 
 /// Every reason a session ends (label `reason` of `cync_mitm_connections_closed_total`).
-pub const CLOSE_REASONS: [&str; 11] = [
+pub const CLOSE_REASONS: [&str; 12] = [
     "device_closed",
     "cloud_closed",
     "idle",
@@ -91,6 +91,7 @@ pub const CLOSE_REASONS: [&str; 11] = [
     "cloud_down",
     "new_path_down",
     "handshake_rejected",
+    "local_error",
 ];
 
 /// Device TLS handshake failure reasons created at start. Others are OpenSSL's own reason
@@ -107,7 +108,7 @@ pub const HANDSHAKE_REASONS: [&str; 7] = [
 
 /// Results of upstream connection attempts (label `result` of
 /// `cync_mitm_upstream_connects_total`).
-pub const UPSTREAM_RESULTS: [&str; 7] = [
+pub const UPSTREAM_RESULTS: [&str; 8] = [
     "ok",
     "connect_error",
     "timeout",
@@ -115,6 +116,7 @@ pub const UPSTREAM_RESULTS: [&str; 7] = [
     "pin_mismatch",
     "no_original_dst",
     "no_address",
+    "local_error",
 ];
 
 /// All proxy metrics and their registry.

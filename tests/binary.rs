@@ -433,7 +433,14 @@ async fn idle_admin_connections_are_capped_and_timed_out_and_devices_still_conne
         "admin.header_timeout = \"1s\"\nadmin.idle_timeout = \"2s\"\nadmin.max_connections = 32\n",
     );
     // 128 descriptors for the whole proxy: 300 idle admin connections would take them all.
-    let (mut child, _log, tls, admin, _) = spawn_proxy(&cfg, &["prlimit", "--nofile=128:128"]);
+    let (mut child, _log, tls, admin, before) = spawn_proxy(&cfg, &["prlimit", "--nofile=128:128"]);
+    // 128 is far below what the defaults may need: it says so at start.
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("descriptor limit is below")),
+        "{before:#?}"
+    );
     let mut idle = Vec::new();
     for _ in 0..300 {
         idle.push(tokio::net::TcpStream::connect(&admin).await.unwrap());
@@ -666,4 +673,58 @@ async fn unverified_tls_legs_are_warned_about_at_start_and_on_reload() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Out of descriptors, an upstream connect fails in the proxy, not at the cloud: counted as
+/// `local_error`, not charged to the upstream, and `/readyz` stays true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_not_blamed_on_the_upstream() {
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = proxy_toml(
+        dir.path(),
+        cloud_addr,
+        "upstream.cloud_down_close_delay = \"200ms\"\nupstream.probe_interval = \"1s\"\n",
+    );
+    let (mut child, log, tls, admin, _) = spawn_proxy(&cfg, &["prlimit", "--nofile=48:48"]);
+    // 40 devices need 80 descriptors: some device accepts succeed and their upstream connect
+    // then hits the limit.
+    let mut fc = fleet_config(tls, 40);
+    fc.reconnect_min = Duration::from_millis(500);
+    fc.reconnect_max = Duration::from_millis(1000);
+    let fleet = start_fleet(fc);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut saw = false;
+    while Instant::now() < deadline && !saw {
+        if let Ok(l) = log.recv_timeout(Duration::from_millis(200)) {
+            saw = l.contains("out of descriptors");
+        }
+    }
+    fleet.stop().await;
+    assert!(saw, "no 'out of descriptors' line");
+    // Let the held connections go, then look.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, metrics) = http_get(&admin, "/metrics").await;
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("cync_mitm_connections_closed_total{reason=\"local_error\"} ") >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        value("cync_mitm_connections_closed_total{reason=\"cloud_down\"} "),
+        0.0,
+        "descriptor exhaustion blamed on the cloud"
+    );
+    let (code, body) = http_get(&admin, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+    cloud.stop().await;
 }

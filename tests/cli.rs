@@ -96,6 +96,21 @@ fn table_format() {
 }
 
 #[test]
+fn absurd_simulator_sizes_are_refused() {
+    for args in [
+        vec!["sim", "devices", "--count", "4000000000"],
+        vec!["sim", "devices", "--count", "0"],
+        vec!["sim", "devices", "--heartbeat", "1ns"],
+        vec!["sim", "devices", "--heartbeat", "400d"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn zero_periods_in_the_simulators_are_refused_not_panics() {
     for args in [
         vec!["sim", "cloud", "--command-interval", "0s"],

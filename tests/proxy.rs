@@ -853,3 +853,36 @@ async fn refused_handshakes_do_not_mark_a_working_upstream_down() {
     assert!(read_until(&mut real, PacketType::PONG).await.is_some());
     cloud.stop().await;
 }
+
+/// A plaintext server behind `upstream.tls = true`: the health record says it does not speak
+/// TLS, once, without repeating the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_upstream_is_named_as_such() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 512];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let mut cfg = proxy_config(addr);
+    cfg.upstream.cloud_down_close_delay = Duration::from_millis(100);
+    let p = start_proxy(cfg).await;
+    let mut s = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    s.write_all(&handshake(9)).await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    let r = p.proxy.health().report();
+    let e = r[0].last_error.clone().unwrap_or_default();
+    assert!(e.contains("does not speak TLS"), "{e}");
+    assert!(
+        !e.contains(&addr.to_string()),
+        "the address is the key, not the text: {e}"
+    );
+    assert_eq!(p.metrics.closed.with_label_values(&["cloud_down"]).get(), 1);
+}

@@ -255,9 +255,11 @@ impl Proxy {
                 probes.spawn(async move {
                     let check = match upstream::probe(&addr, tls.as_ref(), timeout).await {
                         Ok(()) => health::Check::Reachable,
+                        // The proxy's own shortage says nothing about the upstream.
+                        Err(e) if e.is_local() => return,
                         Err(e) => {
                             tracing::warn!(path = path.label(), upstream = %addr, error = %e, "upstream probe failed");
-                            health::Check::Failed(e.to_string())
+                            health::Check::Failed(e.detail())
                         }
                     };
                     me.health.record_probe(path, &addr, check);
@@ -648,6 +650,7 @@ impl Proxy {
             .await;
         if path == Path::New && decision.fallback {
             let fall_back = match &result {
+                Establish::Unreachable(e) if e.is_local() => false,
                 Establish::Unreachable(e) => {
                     tracing::warn!(error = %e, "new path unreachable; falling back to legacy");
                     true
@@ -685,6 +688,10 @@ impl Proxy {
         let (up, answer, ptype) = match result {
             Establish::Ok { up, answer, ptype } => (up, answer, ptype),
             Establish::Cancelled => return control.cause().label().to_owned(),
+            Establish::Unreachable(e) if e.is_local() => {
+                hold_then_close(&mut device, hold, control).await;
+                return "local_error".to_owned();
+            }
             Establish::Unreachable(e) => {
                 tracing::warn!(error = %e, delay = ?hold,
                     "no upstream reachable; closing the device connection after the delay");

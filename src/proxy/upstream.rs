@@ -49,7 +49,7 @@ pub enum UpstreamError {
         after: Duration,
     },
     /// TLS failed (including a pin mismatch).
-    #[error("{addr}: {source}")]
+    #[error("{addr}: {}", tls_detail(source))]
     Tls {
         /// Target.
         addr: String,
@@ -58,9 +58,51 @@ pub enum UpstreamError {
     },
 }
 
+/// A TLS failure, with a hint when the peer evidently does not speak TLS at all.
+fn tls_detail(e: &TlsError) -> String {
+    let text = e.to_string();
+    let plain = [
+        "wrong version number",
+        "packet length too long",
+        "http request",
+        "record layer failure",
+    ];
+    if plain.iter().any(|p| text.contains(p)) {
+        format!(
+            "{text} (the upstream does not speak TLS here: a plaintext server? set tls = false \
+             for a plaintext controller, or check the address)"
+        )
+    } else {
+        text
+    }
+}
+
 impl UpstreamError {
+    /// What went wrong, without the address (for health records keyed by address).
+    pub fn detail(&self) -> String {
+        match self {
+            Self::NoOriginalDst | Self::NoAddress => self.to_string(),
+            Self::Connect { source, .. } => format!("connect: {source}"),
+            Self::Timeout { after, .. } => format!("timed out after {after:?}"),
+            Self::Tls { source, .. } => tls_detail(source),
+        }
+    }
+
+    /// The proxy itself could not open the connection (out of descriptors or memory): says
+    /// nothing about the upstream.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Connect { source, .. }
+        if matches!(
+            source.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        ))
+    }
+
     /// Metrics label.
     pub fn label(&self) -> &'static str {
+        if self.is_local() {
+            return "local_error";
+        }
         match self {
             Self::NoOriginalDst => "no_original_dst",
             Self::NoAddress => "no_address",
@@ -217,7 +259,14 @@ pub async fn connect(
                     .upstream_connects
                     .with_label_values(&[e.label()])
                     .inc();
-                health.record(path, addr, Check::Failed(e.to_string()));
+                if e.is_local() {
+                    // Not the upstream's fault: no health record, no other address would do
+                    // better. Say what to do about it.
+                    tracing::error!(upstream = %addr, error = %e,
+                        "the proxy is out of descriptors or memory: raise its limit (ulimit -n, systemd LimitNOFILE) or lower limits.max_connections");
+                    return Err(e);
+                }
+                health.record(path, addr, Check::Failed(e.detail()));
                 if let UpstreamError::Tls {
                     source: TlsError::PinMismatch { got },
                     ..
