@@ -68,6 +68,18 @@ fn handshake(id: u32) -> Vec<u8> {
         .unwrap()
 }
 
+/// Connects a device `id` with auth `code` and reads until its 0x28: whether it came.
+async fn device_with(addr: std::net::SocketAddr, id: DeviceId, code: &[u8]) -> (Tls, bool) {
+    let mut s = tls_client(addr, ClientProfile::DeviceFp2).await;
+    s.write_all(&Frame::handshake(id, code, 60).encode().unwrap())
+        .await
+        .unwrap();
+    let answered = read_until(&mut s, PacketType::HANDSHAKE_ACK)
+        .await
+        .is_some();
+    (s, answered)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transcripts_are_byte_exact_on_both_sides() {
     let (cloud, cloud_addr) = start_cloud(CloudSimConfig {
@@ -669,29 +681,13 @@ async fn a_wrong_auth_impostor_cannot_take_over_a_device_and_a_right_auth_reconn
     let mut cfg = proxy_config(cloud_addr);
     cfg.upstream.cloud_down_close_delay = Duration::from_millis(200);
     let p = start_proxy(cfg).await;
-    let mut real = tls_client(p.addr, ClientProfile::DeviceFp2).await;
-    real.write_all(&handshake(id.0)).await.unwrap();
-    assert!(
-        read_until(&mut real, PacketType::HANDSHAKE_ACK)
-            .await
-            .is_some()
-    );
+    let (mut real, answered) = device_with(p.addr, id, &code).await;
+    assert!(answered);
     let live = p.proxy.registry().get(id).unwrap().conn;
 
     // The impostor: same id, wrong code. The cloud refuses it; the real device stays.
-    let mut imp = tls_client(p.addr, ClientProfile::DeviceFp2).await;
-    imp.write_all(
-        &Frame::handshake(id, b"ffffffffffffffff", 60)
-            .encode()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    assert!(
-        read_until(&mut imp, PacketType::HANDSHAKE_ACK)
-            .await
-            .is_none()
-    );
+    let (mut imp, answered) = device_with(p.addr, id, b"ffffffffffffffff").await;
+    assert!(!answered);
     assert!(closed_within(&mut imp, Duration::from_secs(3)).await);
     assert_eq!(cloud.stats().rejected.load(Ordering::Relaxed), 1);
     assert_eq!(p.proxy.registry().get(id).unwrap().conn, live);
@@ -705,13 +701,8 @@ async fn a_wrong_auth_impostor_cannot_take_over_a_device_and_a_right_auth_reconn
     );
 
     // The real device reconnecting (right code) replaces its old connection at once.
-    let mut again = tls_client(p.addr, ClientProfile::DeviceFp2).await;
-    again.write_all(&handshake(id.0)).await.unwrap();
-    assert!(
-        read_until(&mut again, PacketType::HANDSHAKE_ACK)
-            .await
-            .is_some()
-    );
+    let (_again, answered) = device_with(p.addr, id, &code).await;
+    assert!(answered);
     assert!(closed_within(&mut real, Duration::from_secs(3)).await);
     assert!(
         wait_until(T, || p
@@ -748,27 +739,11 @@ async fn a_different_code_the_upstream_accepts_replaces_the_live_connection() {
     // A cloud that accepts every code.
     let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
     let p = start_proxy(proxy_config(cloud_addr)).await;
-    let mut old = tls_client(p.addr, ClientProfile::DeviceFp2).await;
-    old.write_all(&handshake(id.0)).await.unwrap();
-    assert!(
-        read_until(&mut old, PacketType::HANDSHAKE_ACK)
-            .await
-            .is_some()
-    );
+    let (mut old, answered) = device_with(p.addr, id, b"0123456789abcdef").await;
+    assert!(answered);
     let live = p.proxy.registry().get(id).unwrap().conn;
-    let mut new = tls_client(p.addr, ClientProfile::DeviceFp2).await;
-    new.write_all(
-        &Frame::handshake(id, b"fedcba9876543210", 60)
-            .encode()
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    assert!(
-        read_until(&mut new, PacketType::HANDSHAKE_ACK)
-            .await
-            .is_some()
-    );
+    let (mut new, answered) = device_with(p.addr, id, b"fedcba9876543210").await;
+    assert!(answered);
     assert!(closed_within(&mut old, Duration::from_secs(3)).await);
     assert!(
         wait_until(T, || p
@@ -810,24 +785,13 @@ async fn refused_handshakes_do_not_mark_a_working_upstream_down() {
     let mut cfg = proxy_config(cloud_addr);
     cfg.upstream.cloud_down_close_delay = Duration::from_millis(100);
     let p = start_proxy(cfg).await;
-    let mut real = tls_client(p.addr, ClientProfile::DeviceFp2).await;
-    real.write_all(&handshake(id.0)).await.unwrap();
-    assert!(
-        read_until(&mut real, PacketType::HANDSHAKE_ACK)
-            .await
-            .is_some()
-    );
+    let (mut real, answered) = device_with(p.addr, id, b"0123456789abcdef").await;
+    assert!(answered);
     assert!(p.proxy.upstream_ready());
     for n in 0..5u32 {
-        let mut bogus = tls_client(p.addr, ClientProfile::DeviceFp2).await;
-        bogus
-            .write_all(
-                &Frame::handshake(DeviceId(0x0bad_0000 + n), b"ffffffffffffffff", 60)
-                    .encode()
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let (mut bogus, answered) =
+            device_with(p.addr, DeviceId(0x0bad_0000 + n), b"ffffffffffffffff").await;
+        assert!(!answered);
         assert!(closed_within(&mut bogus, Duration::from_secs(3)).await);
     }
     assert!(

@@ -35,6 +35,18 @@ fn write_config(path: &Path, legacy: std::net::SocketAddr, new: std::net::Socket
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Rewrites the config file and reloads it now (as the watcher would).
+fn rewrite_and_reload(
+    live: &LiveConfig,
+    path: &Path,
+    legacy: std::net::SocketAddr,
+    new: std::net::SocketAddr,
+    extra: &str,
+) {
+    write_config(path, legacy, new, extra);
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+}
+
 async fn routing_json(st: &AdminState) -> Value {
     let r = route(st, &Method::GET, "/routing", "127.0.0.1:1".parse().unwrap()).await;
     use http_body_util::BodyExt;
@@ -523,15 +535,13 @@ async fn mode_changes_that_keep_the_path_drain_nobody() {
     let c0 = connects();
 
     // legacy_only -> shadow: still the legacy path for everyone.
-    write_config(&file, legacy_addr, new_addr, &routing("shadow"));
-    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("shadow"));
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(drained(), 0, "legacy_only -> shadow drained devices");
     assert_eq!(connects(), c0);
 
     // shadow -> new_primary moves everyone to the new path ...
-    write_config(&file, legacy_addr, new_addr, &routing("new_primary"));
-    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("new_primary"));
     assert!(
         wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed) == 20
             && fleet.stats().online.load(Ordering::Relaxed) == 20)
@@ -540,11 +550,9 @@ async fn mode_changes_that_keep_the_path_drain_nobody() {
     assert_eq!(drained(), 20);
     let c1 = connects();
     // ... and new_primary <-> new_only moves nobody.
-    write_config(&file, legacy_addr, new_addr, &routing("new_only"));
-    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("new_only"));
     tokio::time::sleep(Duration::from_millis(600)).await;
-    write_config(&file, legacy_addr, new_addr, &routing("new_primary"));
-    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("new_primary"));
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(drained(), 20, "new_primary <-> new_only drained devices");
     assert_eq!(connects(), c1);
@@ -628,8 +636,13 @@ async fn fallen_back_devices_count_as_legacy() {
     );
     live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    write_config(&file, legacy_addr, dead_addr, &routing("new_only", "91s"));
-    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    rewrite_and_reload(
+        &live,
+        &file,
+        legacy_addr,
+        dead_addr,
+        &routing("new_only", "91s"),
+    );
     assert!(
         wait_until(T, || drained() == 4).await,
         "new_only drained {}",

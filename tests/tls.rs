@@ -43,14 +43,20 @@ fn tls_cfg(min: TlsVersion) -> TlsConfig {
     }
 }
 
-/// An OpenSSL client limited to exactly `v`, with the old suites allowed, verifying nothing.
-async fn client_at(addr: SocketAddr, v: SslVersion, ciphers: &str) -> Result<String, String> {
+/// A handshake from an OpenSSL client speaking `min..=max` with `ciphers` (old suites
+/// allowed), verifying nothing, without SNI.
+async fn handshake_with(
+    addr: SocketAddr,
+    min: SslVersion,
+    max: SslVersion,
+    ciphers: &str,
+) -> Result<tokio_openssl::SslStream<TcpStream>, String> {
     let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
     b.set_verify(SslVerifyMode::NONE);
     b.set_cipher_list(ciphers).unwrap();
     b.clear_options(SslOptions::NO_TLSV1 | SslOptions::NO_TLSV1_1);
-    b.set_min_proto_version(Some(v)).unwrap();
-    b.set_max_proto_version(Some(v)).unwrap();
+    b.set_min_proto_version(Some(min)).unwrap();
+    b.set_max_proto_version(Some(max)).unwrap();
     let ssl = b
         .build()
         .configure()
@@ -65,6 +71,12 @@ async fn client_at(addr: SocketAddr, v: SslVersion, ciphers: &str) -> Result<Str
         .connect()
         .await
         .map_err(|e| cync_mitm::tls::describe_ssl_error(&e))?;
+    Ok(s)
+}
+
+/// The version negotiated by a client limited to exactly `v`.
+async fn client_at(addr: SocketAddr, v: SslVersion, ciphers: &str) -> Result<String, String> {
+    let s = handshake_with(addr, v, v, ciphers).await?;
     Ok(s.ssl().version_str().to_owned())
 }
 
@@ -111,21 +123,9 @@ async fn device_min_version_is_the_setting_that_decides() {
 
 /// The chain the server sends for a client offering `ciphers`: (leaf key type, DER of each).
 async fn chain_for(addr: SocketAddr, ciphers: &str) -> (openssl::pkey::Id, Vec<Vec<u8>>) {
-    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
-    b.set_verify(SslVerifyMode::NONE);
-    b.set_cipher_list(ciphers).unwrap();
-    b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
-    let ssl = b
-        .build()
-        .configure()
-        .unwrap()
-        .use_server_name_indication(false)
-        .verify_hostname(false)
-        .into_ssl("x")
+    let s = handshake_with(addr, SslVersion::TLS1_2, SslVersion::TLS1_2, ciphers)
+        .await
         .unwrap();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut s = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
-    Pin::new(&mut s).connect().await.unwrap();
     let chain = s.ssl().peer_cert_chain().unwrap();
     let leaf = chain.get(0).unwrap().public_key().unwrap().id();
     (leaf, chain.iter().map(|c| c.to_der().unwrap()).collect())
