@@ -7,6 +7,7 @@
 //!   records, command/status layouts, streaming framer, answer matching).
 //! - [`hexutil`]: hex text in and out.
 //! - [`cmd`]: the command-line tools (`decode`), callable from tests.
+//! - [`transport`]: the new path's ReliableTransport core (acks, retries, dedup, queues).
 //!
 //! `src/main.rs` only parses arguments and wires these together.
 
@@ -26,3 +27,4 @@ pub mod reload;
 pub mod route;
 pub mod sim;
 pub mod tls;
+pub mod transport;
