@@ -217,6 +217,54 @@ pub struct NewPathConfig {
     pub min_version: TlsVersion,
     /// OpenSSL cipher list (TLS 1.2; TLS 1.3 suites are always on).
     pub ciphers: String,
+    /// A backend command the device has not answered this long is sent again. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Retransmissions of a command before it counts as failed. Default 3.
+    pub max_retries: u32,
+    /// Wait after the first retransmission; doubles each time (up to 20 % jitter). 250 ms.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest wait between retransmissions. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A device request the backend has not answered this long is given up. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub answer_timeout: Duration,
+    /// Acked commands remembered, so one the backend repeats reaches the device once. 1000.
+    pub dedup_size: usize,
+    /// How long an acked command is remembered. Default 300 s.
+    #[serde(with = "humantime_serde")]
+    pub dedup_ttl: Duration,
+    /// Device frames held per session while the backend is away. Default 100.
+    pub send_queue_max: usize,
+    /// Backend commands tracked per session until the device answers. Default 100.
+    pub recv_queue_max: usize,
+    /// What a full queue does: `drop_oldest` (default), `drop_newest` or `reject`.
+    pub overflow: crate::transport::Overflow,
+    /// A backend connection lost mid-session is re-established within this without the
+    /// device noticing; beyond it a `new_primary` device is closed (it reconnects, to the
+    /// cloud while the new path is down). `new_only` keeps trying. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_grace: Duration,
+}
+
+impl NewPathConfig {
+    /// The ReliableTransport settings of a session.
+    pub fn transport(&self) -> crate::transport::Settings {
+        crate::transport::Settings {
+            ack_timeout: self.ack_timeout,
+            max_retries: self.max_retries,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            request_timeout: self.answer_timeout,
+            dedup_size: self.dedup_size,
+            dedup_ttl: self.dedup_ttl,
+            send_queue_max: self.send_queue_max,
+            recv_queue_max: self.recv_queue_max,
+            overflow: self.overflow,
+        }
+    }
 }
 
 impl Default for NewPathConfig {
@@ -230,6 +278,17 @@ impl Default for NewPathConfig {
             sni: None,
             min_version: TlsVersion::Tls12,
             ciphers: DEFAULT_NEW_PATH_CIPHERS.into(),
+            ack_timeout: Duration::from_secs(1),
+            max_retries: 3,
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(5),
+            answer_timeout: Duration::from_secs(10),
+            dedup_size: 1000,
+            dedup_ttl: Duration::from_secs(300),
+            send_queue_max: 100,
+            recv_queue_max: 100,
+            overflow: crate::transport::Overflow::DropOldest,
+            reconnect_grace: Duration::from_secs(10),
         }
     }
 }
@@ -981,8 +1040,14 @@ impl Config {
     }
 
     /// Every duration option with its dotted name (checked against [`MAX_DURATION`]).
-    pub fn durations(&self) -> [(&'static str, Duration); 14] {
+    pub fn durations(&self) -> [(&'static str, Duration); 20] {
         [
+            ("new_path.ack_timeout", self.new_path.ack_timeout),
+            ("new_path.backoff_initial", self.new_path.backoff_initial),
+            ("new_path.backoff_max", self.new_path.backoff_max),
+            ("new_path.answer_timeout", self.new_path.answer_timeout),
+            ("new_path.dedup_ttl", self.new_path.dedup_ttl),
+            ("new_path.reconnect_grace", self.new_path.reconnect_grace),
             ("capture.max_file_age", self.capture.max_file_age),
             ("capture.close_idle_after", self.capture.close_idle_after),
             ("drain.interval", self.drain.interval),
@@ -1005,6 +1070,13 @@ impl Config {
 
     /// Checks values that parse but make no sense. Returns the dotted field and the problem.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        // Every duration: at most a year (timers and deadlines add them to the clock; a
+        // century overflows).
+        for (name, d) in self.durations() {
+            if d > MAX_DURATION {
+                return Err(invalid(name, "must be at most 366 days"));
+            }
+        }
         let u = &self.upstream;
         if u.mode == UpstreamMode::Fixed && u.addresses.is_empty() {
             return Err(invalid(
@@ -1025,19 +1097,41 @@ impl Config {
         if self.new_path.ciphers.trim().is_empty() {
             return Err(invalid("new_path.ciphers", "must not be empty"));
         }
+        let n = &self.new_path;
+        for (name, d) in [
+            ("new_path.ack_timeout", n.ack_timeout),
+            ("new_path.backoff_initial", n.backoff_initial),
+            ("new_path.backoff_max", n.backoff_max),
+            ("new_path.answer_timeout", n.answer_timeout),
+        ] {
+            if d < Duration::from_millis(10) {
+                return Err(invalid(name, "must be at least 10ms"));
+            }
+        }
+        if n.backoff_max < n.backoff_initial {
+            return Err(invalid(
+                "new_path.backoff_max",
+                "must be at least new_path.backoff_initial",
+            ));
+        }
+        if n.max_retries > 20 {
+            return Err(invalid("new_path.max_retries", "must be at most 20"));
+        }
+        for (name, v) in [
+            ("new_path.dedup_size", n.dedup_size),
+            ("new_path.send_queue_max", n.send_queue_max),
+            ("new_path.recv_queue_max", n.recv_queue_max),
+        ] {
+            if !(1..=100_000).contains(&v) {
+                return Err(invalid(name, "must be between 1 and 100000"));
+            }
+        }
         if self.new_path.min_version < TlsVersion::Tls12 {
             return Err(invalid(
                 "new_path.min_version",
                 "the new path speaks TLS 1.2 or 1.3 (\"1.2\" or \"1.3\"); TLS 1.0 and 1.1 are \
                  for the cloud leg only (upstream.min_version)",
             ));
-        }
-        // Every duration: at most a year (timers and deadlines add them to the clock; a
-        // century overflows).
-        for (name, d) in self.durations() {
-            if d > MAX_DURATION {
-                return Err(invalid(name, "must be at most 366 days"));
-            }
         }
         let t = &self.timeouts;
         for (name, d) in [

@@ -187,7 +187,21 @@ async fn reload_moves_only_the_devices_whose_path_changed_and_loses_nothing() {
         moved.len() as u64
     );
 
-    // Quiet now: stop the devices and compare every connection's bytes on both sides.
+    // Let the last answers land (the moved devices' first flights are still being answered),
+    // then stop the devices and compare every connection's bytes on both sides.
+    let quiet = || {
+        legacy.stats().frames_in.load(Ordering::Relaxed)
+            + newp.stats().frames_in.load(Ordering::Relaxed)
+    };
+    let mut seen = quiet();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = quiet();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
     fleet.stop().await;
     assert!(wait_until(T, || p.proxy.registry().is_empty()).await);
     tokio::time::sleep(Duration::from_millis(200)).await;

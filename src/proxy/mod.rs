@@ -524,6 +524,75 @@ impl Proxy {
         tracing::info!(reason = %reason, duration_s = format_args!("{secs:.1}"), "connection closed");
     }
 
+    /// Runs a session on the new path through a ReliableTransport: the backend connection
+    /// may be lost and re-established (the device stays connected for
+    /// `new_path.reconnect_grace` under `new_primary`, for ever under `new_only`); commands
+    /// are retried, repeats dropped, queues bounded.
+    async fn run_new_path(&self, s: NewPathSession<'_>) -> String {
+        let cfg = &s.loaded.config;
+        let max = cfg.limits.max_frame;
+        let mut core = crate::transport::Core::new(
+            cfg.new_path.transport(),
+            crate::transport::Role::Primary,
+            // Jitter differs per session, so retries of many devices do not line up.
+            Uuid::now_v7().as_u128() as u64,
+        );
+        let now = std::time::Instant::now();
+        let sent = frames_of(&s.initial[..s.whole], max);
+        let mut sent = sent.into_iter();
+        if let Some(hello) = sent.next() {
+            core.resume(hello);
+        }
+        for f in sent {
+            trace_events(&core.note_sent(now, f));
+        }
+        for f in frames_of(s.answer, max).into_iter().skip(1) {
+            trace_events(&core.note_delivered(now, f));
+        }
+        let device_tail = s.initial[s.whole..].to_vec();
+        let target = s.target.clone();
+        let loaded = s.loaded;
+        let reconnect = move || -> crate::transport::driver::Reconnect<'_> {
+            Box::pin(async move {
+                let t = upstream::Target::new_path(&loaded.config, &loaded.new_path);
+                upstream::connect(&t, &self.metrics, &self.health, Path::New)
+                    .await
+                    .map(|u| u.io)
+                    .map_err(|e| e.to_string())
+            })
+        };
+        let health = &self.health;
+        let end = crate::transport::driver::run(crate::transport::driver::Session {
+            device: s.device,
+            backend: s.backend,
+            device_tail,
+            backend_tail: s.answer_tail,
+            core,
+            reconnect: Box::new(reconnect),
+            grace: s.decision.fallback.then_some(cfg.new_path.reconnect_grace),
+            idle: cfg.timeouts.idle,
+            max_frame: max,
+            queue: cfg.new_path.send_queue_max.max(cfg.new_path.recv_queue_max),
+            control: s.control,
+            d2c: s.d2c,
+            c2d: s.c2d,
+            events: Box::new(|e| trace_events(&[crate::transport::Output::Event(e.clone())])),
+            backend_state: Box::new(move |up| {
+                if up {
+                    tracing::info!(upstream = %target, "new path back; replayed the handshake and what was unanswered");
+                } else {
+                    tracing::warn!(upstream = %target, "new path connection lost; holding the device and reconnecting");
+                    health.record(Path::New, &target, health::Check::Failed("connection lost".into()));
+                }
+            }),
+        })
+        .await;
+        if end == crate::transport::driver::End::BackendLost {
+            tracing::warn!(grace = ?cfg.new_path.reconnect_grace, "the new path stayed away longer than the reconnect grace; closing the device so it reconnects");
+        }
+        end.label().to_owned()
+    }
+
     /// Connects `path`, writes what the device sent while it was identified, and (when
     /// `wait_answer`) reads the upstream's first answer, which must be Cync. Nothing is tapped
     /// yet: a failed attempt leaves no trace in captures, so a fallback starts clean.
@@ -645,8 +714,16 @@ impl Proxy {
         // 3. Upstream: connect, hand over the handshake, and see a Cync answer. new_primary
         // falls back to legacy when the new path fails anywhere before that answer.
         let mut path = decision.path;
+        // The new path works on whole frames: a partial frame at the end of what was read
+        // while identifying waits for the rest (the legacy relay sends every byte as read).
+        let whole = whole_frames_len(&initial, cfg.limits.max_frame);
+        let first = if path == Path::New {
+            &initial[..whole]
+        } else {
+            &initial[..]
+        };
         let mut result = self
-            .establish(loaded, path, orig_dst, &initial, wait_answer, control)
+            .establish(loaded, path, orig_dst, first, wait_answer, control)
             .await;
         if path == Path::New && decision.fallback {
             let fall_back = match &result {
@@ -767,6 +844,7 @@ impl Proxy {
             s.on_open(meta);
         }
         let upstream_io = up.io;
+        let target = up.target.clone();
         let mut d2c = DirectionTap::new(
             Flow::DeviceToCloud,
             cfg.limits.max_frame,
@@ -781,8 +859,18 @@ impl Proxy {
             meta.clone(),
             self.sinks.clone(),
         );
-        // 4. What was read while identifying went first, unchanged; then the answer.
+        // 4. What was read while identifying went first, unchanged; then the answer (on the
+        // new path, its whole frames; a partial one waits for the rest).
         d2c.on_chunk(&initial);
+        let (answer, answer_tail) = if path == Path::New {
+            let n = whole_frames_len(&answer, cfg.limits.max_frame);
+            let tail = answer[n..].to_vec();
+            let mut answer = answer;
+            answer.truncate(n);
+            (answer, tail)
+        } else {
+            (answer, Vec::new())
+        };
         if !answer.is_empty() {
             if let Err(e) = async {
                 device.write_all(&answer).await?;
@@ -799,7 +887,25 @@ impl Proxy {
             }
             c2d.on_chunk(&answer);
         }
-        // 5. Relay.
+        // 5. Relay: the new path through the ReliableTransport, the legacy one byte for byte.
+        if path == Path::New {
+            return self
+                .run_new_path(NewPathSession {
+                    loaded,
+                    decision,
+                    device,
+                    backend: upstream_io,
+                    initial: &initial,
+                    whole,
+                    answer: &answer,
+                    answer_tail,
+                    target,
+                    control,
+                    d2c: &mut d2c,
+                    c2d: &mut c2d,
+                })
+                .await;
+        }
         let reason = relay::run(
             device,
             upstream_io,
@@ -878,8 +984,65 @@ fn describe_foreign(bytes: &[u8]) -> String {
     }
 }
 
+/// The length of the whole frames at the start of `bytes` (what follows is a partial frame, or
+/// bytes that do not frame).
+fn whole_frames_len(bytes: &[u8], max_frame: usize) -> usize {
+    let mut at = 0;
+    while let Some(h) = bytes.get(at..at + crate::codec::HEADER_LEN) {
+        let body = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+        let len = crate::codec::HEADER_LEN.saturating_add(body);
+        if len > max_frame || at + len > bytes.len() {
+            break;
+        }
+        at += len;
+    }
+    at
+}
+
+/// The whole frames at the start of `bytes`.
+fn frames_of(bytes: &[u8], max_frame: usize) -> Vec<bytes::Bytes> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    let end = whole_frames_len(bytes, max_frame);
+    while at < end {
+        let body = u32::from_be_bytes([bytes[at + 1], bytes[at + 2], bytes[at + 3], bytes[at + 4]])
+            as usize;
+        let len = crate::codec::HEADER_LEN + body;
+        out.push(bytes::Bytes::copy_from_slice(&bytes[at..at + len]));
+        at += len;
+    }
+    out
+}
+
+/// What a session on the new path starts from.
+struct NewPathSession<'a> {
+    loaded: &'a Loaded,
+    decision: Decision,
+    device: Box<dyn Io>,
+    backend: Box<dyn Io>,
+    /// Everything read from the device while identifying; `whole` bytes of it went out.
+    initial: &'a [u8],
+    whole: usize,
+    /// The backend's whole frames already delivered to the device, and a partial one.
+    answer: &'a [u8],
+    answer_tail: Vec<u8>,
+    target: String,
+    control: &'a Arc<SessionControl>,
+    d2c: &'a mut DirectionTap,
+    c2d: &'a mut DirectionTap,
+}
+
 /// Transparent mode forgets an original destination no connection has used for this long.
 const TRANSPARENT_FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// Logs the core's events at trace level, with the `msg_id` that follows a frame.
+fn trace_events(outs: &[crate::transport::Output]) {
+    for o in outs {
+        if let crate::transport::Output::Event(e) = o {
+            tracing::trace!(event = ?e, "new path");
+        }
+    }
+}
 
 /// How an attempt to reach an upstream ended.
 enum Establish {

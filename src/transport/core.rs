@@ -193,6 +193,8 @@ pub struct Core {
     /// Acked commands: their digest → (when acked, the device's answer).
     acked: lru::LruCache<u64, (Instant, Bytes)>,
     rng: u64,
+    /// The hello was replayed on a new backend connection: its answer is not the device's.
+    hello_replayed: bool,
 }
 
 fn digest(bytes: &[u8]) -> u64 {
@@ -215,7 +217,30 @@ impl Core {
             send_queue: VecDeque::new(),
             acked: lru::LruCache::new(size),
             rng: seed | 1,
+            hello_replayed: false,
         }
+    }
+
+    /// Takes over a session whose first backend connection is up and whose hello (`hello`,
+    /// the device's 0x23 or 0x13) was already answered.
+    pub fn resume(&mut self, hello: Bytes) {
+        self.hello = Some(hello);
+        self.connected = true;
+    }
+
+    /// Tracks a device frame that already went to the backend (written before the core took
+    /// over): like [`Core::on_device_frame`], without sending it again.
+    pub fn note_sent(&mut self, now: Instant, bytes: Bytes) -> Vec<Output> {
+        let mut out = self.on_device_frame(now, bytes);
+        out.retain(|o| !matches!(o, Output::ToBackend(_)));
+        out
+    }
+
+    /// Tracks a backend frame that already reached the device.
+    pub fn note_delivered(&mut self, now: Instant, bytes: Bytes) -> Vec<Output> {
+        let mut out = self.on_backend_frame(now, bytes);
+        out.retain(|o| !matches!(o, Output::ToDevice(_)));
+        out
     }
 
     /// Frames waiting for the backend.
@@ -353,6 +378,14 @@ impl Core {
                 }));
             }
         }
+        if self.hello_replayed
+            && matches!(ptype, PacketType::HANDSHAKE_ACK | PacketType::LOGIN_RESULT)
+        {
+            // The answer to the replayed hello: the device had its own long ago.
+            self.hello_replayed = false;
+            out.push(Output::Event(Event::Suppressed { ptype }));
+            return out;
+        }
         if self.role == Role::Shadow {
             out.push(Output::Event(Event::Suppressed { ptype }));
             return out;
@@ -483,6 +516,8 @@ impl Core {
         let hello = self.hello.clone();
         if let Some(h) = &hello {
             out.push(Output::ToBackend(h.clone()));
+            // Answered already unless the hello itself is still waiting for its answer.
+            self.hello_replayed = !self.requests.iter().any(|r| r.bytes == *h);
         }
         // Requests the lost connection took without answering go again, in order; the hello
         // was just replayed.
@@ -755,6 +790,30 @@ mod tests {
             "hello, the unanswered ping, the queued one"
         );
         assert_eq!(c.send_queue_len(), 0);
+    }
+
+    #[test]
+    fn a_resumed_session_swallows_the_answer_to_its_replayed_hello() {
+        let mut c = Core::new(Settings::default(), Role::Primary, 5);
+        let t = Instant::now();
+        let hello = b(Frame::handshake(DeviceId(0x1234), b"0123456789abcdef", 60));
+        c.resume(hello.clone());
+        assert!(c.is_connected());
+        c.note_sent(t, b(Frame::ping()));
+        assert_eq!(c.requests_pending(), 1);
+        c.on_backend_lost();
+        let out = c.on_backend_connected(t);
+        assert_eq!(out[0], Output::ToBackend(hello));
+        // The backend answers the replayed hello: the device does not see a second 0x28.
+        let out = c.on_backend_frame(t, b(Frame::handshake_ack()));
+        assert_eq!(to_device(&out), 0);
+        // The resent ping's answer does reach it.
+        let out = c.on_backend_frame(t, b(Frame::pong()));
+        assert_eq!(to_device(&out), 1);
+        // A command already delivered before the core took over is tracked, not re-sent.
+        let out = c.note_delivered(t, pipe(3, 1));
+        assert_eq!(to_device(&out), 0);
+        assert_eq!(c.commands_pending(), 1);
     }
 
     #[test]

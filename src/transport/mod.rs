@@ -3,5 +3,6 @@
 //! deterministically) for a thin I/O driver to run per device session.
 
 pub mod core;
+pub mod driver;
 
 pub use self::core::{Core, Event, Output, Overflow, Queue, Role, Settings};

@@ -1,0 +1,297 @@
+//! The I/O driver of a ReliableTransport session: it reads both legs, frames what it reads,
+//! feeds the [`Core`], writes what the core says through per-leg writer tasks with bounded
+//! queues (a stalled leg drops and counts, never blocks the other), runs the core's timers,
+//! and re-establishes a lost backend connection with backoff while the device stays connected.
+
+use super::core::{Core, Event, Output, Queue};
+use crate::codec::{Framer, FramerEvent};
+use crate::proxy::Io;
+use crate::proxy::control::{Cause, SessionControl};
+use crate::proxy::tap::DirectionTap;
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Size of one read.
+const CHUNK: usize = 4 * 1024;
+/// First wait between backend reconnect attempts; doubles up to [`RECONNECT_MAX`].
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between backend reconnect attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// How a session on the new path ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The device closed (or reset) its connection.
+    DeviceClosed,
+    /// Writing to or reading from the device failed.
+    DeviceError(String),
+    /// No bytes either way for the idle timeout.
+    Idle,
+    /// Closed from outside (drain, replacement, shutdown).
+    External(Cause),
+    /// The backend stayed away longer than the reconnect grace.
+    BackendLost,
+}
+
+impl End {
+    /// Label of `cync_mitm_connections_closed_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::DeviceClosed => "device_closed",
+            Self::DeviceError(_) => "device_error",
+            Self::Idle => "idle",
+            Self::External(c) => c.label(),
+            Self::BackendLost => "new_path_down",
+        }
+    }
+}
+
+/// A future that connects the backend again.
+pub type Reconnect<'a> = Pin<Box<dyn Future<Output = Result<Box<dyn Io>, String>> + Send + 'a>>;
+
+/// Everything a session needs.
+pub struct Session<'a> {
+    /// The device leg.
+    pub device: Box<dyn Io>,
+    /// The first backend connection (its handshake is answered).
+    pub backend: Box<dyn Io>,
+    /// Device bytes read but not yet a whole frame (nothing of them was sent).
+    pub device_tail: Vec<u8>,
+    /// Backend bytes read but not yet a whole frame (nothing of them was delivered).
+    pub backend_tail: Vec<u8>,
+    /// The core, resumed on the first connection.
+    pub core: Core,
+    /// Opens a new backend connection.
+    pub reconnect: Box<dyn FnMut() -> Reconnect<'a> + Send + 'a>,
+    /// How long the backend may stay away; `None`: keep trying.
+    pub grace: Option<Duration>,
+    /// Idle timeout.
+    pub idle: Duration,
+    /// Largest frame.
+    pub max_frame: usize,
+    /// Capacity of the per-leg writer queues.
+    pub queue: usize,
+    /// Stops the session from outside.
+    pub control: &'a SessionControl,
+    /// Device → backend bytes, for metrics and captures.
+    pub d2c: &'a mut DirectionTap,
+    /// Bytes delivered to the device.
+    pub c2d: &'a mut DirectionTap,
+    /// Every core event, and the backend's comings and goings.
+    pub events: Box<dyn FnMut(&Event) + Send + 'a>,
+    /// Called with `true` when a lost backend is back, `false` when it is lost.
+    pub backend_state: Box<dyn FnMut(bool) + Send + 'a>,
+}
+
+/// A writer task: writes what arrives on its queue, ends at the first error.
+fn writer(mut w: tokio::io::WriteHalf<Box<dyn Io>>, cap: usize) -> mpsc::Sender<Bytes> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(cap.max(1));
+    tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if w.write_all(&b).await.is_err() || w.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    tx
+}
+
+async fn read_opt(
+    rd: &mut Option<ReadHalf<Box<dyn Io>>>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    match rd {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn connecting(f: &mut Option<Reconnect<'_>>) -> Result<Box<dyn Io>, String> {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn is_close(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// Runs the session until it ends.
+pub async fn run(mut s: Session<'_>) -> End {
+    let (mut dev_rd, dev_wr) = tokio::io::split(s.device);
+    let dev_tx = writer(dev_wr, s.queue);
+    let (be_rd, be_wr) = tokio::io::split(s.backend);
+    let mut be_rd = Some(be_rd);
+    let mut be_tx = Some(writer(be_wr, s.queue));
+    let mut dev_framer = Framer::new(s.max_frame);
+    let mut be_framer = Framer::new(s.max_frame);
+    dev_framer.push(&s.device_tail);
+    be_framer.push(&s.backend_tail);
+    let mut dbuf = vec![0u8; CHUNK];
+    let mut bbuf = vec![0u8; CHUNK];
+    let mut last = Instant::now();
+    let mut lost_at: Option<Instant> = None;
+    let mut attempt = 0u32;
+    let mut next_attempt = Instant::now();
+    let mut pending: Option<Reconnect<'_>> = None;
+    let mut core = s.core;
+    let far = Duration::from_secs(86_400);
+    // The device half-closed: what it sent is passed on and the backend's last answers still
+    // reach it, until the backend closes too (as the byte relay does).
+    let mut device_eof = false;
+
+    // Applies the core's outputs; a dead device leg ends the session.
+    macro_rules! apply {
+        ($outs:expr) => {
+            for o in $outs {
+                match o {
+                    Output::ToBackend(b) => {
+                        if let Some(tx) = &be_tx
+                            && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(b)
+                        {
+                            (s.events)(&Event::QueueFull {
+                                queue: Queue::Send,
+                                rejected: false,
+                            });
+                        }
+                    }
+                    Output::ToDevice(b) => {
+                        s.c2d.on_chunk(&b);
+                        match dev_tx.try_send(b) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                (s.events)(&Event::QueueFull {
+                                    queue: Queue::Recv,
+                                    rejected: false,
+                                });
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                return End::DeviceError("device write failed".into());
+                            }
+                        }
+                    }
+                    Output::Event(e) => (s.events)(&e),
+                }
+            }
+        };
+    }
+
+    loop {
+        let now = Instant::now();
+        let deadline = core
+            .next_deadline()
+            .map(Instant::from_std)
+            .unwrap_or(now + far);
+        let idle_at = last + s.idle;
+        let retry_at = if be_rd.is_none() && pending.is_none() {
+            next_attempt
+        } else {
+            now + far
+        };
+        tokio::select! {
+            _ = s.control.token().cancelled() => return End::External(s.control.cause()),
+            r = dev_rd.read(&mut dbuf), if !device_eof => match r {
+                Ok(0) if be_tx.is_some() => {
+                    device_eof = true;
+                    // Dropping the sender lets the writer finish its queue, then shut down.
+                    be_tx = None;
+                }
+                Ok(0) => return End::DeviceClosed,
+                Ok(n) => {
+                    last = Instant::now();
+                    s.d2c.on_chunk(&dbuf[..n]);
+                    dev_framer.push(&dbuf[..n]);
+                    while let Some(ev) = dev_framer.next_event() {
+                        if let FramerEvent::Frame(raw) = ev {
+                            let outs = core.on_device_frame(last.into_std(), raw.bytes().clone());
+                            apply!(outs);
+                        }
+                    }
+                }
+                Err(e) if is_close(&e) => return End::DeviceClosed,
+                Err(e) => return End::DeviceError(e.to_string()),
+            },
+            r = read_opt(&mut be_rd, &mut bbuf) => match r {
+                Ok(n) if n > 0 => {
+                    last = Instant::now();
+                    be_framer.push(&bbuf[..n]);
+                    while let Some(ev) = be_framer.next_event() {
+                        if let FramerEvent::Frame(raw) = ev {
+                            let outs = core.on_backend_frame(last.into_std(), raw.bytes().clone());
+                            apply!(outs);
+                        }
+                    }
+                }
+                _ if device_eof => return End::DeviceClosed,
+                _ => {
+                    // Lost: frames queue in the core until it is back.
+                    be_rd = None;
+                    be_tx = None;
+                    core.on_backend_lost();
+                    (s.backend_state)(false);
+                    lost_at = Some(Instant::now());
+                    attempt = 0;
+                    next_attempt = Instant::now();
+                }
+            },
+            _ = tokio::time::sleep_until(retry_at), if be_rd.is_none() && pending.is_none() => {
+                if let (Some(grace), Some(at)) = (s.grace, lost_at)
+                    && at.elapsed() >= grace
+                {
+                    return End::BackendLost;
+                }
+                pending = Some((s.reconnect)());
+            },
+            r = connecting(&mut pending) => {
+                pending = None;
+                match r {
+                    Ok(io) => {
+                        let (rd, wr) = tokio::io::split(io);
+                        be_rd = Some(rd);
+                        be_tx = Some(writer(wr, s.queue));
+                        be_framer = Framer::new(s.max_frame);
+                        lost_at = None;
+                        (s.backend_state)(true);
+                        let outs = core.on_backend_connected(Instant::now().into_std());
+                        apply!(outs);
+                    }
+                    Err(e) => {
+                        attempt = attempt.saturating_add(1);
+                        let wait = RECONNECT_MIN
+                            .saturating_mul(1 << attempt.min(5))
+                            .min(RECONNECT_MAX);
+                        tracing::debug!(error = %e, attempt, ?wait, "new path reconnect failed");
+                        next_attempt = Instant::now() + wait;
+                        if let (Some(grace), Some(at)) = (s.grace, lost_at)
+                            && at.elapsed() >= grace
+                        {
+                            return End::BackendLost;
+                        }
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                let outs = core.poll(Instant::now().into_std());
+                apply!(outs);
+            },
+            _ = tokio::time::sleep_until(idle_at) => {
+                if last.elapsed() >= s.idle {
+                    return End::Idle;
+                }
+            },
+        }
+    }
+}

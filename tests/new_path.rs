@@ -1,0 +1,132 @@
+//! The new path through the ReliableTransport, over loopback with simulated devices, a
+//! simulated cloud (legacy) and a simulated backend (new): devices work on it, a backend
+//! restart within `new_path.reconnect_grace` closes no device connection, and beyond it
+//! `new_primary` devices go back to the cloud.
+
+mod common;
+
+use common::harness::*;
+use cync_mitm::sim::cloud::CloudSimConfig;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+fn new_primary(
+    legacy: std::net::SocketAddr,
+    new: std::net::SocketAddr,
+) -> cync_mitm::config::Config {
+    let mut cfg = proxy_config(legacy);
+    cfg.new_path.addresses = vec![new.to_string()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
+    cfg.routing.canary_percent = 100.0;
+    cfg
+}
+
+async fn backend_on(
+    addr: std::net::SocketAddr,
+    cfg: CloudSimConfig,
+) -> std::sync::Arc<cync_mitm::sim::cloud::CloudSim> {
+    // The port was just released by the previous backend: retry the bind briefly.
+    for _ in 0..50 {
+        if let Ok(l) = tokio::net::TcpListener::bind(addr).await {
+            return start_cloud_on(l, cfg, CloudTls::Legacy).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot bind {addr} again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_work_on_the_new_path_and_survive_a_backend_restart_within_the_grace() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let commands = CloudSimConfig {
+        command_interval: Some(Duration::from_millis(200)),
+        ..CloudSimConfig::default()
+    };
+    let (backend, new_addr) = start_cloud(commands.clone()).await;
+    let p = start_proxy(new_primary(legacy_addr, new_addr)).await;
+    let mut fc = fleet_config(p.addr, 5);
+    fc.heartbeat = Duration::from_millis(300);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 5).await);
+    assert!(
+        wait_until(T, || backend.stats().command_acks.load(Ordering::Relaxed)
+            >= 10)
+        .await
+    );
+    assert_eq!(
+        legacy.stats().handshakes.load(Ordering::Relaxed),
+        0,
+        "all on the new path"
+    );
+    let answered = fleet.stats().answered.load(Ordering::Relaxed);
+    assert!(answered > 0);
+
+    // Restart the backend: down for about a second, well within the 10 s grace.
+    backend.stop().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let again = backend_on(new_addr, commands).await;
+    // Every device is back on the new backend (its handshake replayed) without reconnecting.
+    assert!(
+        wait_until(T, || again.stats().handshakes.load(Ordering::Relaxed) == 5).await,
+        "handshakes replayed: {}",
+        again.stats().handshakes.load(Ordering::Relaxed)
+    );
+    assert!(
+        wait_until(T, || again.stats().command_acks.load(Ordering::Relaxed)
+            >= 10)
+        .await
+    );
+    let s = fleet.stats();
+    assert_eq!(
+        s.disconnects.load(Ordering::Relaxed),
+        0,
+        "a device noticed the restart"
+    );
+    assert_eq!(s.connects.load(Ordering::Relaxed), 5);
+    // Requests sent while the backend was away were answered after it came back.
+    let r = fleet.report();
+    assert!(
+        r.requests - r.answered <= 5,
+        "unanswered requests after the restart: {r:?}"
+    );
+    assert!(fleet.stats().answered.load(Ordering::Relaxed) > answered);
+    assert_eq!(
+        p.metrics.closed.with_label_values(&["new_path_down"]).get(),
+        0
+    );
+    fleet.stop().await;
+    again.stop().await;
+    legacy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_grace_new_primary_devices_go_back_to_the_cloud() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let mut cfg = new_primary(legacy_addr, new_addr);
+    cfg.new_path.reconnect_grace = Duration::from_millis(500);
+    let p = start_proxy(cfg).await;
+    let fleet = start_fleet(fleet_config(p.addr, 4));
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 4).await);
+    assert_eq!(legacy.stats().handshakes.load(Ordering::Relaxed), 0);
+    backend.stop().await;
+    // Closed after the grace, they reconnect, the new path is down, they land on the cloud.
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["new_path_down"])
+            .get()
+            == 4)
+        .await
+    );
+    assert!(wait_until(T, || legacy.stats().handshakes.load(Ordering::Relaxed) == 4).await);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 4).await);
+    assert!(p.metrics.new_path_fallbacks.get() >= 4);
+    fleet.stop().await;
+    legacy.stop().await;
+}
