@@ -269,6 +269,9 @@ enum SimCmd {
         /// Print a JSON report this often.
         #[arg(long, value_parser = positive_duration, default_value = "10s")]
         report_every: Duration,
+        /// Share of commands (0–1) sent twice in a row.
+        #[arg(long, value_parser = share, default_value = "0")]
+        duplicate_commands: f64,
     },
     /// Run a fleet of simulated devices.
     #[command(after_help = "Example:\n  \
@@ -298,7 +301,19 @@ enum SimCmd {
         /// Print a JSON report this often.
         #[arg(long, value_parser = positive_duration, default_value = "10s")]
         report_every: Duration,
+        /// Share of received commands (0–1) ignored, as if lost.
+        #[arg(long, value_parser = share, default_value = "0")]
+        ignore_commands: f64,
     },
+}
+
+/// A share between 0 and 1.
+fn share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err("must be between 0 and 1".into());
+    }
+    Ok(v)
 }
 
 /// A period of at least 10 ms and at most a day (a heartbeat of 1 ns floods the target).
@@ -588,6 +603,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             cert_dir,
             command_interval,
             report_every,
+            duplicate_commands,
         } => {
             let (certs, _) = cync_mitm::tls::ensure_certs(&cert_dir)?;
             let server_tls = match tls {
@@ -605,6 +621,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             let sim = CloudSim::new(
                 CloudSimConfig {
                     command_interval,
+                    duplicate_commands,
                     ..CloudSimConfig::default()
                 },
                 server_tls,
@@ -631,6 +648,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             duration,
             ramp,
             report_every,
+            ignore_commands,
         } => {
             let client = match tls {
                 SimClientTls::Fp2 => ClientTls::Tls(LegacyClient::new(ClientProfile::DeviceFp2)?),
@@ -644,6 +662,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
                     seed,
                     heartbeat,
                     ramp,
+                    ignore_commands,
                     ..FleetConfig::default()
                 },
                 client,

@@ -130,3 +130,76 @@ async fn beyond_the_grace_new_primary_devices_go_back_to_the_cloud() {
     fleet.stop().await;
     legacy.stop().await;
 }
+
+/// Devices that ignore 1 % of the commands they receive, and clouds that send 2 % of their
+/// commands twice, in one run: on the new path retries get (nearly) every command acked and a
+/// repeated command is executed once; on the legacy path the loss and the repeats show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dedup_make_the_new_path_more_reliable_than_the_legacy_one() {
+    let chaos = CloudSimConfig {
+        command_interval: Some(Duration::from_millis(40)),
+        duplicate_commands: 0.02,
+        ..CloudSimConfig::default()
+    };
+    let (legacy, legacy_addr) = start_cloud(chaos.clone()).await;
+    let (backend, new_addr) = start_cloud(chaos).await;
+    let mut cfg = new_primary(legacy_addr, new_addr);
+    cfg.new_path.ack_timeout = Duration::from_millis(200);
+    // Fleet B (seed 2) stays on the cloud; fleet A (seed 42) takes the new path.
+    let b_ids: Vec<String> = (0..10)
+        .map(|i| cync_mitm::sim::device_identity(2, i).0.to_string())
+        .collect();
+    cfg.routing.exclude = b_ids;
+    let p = start_proxy(cfg).await;
+    let mut fa = fleet_config(p.addr, 10);
+    fa.ignore_commands = 0.01;
+    let mut fb = fleet_config(p.addr, 10);
+    fb.seed = 2;
+    fb.ignore_commands = 0.01;
+    let a = start_fleet(fa);
+    let b = start_fleet(fb);
+    assert!(
+        wait_until(T, || a.stats().online.load(Ordering::Relaxed) == 10
+            && b.stats().online.load(Ordering::Relaxed) == 10)
+        .await
+    );
+    assert_eq!(legacy.stats().handshakes.load(Ordering::Relaxed), 10);
+    assert_eq!(backend.stats().handshakes.load(Ordering::Relaxed), 10);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    legacy.set_commands(false);
+    backend.set_commands(false);
+    // Let the retries finish (200 ms, then 250, 500, 1000 ms at most).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent_new = backend.stats().commands_sent.load(Ordering::Relaxed) as f64;
+    let acked_new = backend.stats().command_acks.load(Ordering::Relaxed) as f64;
+    let sent_old = legacy.stats().commands_sent.load(Ordering::Relaxed) as f64;
+    let acked_old = legacy.stats().command_acks.load(Ordering::Relaxed) as f64;
+    let (new_ok, old_ok) = (acked_new / sent_new, acked_old / sent_old);
+    eprintln!(
+        "command success: new path {new_ok:.5} ({acked_new}/{sent_new}), legacy {old_ok:.5} ({acked_old}/{sent_old}); ignored: new {} legacy {}",
+        a.stats().ignored.load(Ordering::Relaxed),
+        b.stats().ignored.load(Ordering::Relaxed)
+    );
+    assert!(sent_new > 500.0 && sent_old > 500.0);
+    assert!(
+        a.stats().ignored.load(Ordering::Relaxed) > 0,
+        "the chaos did not happen"
+    );
+    assert!(new_ok >= 0.999, "new path {new_ok}");
+    assert!(old_ok < 0.999, "the legacy path shows the loss: {old_ok}");
+    // Repeats: executed once on the new path, twice on the legacy one.
+    assert!(backend.stats().duplicates_sent.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        a.stats().commands.load(Ordering::Relaxed),
+        acked_new as u64,
+        "a repeated command reached a new-path device twice"
+    );
+    assert!(
+        b.stats().commands.load(Ordering::Relaxed) > acked_old as u64,
+        "legacy devices executed the repeats too"
+    );
+    a.stop().await;
+    b.stop().await;
+    legacy.stop().await;
+    backend.stop().await;
+}

@@ -48,6 +48,9 @@ pub struct CloudSimConfig {
     /// When set, only these devices with these auth codes are accepted: any other 0x23 is
     /// answered by closing the connection without a 0x28, as the real cloud does.
     pub auth_codes: Option<Arc<HashMap<DeviceId, Vec<u8>>>>,
+    /// Share of commands (0–1) sent twice in a row, as a backend that lost track of an ack
+    /// would.
+    pub duplicate_commands: f64,
 }
 
 impl Default for CloudSimConfig {
@@ -57,6 +60,7 @@ impl Default for CloudSimConfig {
             record: false,
             utc_offset_minutes: -360,
             auth_codes: None,
+            duplicate_commands: 0.0,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct CloudStats {
     pub commands_sent: AtomicU64,
     /// 0x7b acks received for those commands.
     pub command_acks: AtomicU64,
+    /// Commands sent a second time on purpose (`duplicate_commands`).
+    pub duplicates_sent: AtomicU64,
     /// Command → 0x7b ack latency.
     pub command_latency: Latency,
     /// Devices connected now.
@@ -105,6 +111,8 @@ pub struct CloudReport {
     pub commands_sent: u64,
     /// Commands acked.
     pub command_acks: u64,
+    /// Commands sent twice on purpose (`--duplicate-commands`).
+    pub duplicates_sent: u64,
     /// Command → ack latency.
     pub command_latency: super::stats::LatencySummary,
 }
@@ -123,6 +131,7 @@ impl CloudStats {
             bad_frames: self.bad_frames.load(Ordering::Relaxed),
             commands_sent: self.commands_sent.load(Ordering::Relaxed),
             command_acks: self.command_acks.load(Ordering::Relaxed),
+            duplicates_sent: self.duplicates_sent.load(Ordering::Relaxed),
             command_latency: self.command_latency.summary(),
         }
     }
@@ -373,7 +382,20 @@ impl CloudConn<'_> {
             action,
         };
         let msg = Msg::counter(self.msg);
-        Self::push(out, &Frame::pipe(SIM_APP_ID, msg, cmd.to_inner(self.seq)));
+        let frame = Frame::pipe(SIM_APP_ID, msg, cmd.to_inner(self.seq));
+        Self::push(out, &frame);
+        let p = self.sim.cfg.duplicate_commands;
+        if p > 0.0 {
+            // Deterministic per command: every 1/p-th one, spread by the counter.
+            let every = (1.0 / p).round().max(1.0) as u64;
+            if n % every == every / 2 {
+                Self::push(out, &frame);
+                self.sim
+                    .stats
+                    .duplicates_sent
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.pending.insert(msg, Instant::now());
         self.sim.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
     }

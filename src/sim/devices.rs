@@ -58,6 +58,9 @@ pub struct FleetConfig {
     pub record: bool,
     /// Firmware version announced.
     pub firmware: String,
+    /// Share of received commands (0–1) a device ignores: no response, no ack, as if the
+    /// frame were lost (each reception decided anew, so a retry may get through).
+    pub ignore_commands: f64,
 }
 
 impl Default for FleetConfig {
@@ -73,6 +76,7 @@ impl Default for FleetConfig {
             ramp: Duration::ZERO,
             record: false,
             firmware: "10298".into(),
+            ignore_commands: 0.0,
         }
     }
 }
@@ -102,6 +106,8 @@ pub struct FleetStats {
     pub states: Mutex<HashMap<DeviceId, LightState>>,
     /// Transcripts per device, one per connection (when recording).
     pub transcripts: Mutex<HashMap<DeviceId, Vec<Transcript>>>,
+    /// Commands ignored on purpose (`ignore_commands`).
+    pub ignored: AtomicU64,
 }
 
 /// A summary for reports.
@@ -123,6 +129,8 @@ pub struct FleetReport {
     pub answered: u64,
     /// Commands received and executed.
     pub commands: u64,
+    /// Commands ignored on purpose (`--ignore-commands`).
+    pub ignored: u64,
     /// Frames received.
     pub frames_in: u64,
     /// Request → answer latency.
@@ -179,6 +187,7 @@ impl Fleet {
             requests: s.requests.load(Ordering::Relaxed),
             answered: s.answered.load(Ordering::Relaxed),
             commands: s.commands.load(Ordering::Relaxed),
+            ignored: s.ignored.load(Ordering::Relaxed),
             frames_in: s.frames_in.load(Ordering::Relaxed),
             latency: s.latency.summary(),
         }
@@ -227,6 +236,7 @@ impl Fleet {
             announce: 0,
             pending: HashMap::new(),
             transcript: None,
+            rng: (u64::from(id.0) << 1) | 1,
         };
         let mut backoff = self.cfg.reconnect_min;
         loop {
@@ -273,6 +283,7 @@ struct SimDevice<'a> {
     announce: u8,
     pending: HashMap<AnswerKey, VecDeque<Instant>>,
     transcript: Option<Transcript>,
+    rng: u64,
 }
 
 impl SimDevice<'_> {
@@ -416,6 +427,9 @@ impl SimDevice<'_> {
             return;
         }
         match decode_payload(inner) {
+            Payload::Command(_) if self.ignores() => {
+                self.stats().ignored.fetch_add(1, Ordering::Relaxed);
+            }
             Payload::Command(c) => {
                 self.stats().commands.fetch_add(1, Ordering::Relaxed);
                 self.apply(&c.action);
@@ -448,6 +462,18 @@ impl SimDevice<'_> {
             }
             _ => self.send(&Frame::pipe_ack(app, msg), out),
         }
+    }
+
+    /// Whether this reception of a command is ignored (`ignore_commands`).
+    fn ignores(&mut self) -> bool {
+        let p = self.fleet.cfg.ignore_commands;
+        if p <= 0.0 {
+            return false;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        ((self.rng % 1_000_000) as f64) < p * 1_000_000.0
     }
 
     fn record(&mut self, sent: &[u8], received: &[u8]) {
