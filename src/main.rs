@@ -309,7 +309,10 @@ enum SimCmd {
 
 /// A share between 0 and 1.
 fn share(s: &str) -> Result<f64, String> {
-    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
     if !(0.0..=1.0).contains(&v) {
         return Err("must be between 0 and 1".into());
     }

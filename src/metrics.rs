@@ -126,6 +126,8 @@ pub struct Metrics {
     pub accepted: IntCounterVec,
     /// Connections refused at accept, by reason.
     pub rejected: IntCounterVec,
+    /// The `tcp_comm_*` transport families.
+    pub transport: crate::transport::metrics::TransportMetrics,
     /// Accept errors (the loop backs off and goes on).
     pub accept_errors: IntCounter,
     /// Open connections by peer kind.
@@ -437,6 +439,7 @@ impl Metrics {
         let process = prometheus::process_collector::ProcessCollector::for_self();
         r.register(Box::new(process))
             .unwrap_or_else(|e| panic!("{e}"));
+        let transport = crate::transport::metrics::TransportMetrics::register(&r);
         Self {
             registry: r,
             accepted,
@@ -454,6 +457,7 @@ impl Metrics {
             canary_percentage,
             routing_decisions,
             new_path_fallbacks,
+            transport,
             upstream_up_v,
             admin_rejected,
             capture_dropped,

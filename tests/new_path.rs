@@ -198,8 +198,44 @@ async fn retries_and_dedup_make_the_new_path_more_reliable_than_the_legacy_one()
         b.stats().commands.load(Ordering::Relaxed) > acked_old as u64,
         "legacy devices executed the repeats too"
     );
+    // The transport metrics say the same.
+    let t = &p.metrics.transport;
+    let after_retry = t
+        .ack_received
+        .with_label_values(&["new", "after_retry"])
+        .get();
+    let first_try = t
+        .ack_received
+        .with_label_values(&["new", "first_try"])
+        .get();
+    assert_eq!(after_retry + first_try, acked_new as u64);
+    assert!(after_retry > 0);
+    assert!(
+        t.retransmit
+            .with_label_values(&["new", "ack_timeout"])
+            .get()
+            >= after_retry
+    );
+    assert_eq!(t.ack_timeout.with_label_values(&["new"]).get(), 0);
+    assert_eq!(
+        t.idempotent_drop.with_label_values(&["new"]).get(),
+        backend.stats().duplicates_sent.load(Ordering::Relaxed)
+    );
+    assert!(
+        t.latency
+            .with_label_values(&["new", "command"])
+            .get_sample_count()
+            > 0
+    );
     a.stop().await;
     b.stop().await;
+    assert!(wait_until(T, || p.proxy.sessions() == 0).await);
+    assert_eq!(
+        t.recv_queue.with_label_values(&["new"]).get(),
+        0,
+        "queue gauges return to 0"
+    );
+    assert_eq!(t.send_queue.with_label_values(&["new"]).get(), 0);
     legacy.stop().await;
     backend.stop().await;
 }

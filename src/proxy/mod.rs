@@ -543,11 +543,19 @@ impl Proxy {
         if let Some(hello) = sent.next() {
             core.resume(hello);
         }
+        let record = |outs: Vec<crate::transport::Output>| {
+            for o in &outs {
+                if let crate::transport::Output::Event(e) = o {
+                    self.metrics.transport.record("new", e);
+                }
+            }
+            trace_events(&outs);
+        };
         for f in sent {
-            trace_events(&core.note_sent(now, f));
+            record(core.note_sent(now, f));
         }
         for f in frames_of(s.answer, max).into_iter().skip(1) {
-            trace_events(&core.note_delivered(now, f));
+            record(core.note_delivered(now, f));
         }
         let device_tail = s.initial[s.whole..].to_vec();
         let target = s.target.clone();
@@ -577,6 +585,8 @@ impl Proxy {
             d2c: s.d2c,
             c2d: s.c2d,
             events: Box::new(|e| trace_events(&[crate::transport::Output::Event(e.clone())])),
+            metrics: self.metrics.transport.clone(),
+            transport: "new",
             backend_state: Box::new(move |up| {
                 if up {
                     tracing::info!(upstream = %target, "new path back; replayed the handshake and what was unanswered");

@@ -4,6 +4,7 @@
 //! and re-establishes a lost backend connection with backoff while the device stays connected.
 
 use super::core::{Core, Event, Output, Queue};
+use super::metrics::TransportMetrics;
 use crate::codec::{Framer, FramerEvent};
 use crate::proxy::Io;
 use crate::proxy::control::{Cause, SessionControl};
@@ -82,8 +83,12 @@ pub struct Session<'a> {
     pub d2c: &'a mut DirectionTap,
     /// Bytes delivered to the device.
     pub c2d: &'a mut DirectionTap,
-    /// Every core event, and the backend's comings and goings.
+    /// Every core event (for trace logs; the metrics are counted here).
     pub events: Box<dyn FnMut(&Event) + Send + 'a>,
+    /// The `tcp_comm_*` families, and this session's `transport` label.
+    pub metrics: super::metrics::TransportMetrics,
+    /// `new` (or `legacy` for an observed legacy session).
+    pub transport: &'static str,
     /// Called with `true` when a lost backend is back, `false` when it is lost.
     pub backend_state: Box<dyn FnMut(bool) + Send + 'a>,
 }
@@ -129,8 +134,54 @@ fn is_close(e: &std::io::Error) -> bool {
     )
 }
 
+/// Keeps the all-session queue gauges in step with one session's queues.
+struct QueueGauges {
+    m: TransportMetrics,
+    transport: &'static str,
+    send: i64,
+    recv: i64,
+}
+
+impl QueueGauges {
+    fn set(&mut self, send: usize, recv: usize) {
+        let (send, recv) = (send as i64, recv as i64);
+        if send != self.send {
+            self.m
+                .send_queue
+                .with_label_values(&[self.transport])
+                .add(send - self.send);
+            self.send = send;
+        }
+        if recv != self.recv {
+            self.m
+                .recv_queue
+                .with_label_values(&[self.transport])
+                .add(recv - self.recv);
+            self.recv = recv;
+        }
+    }
+}
+
+impl Drop for QueueGauges {
+    fn drop(&mut self) {
+        self.set(0, 0);
+    }
+}
+
 /// Runs the session until it ends.
-pub async fn run(mut s: Session<'_>) -> End {
+pub async fn run(s: Session<'_>) -> End {
+    let mut gauges = QueueGauges {
+        m: s.metrics.clone(),
+        transport: s.transport,
+        send: 0,
+        recv: 0,
+    };
+    run_inner(s, &mut gauges).await
+}
+
+async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
+    let m = s.metrics.clone();
+    let t = s.transport;
     let (mut dev_rd, dev_wr) = tokio::io::split(s.device);
     let dev_tx = writer(dev_wr, s.queue);
     let (be_rd, be_wr) = tokio::io::split(s.backend);
@@ -159,33 +210,45 @@ pub async fn run(mut s: Session<'_>) -> End {
             for o in $outs {
                 match o {
                     Output::ToBackend(b) => {
-                        if let Some(tx) = &be_tx
-                            && let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(b)
-                        {
-                            (s.events)(&Event::QueueFull {
-                                queue: Queue::Send,
-                                rejected: false,
-                            });
+                        if let Some(tx) = &be_tx {
+                            match tx.try_send(b) {
+                                Ok(()) => m.packet_sent.with_label_values(&[t, "sent"]).inc(),
+                                Err(mpsc::error::TrySendError::Full(_)) => {
+                                    let e = Event::QueueFull {
+                                        queue: Queue::Send,
+                                        rejected: false,
+                                    };
+                                    m.record(t, &e);
+                                    (s.events)(&e);
+                                }
+                                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                            }
                         }
                     }
                     Output::ToDevice(b) => {
                         s.c2d.on_chunk(&b);
                         match dev_tx.try_send(b) {
-                            Ok(()) => {}
+                            Ok(()) => m.packet_sent.with_label_values(&[t, "sent"]).inc(),
                             Err(mpsc::error::TrySendError::Full(_)) => {
-                                (s.events)(&Event::QueueFull {
+                                let e = Event::QueueFull {
                                     queue: Queue::Recv,
                                     rejected: false,
-                                });
+                                };
+                                m.record(t, &e);
+                                (s.events)(&e);
                             }
                             Err(mpsc::error::TrySendError::Closed(_)) => {
                                 return End::DeviceError("device write failed".into());
                             }
                         }
                     }
-                    Output::Event(e) => (s.events)(&e),
+                    Output::Event(e) => {
+                        m.record(t, &e);
+                        (s.events)(&e);
+                    }
                 }
             }
+            gauges.set(core.send_queue_len(), core.commands_pending());
         };
     }
 
@@ -231,6 +294,9 @@ pub async fn run(mut s: Session<'_>) -> End {
                     while let Some(ev) = be_framer.next_event() {
                         if let FramerEvent::Frame(raw) = ev {
                             let outs = core.on_backend_frame(last.into_std(), raw.bytes().clone());
+                            if outs.iter().any(|o| matches!(o, Output::ToDevice(_))) {
+                                m.packet_recv.with_label_values(&[t, "ok"]).inc();
+                            }
                             apply!(outs);
                         }
                     }

@@ -4,5 +4,6 @@
 
 pub mod core;
 pub mod driver;
+pub mod metrics;
 
 pub use self::core::{Core, Event, Output, Overflow, Queue, Role, Settings};
