@@ -5,6 +5,8 @@
 # DURATION, prints both and the difference, and exits 1 when something grew that should not.
 #
 #   scripts/idle-watch.sh [DEVICES] [DURATION_S]      # defaults: 100 devices, 60 s
+#   NEW_PATH=1 scripts/idle-watch.sh                  # devices on the new path (new_primary,
+#                                                     # a second simulated cloud as backend)
 #
 # Nothing leaves the machine: every address is loopback. Needs curl and python3 (for free ports).
 set -euo pipefail
@@ -24,6 +26,7 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 cloud_port=$(free_port)
+new_port=$(free_port)
 proxy_port=$(free_port)
 admin_port=$(free_port)
 
@@ -40,11 +43,27 @@ cert_dir = "$work/certs"
 enabled = true
 dir = "$work/captures"
 EOF
+if [ "${NEW_PATH:-0}" = 1 ]; then
+  cat >>"$work/proxy.toml" <<EOF
+[routing]
+mode = "new_primary"
+canary_percent = 100
+[new_path]
+addresses = ["127.0.0.1:$new_port"]
+ca_file = "$work/certs/ca.pem"
+sni = "cm.gelighting.com"
+EOF
+fi
 
 "$bin" certs init --dir "$work/certs" >/dev/null
 "$bin" sim cloud --listen "127.0.0.1:$cloud_port" --cert-dir "$work/certs" --report-every 1h \
   >"$work/cloud.log" 2>&1 &
 pids+=($!)
+if [ "${NEW_PATH:-0}" = 1 ]; then
+  "$bin" sim cloud --listen "127.0.0.1:$new_port" --cert-dir "$work/certs" --report-every 1h \
+    >"$work/backend.log" 2>&1 &
+  pids+=($!)
+fi
 RUST_LOG=warn "$bin" run --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 proxy=$!
 pids+=($proxy)
@@ -102,6 +121,12 @@ if grep -qE 'ERROR|panicked' "$work/proxy.log"; then
   echo "FAIL: errors in the proxy log:"
   grep -E 'ERROR|panicked' "$work/proxy.log" | head -5
   fail=1
+fi
+if [ "${NEW_PATH:-0}" = 1 ]; then
+  on_new=$(curl -fs "http://127.0.0.1:$admin_port/metrics" |
+    awk '/^tcp_comm_routing_decision_total\{transport="new"\}/ {print $2}')
+  echo "routed to the new path: ${on_new:-0}"
+  if [ "${on_new:-0}" -lt "$devices" ]; then echo "FAIL: devices not on the new path"; fail=1; fi
 fi
 [ "$fail" = 0 ] && echo "ok: flat"
 exit "$fail"
