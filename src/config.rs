@@ -247,6 +247,10 @@ pub struct NewPathConfig {
     /// cloud while the new path is down). `new_only` keeps trying. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub reconnect_grace: Duration,
+    /// Consecutive failures of every new-path address after which `new_primary` connections
+    /// go straight to the cloud (the circuit is open) until an address's backoff (1 s doubling
+    /// to 30 s) runs out and one connection tries again. Default 3.
+    pub circuit_failures: u32,
 }
 
 impl NewPathConfig {
@@ -289,6 +293,7 @@ impl Default for NewPathConfig {
             recv_queue_max: 100,
             overflow: crate::transport::Overflow::DropOldest,
             reconnect_grace: Duration::from_secs(10),
+            circuit_failures: 3,
         }
     }
 }
@@ -1112,6 +1117,12 @@ impl Config {
             return Err(invalid(
                 "new_path.backoff_max",
                 "must be at least new_path.backoff_initial",
+            ));
+        }
+        if !(1..=100).contains(&n.circuit_failures) {
+            return Err(invalid(
+                "new_path.circuit_failures",
+                "must be between 1 and 100",
             ));
         }
         if n.max_retries > 20 {

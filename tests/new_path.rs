@@ -239,3 +239,30 @@ async fn retries_and_dedup_make_the_new_path_more_reliable_than_the_legacy_one()
     legacy.stop().await;
     backend.stop().await;
 }
+
+/// With every new-path address failing, the circuit opens after `circuit_failures` and
+/// new_primary devices go straight to the cloud instead of trying the dead backend each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_sends_new_connections_straight_to_the_cloud() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let p = start_proxy(new_primary(legacy_addr, dead_addr)).await;
+    let mut fc = fleet_config(p.addr, 10);
+    fc.ramp = Duration::from_secs(2);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 10).await);
+    assert_eq!(p.metrics.new_path_fallbacks.get(), 10);
+    let tried = p
+        .metrics
+        .upstream_connects
+        .with_label_values(&["connect_error"])
+        .get();
+    assert!(
+        (3..=5).contains(&tried),
+        "{tried} connects to the dead backend: the circuit did not open after 3"
+    );
+    fleet.stop().await;
+    legacy.stop().await;
+}

@@ -298,6 +298,22 @@ impl Health {
         v.into_iter().map(|(_, _, a)| a.clone()).collect()
     }
 
+    /// Whether every address of `path` has failed at least `failures` times in a row and is
+    /// still in its backoff: the circuit is open, and connections should not wait on it. When
+    /// a backoff runs out the next connection tries again (half-open); an answer closes it.
+    pub fn circuit_open(&self, path: Path, addresses: &[String], failures: u32) -> bool {
+        if addresses.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        addresses.iter().all(|a| {
+            m.get(&(path, a.clone())).is_some_and(|s| {
+                s.consecutive_failures >= failures.max(1) && s.retry_at().is_some_and(|t| t > now)
+            })
+        })
+    }
+
     /// Whether any address of `path` is healthy now.
     pub fn any_up(&self, path: Path) -> bool {
         let now = Instant::now();
@@ -402,6 +418,27 @@ mod tests {
         h.record(Path::Legacy, "b:1", Check::Reachable);
         assert!(h.report().iter().all(|r| r.up));
         assert!(!h.any_up(Path::New));
+    }
+
+    #[test]
+    fn the_circuit_opens_after_repeated_failures_and_half_opens_after_the_backoff() {
+        let h = health();
+        let addrs = vec!["n:1".to_string()];
+        h.track(Path::New, &addrs);
+        assert!(!h.circuit_open(Path::New, &addrs, 3));
+        for _ in 0..2 {
+            h.record(Path::New, "n:1", Check::Failed("refused".into()));
+        }
+        assert!(!h.circuit_open(Path::New, &addrs, 3), "two failures");
+        h.record(Path::New, "n:1", Check::Failed("refused".into()));
+        assert!(h.circuit_open(Path::New, &addrs, 3));
+        // Another address still healthy keeps it closed.
+        let two = vec!["n:1".to_string(), "n:2".to_string()];
+        h.track(Path::New, &two);
+        assert!(!h.circuit_open(Path::New, &two, 3));
+        // An answer closes it.
+        h.record(Path::New, "n:1", Check::Answered);
+        assert!(!h.circuit_open(Path::New, &addrs, 3));
     }
 
     #[test]

@@ -732,10 +732,31 @@ impl Proxy {
         } else {
             &initial[..]
         };
+        // The circuit: when every new-path address keeps failing, new_primary connections do
+        // not wait on it and go to the cloud at once (new_only has nowhere else to go).
+        let circuit_open = path == Path::New
+            && decision.fallback
+            && self.health.circuit_open(
+                Path::New,
+                &cfg.new_path.addresses,
+                cfg.new_path.circuit_failures,
+            );
+        if circuit_open {
+            tracing::info!(
+                "the new path's circuit is open (every address keeps failing); relaying to the cloud"
+            );
+            self.metrics.new_path_fallbacks.inc();
+            path = Path::Legacy;
+        }
+        let first = if path == Path::New {
+            first
+        } else {
+            &initial[..]
+        };
         let mut result = self
             .establish(loaded, path, orig_dst, first, wait_answer, control)
             .await;
-        if path == Path::New && decision.fallback {
+        if path == Path::New && decision.fallback && !circuit_open {
             let fall_back = match &result {
                 Establish::Unreachable(e) if e.is_local() => false,
                 Establish::Unreachable(e) => {
