@@ -94,6 +94,24 @@ async fn devices_work_on_the_new_path_and_survive_a_backend_restart_within_the_g
         "unanswered requests after the restart: {r:?}"
     );
     assert!(fleet.stats().answered.load(Ordering::Relaxed) > answered);
+    // No command is counted as acked that no device executed (the restarted backend's
+    // counters start over: its commands are new, whatever their bytes).
+    let acks = backend.stats().command_acks.load(Ordering::Relaxed)
+        + again.stats().command_acks.load(Ordering::Relaxed);
+    let executed = fleet.stats().commands.load(Ordering::Relaxed);
+    assert!(
+        acks <= executed,
+        "{acks} acks for {executed} executed commands"
+    );
+    assert_eq!(
+        p.metrics
+            .transport
+            .idempotent_drop
+            .with_label_values(&["new"])
+            .get(),
+        0,
+        "nothing was repeated"
+    );
     assert_eq!(
         p.metrics.closed.with_label_values(&["new_path_down"]).get(),
         0
@@ -263,6 +281,63 @@ async fn an_open_circuit_sends_new_connections_straight_to_the_cloud() {
         (3..=5).contains(&tried),
         "{tried} connects to the dead backend: the circuit did not open after 3"
     );
+    fleet.stop().await;
+    legacy.stop().await;
+}
+
+/// A backend that comes back as a listener that accepts TLS and closes at once: the proxy
+/// retries with backoff (not in a loop), and the grace still ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_accepts_and_closes_is_retried_with_backoff_until_the_grace() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let mut cfg = new_primary(legacy_addr, new_addr);
+    cfg.new_path.reconnect_grace = Duration::from_secs(2);
+    let p = start_proxy(cfg).await;
+    let fleet = start_fleet(fleet_config(p.addr, 1));
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 1).await);
+    backend.stop().await;
+    // The same port now accepts TLS and closes at once.
+    let mut l = None;
+    for _ in 0..50 {
+        if let Ok(x) = tokio::net::TcpListener::bind(new_addr).await {
+            l = Some(x);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let l = l.expect("rebind");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let acc = cync_mitm::tls::DeviceAcceptor::new(&Default::default(), certs()).unwrap();
+    let counter = accepted.clone();
+    let flapper = tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let a = acc.clone();
+            tokio::spawn(async move {
+                let _ = a.accept(tcp).await; // then dropped: closed
+            });
+        }
+    });
+    let t0 = std::time::Instant::now();
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["new_path_down"])
+            .get()
+            == 1)
+        .await,
+        "the grace did not end the session"
+    );
+    let took = t0.elapsed();
+    let n = accepted.load(Ordering::Relaxed);
+    eprintln!("closed after {took:?}, {n} reconnects");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(n <= 12, "{n} reconnects in a 2 s grace: a loop");
+    // The device reconnects: the circuit (or the fallback) takes it to the cloud.
+    assert!(wait_until(T, || legacy.stats().handshakes.load(Ordering::Relaxed) >= 1).await);
+    flapper.abort();
     fleet.stop().await;
     legacy.stop().await;
 }

@@ -554,14 +554,30 @@ impl Proxy {
         for f in sent {
             record(core.note_sent(now, f));
         }
-        for f in frames_of(s.answer, max).into_iter().skip(1) {
+        // What the backend answered first: its answer to the hello (not tracked), and
+        // anything else it sent along (tracked as delivered: a command in it is retried).
+        let mut hello_answer = true;
+        for f in frames_of(s.answer, max) {
+            let t = crate::codec::PacketType(f.first().copied().unwrap_or(0));
+            if hello_answer
+                && matches!(
+                    t,
+                    crate::codec::PacketType::HANDSHAKE_ACK
+                        | crate::codec::PacketType::LOGIN_RESULT
+                )
+            {
+                hello_answer = false;
+                continue;
+            }
             record(core.note_delivered(now, f));
         }
         let device_tail = s.initial[s.whole..].to_vec();
         let target = s.target.clone();
-        let loaded = s.loaded;
         let reconnect = move || -> crate::transport::driver::Reconnect<'_> {
             Box::pin(async move {
+                // The configuration in force now: a reload of the addresses or pins applies
+                // to the next reconnect.
+                let loaded = self.live.current();
                 let t = upstream::Target::new_path(&loaded.config, &loaded.new_path);
                 upstream::connect(&t, &self.metrics, &self.health, Path::New)
                     .await

@@ -146,6 +146,9 @@ pub enum Event {
     Suppressed { ptype: PacketType },
     /// A queue was full: a frame was dropped (`rejected`: refused under `reject`).
     QueueFull { queue: Queue, rejected: bool },
+    /// A new backend connection accepted the replayed hello (or there was none to replay):
+    /// the backend is back.
+    BackendAccepted,
 }
 
 /// What to do: bytes for a leg, or an event to count.
@@ -174,6 +177,9 @@ struct Command {
     ptype: PacketType,
     key: AnswerKey,
     dedup: u64,
+    /// The backend connection it came on (a restarted backend's counters start over, so its
+    /// commands are only duplicates of those of the same connection).
+    epoch: u32,
     bytes: Bytes,
     first_sent: Instant,
     deadline: Instant,
@@ -195,6 +201,8 @@ pub struct Core {
     rng: u64,
     /// The hello was replayed on a new backend connection: its answer is not the device's.
     hello_replayed: bool,
+    /// Backend connections so far.
+    epoch: u32,
 }
 
 fn digest(bytes: &[u8]) -> u64 {
@@ -218,6 +226,7 @@ impl Core {
             acked: lru::LruCache::new(size),
             rng: seed | 1,
             hello_replayed: false,
+            epoch: 0,
         }
     }
 
@@ -342,12 +351,12 @@ impl Core {
                     sent: self.connected,
                 });
                 // Bounded like the queues: the oldest unanswered request is given up.
-                if self.requests.len() > self.settings.send_queue_max.max(1) * 4
-                    && let Some(r) = self.requests.pop_front()
+                if self.requests.len() > self.settings.send_queue_max.max(1)
+                    && self.requests.pop_front().is_some()
                 {
-                    out.push(Output::Event(Event::RequestTimedOut {
-                        msg_id: r.msg_id,
-                        ptype: r.ptype,
+                    out.push(Output::Event(Event::QueueFull {
+                        queue: Queue::Send,
+                        rejected: false,
                     }));
                 }
                 out.push(Output::Event(Event::RequestSent {
@@ -381,17 +390,21 @@ impl Core {
         if self.hello_replayed
             && matches!(ptype, PacketType::HANDSHAKE_ACK | PacketType::LOGIN_RESULT)
         {
-            // The answer to the replayed hello: the device had its own long ago.
+            // The answer to the replayed hello: the device had its own long ago. The backend
+            // accepted the session again.
             self.hello_replayed = false;
             out.push(Output::Event(Event::Suppressed { ptype }));
+            out.push(Output::Event(Event::BackendAccepted));
             return out;
         }
         if self.role == Role::Shadow {
             out.push(Output::Event(Event::Suppressed { ptype }));
             return out;
         }
-        // A command the device is to answer.
+        // A command the device is to answer: a pipe command or a probe (other request
+        // types come from devices, not from the cloud side).
         if let Some(f) = &frame
+            && matches!(f.ptype, PacketType::PIPE | PacketType::PROBE)
             && let Some(key) = expected_answer(f)
         {
             let dedup = digest(&bytes);
@@ -404,7 +417,11 @@ impl Core {
                 }
                 self.acked.pop(&dedup);
             }
-            if self.commands.iter().any(|c| c.dedup == dedup) {
+            if self
+                .commands
+                .iter()
+                .any(|c| c.dedup == dedup && c.epoch == self.epoch)
+            {
                 // Still on its way: the retries take care of it.
                 out.push(Output::Event(Event::Duplicate { ptype }));
                 return out;
@@ -412,12 +429,9 @@ impl Core {
             if self.commands.len() >= self.settings.recv_queue_max {
                 match self.settings.overflow {
                     Overflow::DropOldest => {
-                        if let Some(c) = self.commands.pop_front() {
-                            out.push(Output::Event(Event::CommandFailed {
-                                msg_id: c.msg_id,
-                                ptype: c.ptype,
-                            }));
-                        }
+                        // The oldest is no longer tracked (counted as a queue drop, not an
+                        // ack timeout).
+                        self.commands.pop_front();
                         out.push(Output::Event(Event::QueueFull {
                             queue: Queue::Recv,
                             rejected: false,
@@ -438,6 +452,7 @@ impl Core {
                 ptype,
                 key,
                 dedup,
+                epoch: self.epoch,
                 bytes: bytes.clone(),
                 first_sent: now,
                 deadline: now + self.settings.ack_timeout,
@@ -511,13 +526,20 @@ impl Core {
     /// The backend connection is up (again): the hello first, then the requests still
     /// unanswered, then what queued while it was away.
     pub fn on_backend_connected(&mut self, now: Instant) -> Vec<Output> {
+        let _ = now;
         self.connected = true;
+        self.epoch = self.epoch.wrapping_add(1);
+        // A new connection may be a restarted backend whose counters start over: what the
+        // old one sent is no reason to drop what this one sends.
+        self.acked.clear();
         let mut out = Vec::new();
         let hello = self.hello.clone();
         if let Some(h) = &hello {
             out.push(Output::ToBackend(h.clone()));
             // Answered already unless the hello itself is still waiting for its answer.
             self.hello_replayed = !self.requests.iter().any(|r| r.bytes == *h);
+        } else {
+            out.push(Output::Event(Event::BackendAccepted));
         }
         // Requests the lost connection took without answering go again, in order; the hello
         // was just replayed.
@@ -526,7 +548,6 @@ impl Core {
                 out.push(Output::ToBackend(r.bytes.clone()));
             }
             r.sent = true;
-            r.sent_at = now;
         }
         // Then what queued while it was away (the hello, if queued, went first already).
         for q in self.send_queue.drain(..) {

@@ -23,6 +23,8 @@ const CHUNK: usize = 4 * 1024;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between backend reconnect attempts.
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How long the writers may take to finish their queues when the session ends.
+const WRITE_GRACE: Duration = Duration::from_secs(1);
 
 /// How a session on the new path ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,9 +96,12 @@ pub struct Session<'a> {
 }
 
 /// A writer task: writes what arrives on its queue, ends at the first error.
-fn writer(mut w: tokio::io::WriteHalf<Box<dyn Io>>, cap: usize) -> mpsc::Sender<Bytes> {
+fn writer(
+    mut w: tokio::io::WriteHalf<Box<dyn Io>>,
+    cap: usize,
+) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(cap.max(1));
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
             if w.write_all(&b).await.is_err() || w.flush().await.is_err() {
                 return;
@@ -104,7 +109,7 @@ fn writer(mut w: tokio::io::WriteHalf<Box<dyn Io>>, cap: usize) -> mpsc::Sender<
         }
         let _ = w.shutdown().await;
     });
-    tx
+    (tx, task)
 }
 
 async fn read_opt(
@@ -183,10 +188,12 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
     let m = s.metrics.clone();
     let t = s.transport;
     let (mut dev_rd, dev_wr) = tokio::io::split(s.device);
-    let dev_tx = writer(dev_wr, s.queue);
+    let (dev_tx, dev_task) = writer(dev_wr, s.queue);
     let (be_rd, be_wr) = tokio::io::split(s.backend);
     let mut be_rd = Some(be_rd);
-    let mut be_tx = Some(writer(be_wr, s.queue));
+    let (tx, task) = writer(be_wr, s.queue);
+    let mut be_tx = Some(tx);
+    let mut be_tasks = vec![task];
     let mut dev_framer = Framer::new(s.max_frame);
     let mut be_framer = Framer::new(s.max_frame);
     dev_framer.push(&s.device_tail);
@@ -194,6 +201,7 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
     let mut dbuf = vec![0u8; CHUNK];
     let mut bbuf = vec![0u8; CHUNK];
     let mut last = Instant::now();
+    // Since when the backend is away (kept until a new connection accepts the hello again).
     let mut lost_at: Option<Instant> = None;
     let mut attempt = 0u32;
     let mut next_attempt = Instant::now();
@@ -203,6 +211,8 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
     // The device half-closed: what it sent is passed on and the backend's last answers still
     // reach it, until the backend closes too (as the byte relay does).
     let mut device_eof = false;
+    // The backend writer died: handle it as a lost connection.
+    let mut be_broken = false;
 
     // Applies the core's outputs; a dead device leg ends the session.
     macro_rules! apply {
@@ -221,14 +231,19 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                                     m.record(t, &e);
                                     (s.events)(&e);
                                 }
-                                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                                Err(mpsc::error::TrySendError::Closed(_)) => be_broken = true,
                             }
                         }
                     }
                     Output::ToDevice(b) => {
-                        s.c2d.on_chunk(&b);
+                        let len = b.len();
+                        let copy = b.clone();
                         match dev_tx.try_send(b) {
-                            Ok(()) => m.packet_sent.with_label_values(&[t, "sent"]).inc(),
+                            Ok(()) => {
+                                // Counted and captured only once it is on its way.
+                                s.c2d.on_chunk(&copy[..len]);
+                                m.packet_sent.with_label_values(&[t, "sent"]).inc();
+                            }
                             Err(mpsc::error::TrySendError::Full(_)) => {
                                 let e = Event::QueueFull {
                                     queue: Queue::Recv,
@@ -238,8 +253,15 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                                 (s.events)(&e);
                             }
                             Err(mpsc::error::TrySendError::Closed(_)) => {
+                                finish(dev_task, be_tasks).await;
                                 return End::DeviceError("device write failed".into());
                             }
+                        }
+                    }
+                    Output::Event(Event::BackendAccepted) => {
+                        if lost_at.take().is_some() {
+                            attempt = 0;
+                            (s.backend_state)(true);
                         }
                     }
                     Output::Event(e) => {
@@ -252,7 +274,37 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
         };
     }
 
-    loop {
+    // The backend connection is gone: frames queue in the core until one is back.
+    macro_rules! lose {
+        () => {
+            be_rd = None;
+            be_tx = None;
+            be_broken = false;
+            core.on_backend_lost();
+            if lost_at.is_none() {
+                (s.backend_state)(false);
+                lost_at = Some(Instant::now());
+            }
+            // Attempts keep backing off until a connection accepts the hello again.
+            let wait = if attempt == 0 {
+                Duration::ZERO
+            } else {
+                RECONNECT_MIN
+                    .saturating_mul(1 << (attempt - 1).min(5))
+                    .min(RECONNECT_MAX)
+            };
+            attempt = attempt.saturating_add(1);
+            next_attempt = Instant::now() + wait;
+        };
+    }
+
+    let end = loop {
+        if be_broken {
+            if device_eof {
+                break End::DeviceClosed;
+            }
+            lose!();
+        }
         let now = Instant::now();
         let deadline = core
             .next_deadline()
@@ -264,61 +316,61 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
         } else {
             now + far
         };
+        let grace_at = match (s.grace, lost_at) {
+            (Some(g), Some(at)) => at + g,
+            _ => now + far,
+        };
         tokio::select! {
-            _ = s.control.token().cancelled() => return End::External(s.control.cause()),
+            _ = s.control.token().cancelled() => break End::External(s.control.cause()),
+            _ = tokio::time::sleep_until(grace_at) => break End::BackendLost,
             r = dev_rd.read(&mut dbuf), if !device_eof => match r {
                 Ok(0) if be_tx.is_some() => {
                     device_eof = true;
                     // Dropping the sender lets the writer finish its queue, then shut down.
                     be_tx = None;
                 }
-                Ok(0) => return End::DeviceClosed,
+                Ok(0) => break End::DeviceClosed,
                 Ok(n) => {
                     last = Instant::now();
                     s.d2c.on_chunk(&dbuf[..n]);
                     dev_framer.push(&dbuf[..n]);
                     while let Some(ev) = dev_framer.next_event() {
+                        // Bytes that do not frame are counted by the d2c tap and dropped: the
+                        // new path speaks frames.
                         if let FramerEvent::Frame(raw) = ev {
                             let outs = core.on_device_frame(last.into_std(), raw.bytes().clone());
                             apply!(outs);
                         }
                     }
                 }
-                Err(e) if is_close(&e) => return End::DeviceClosed,
-                Err(e) => return End::DeviceError(e.to_string()),
+                Err(e) if is_close(&e) => break End::DeviceClosed,
+                Err(e) => break End::DeviceError(e.to_string()),
             },
             r = read_opt(&mut be_rd, &mut bbuf) => match r {
                 Ok(n) if n > 0 => {
                     last = Instant::now();
                     be_framer.push(&bbuf[..n]);
                     while let Some(ev) = be_framer.next_event() {
-                        if let FramerEvent::Frame(raw) = ev {
-                            let outs = core.on_backend_frame(last.into_std(), raw.bytes().clone());
-                            if outs.iter().any(|o| matches!(o, Output::ToDevice(_))) {
-                                m.packet_recv.with_label_values(&[t, "ok"]).inc();
+                        match ev {
+                            FramerEvent::Frame(raw) => {
+                                let outs = core.on_backend_frame(last.into_std(), raw.bytes().clone());
+                                if outs.iter().any(|o| matches!(o, Output::ToDevice(_))) {
+                                    m.packet_recv.with_label_values(&[t, "ok"]).inc();
+                                }
+                                apply!(outs);
                             }
-                            apply!(outs);
+                            FramerEvent::Error(_) => {
+                                m.packet_recv.with_label_values(&[t, "malformed"]).inc();
+                            }
                         }
                     }
                 }
-                _ if device_eof => return End::DeviceClosed,
+                _ if device_eof => break End::DeviceClosed,
                 _ => {
-                    // Lost: frames queue in the core until it is back.
-                    be_rd = None;
-                    be_tx = None;
-                    core.on_backend_lost();
-                    (s.backend_state)(false);
-                    lost_at = Some(Instant::now());
-                    attempt = 0;
-                    next_attempt = Instant::now();
+                    lose!();
                 }
             },
             _ = tokio::time::sleep_until(retry_at), if be_rd.is_none() && pending.is_none() => {
-                if let (Some(grace), Some(at)) = (s.grace, lost_at)
-                    && at.elapsed() >= grace
-                {
-                    return End::BackendLost;
-                }
                 pending = Some((s.reconnect)());
             },
             r = connecting(&mut pending) => {
@@ -327,25 +379,21 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                     Ok(io) => {
                         let (rd, wr) = tokio::io::split(io);
                         be_rd = Some(rd);
-                        be_tx = Some(writer(wr, s.queue));
+                        let (tx, task) = writer(wr, s.queue);
+                        be_tx = Some(tx);
+                        // Writers of earlier, dead connections have nothing left to do.
+                        for old in be_tasks.drain(..) {
+                            old.abort();
+                        }
+                        be_tasks.push(task);
                         be_framer = Framer::new(s.max_frame);
-                        lost_at = None;
-                        (s.backend_state)(true);
+                        // Back only once it accepts the replayed hello (BackendAccepted).
                         let outs = core.on_backend_connected(Instant::now().into_std());
                         apply!(outs);
                     }
                     Err(e) => {
-                        attempt = attempt.saturating_add(1);
-                        let wait = RECONNECT_MIN
-                            .saturating_mul(1 << attempt.min(5))
-                            .min(RECONNECT_MAX);
-                        tracing::debug!(error = %e, attempt, ?wait, "new path reconnect failed");
-                        next_attempt = Instant::now() + wait;
-                        if let (Some(grace), Some(at)) = (s.grace, lost_at)
-                            && at.elapsed() >= grace
-                        {
-                            return End::BackendLost;
-                        }
+                        tracing::debug!(error = %e, attempt, "new path reconnect failed");
+                        lose!();
                     }
                 }
             },
@@ -355,9 +403,25 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
             },
             _ = tokio::time::sleep_until(idle_at) => {
                 if last.elapsed() >= s.idle {
-                    return End::Idle;
+                    break End::Idle;
                 }
             },
+        }
+    };
+    drop(dev_tx);
+    drop(be_tx);
+    finish(dev_task, be_tasks).await;
+    end
+}
+
+/// Lets the writers finish what is queued for a moment, then stops them: nothing outlives
+/// the session (a device that stopped reading would otherwise keep its socket and queue).
+async fn finish(dev: tokio::task::JoinHandle<()>, backends: Vec<tokio::task::JoinHandle<()>>) {
+    let mut all = backends;
+    all.push(dev);
+    for mut h in all {
+        if tokio::time::timeout(WRITE_GRACE, &mut h).await.is_err() {
+            h.abort();
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The rollout plan's `tcp_comm_*` transport metrics, label `transport`. The new path feeds
 //! them from its ReliableTransport events; every series exists from the start.
 
-use super::core::{Event, Queue};
+use super::core::Event;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Transports with series from the start. (The legacy path's passive observation, with the
@@ -137,7 +137,7 @@ impl TransportMetrics {
             for o in ["sent", "queue_full", "rejected"] {
                 m.packet_sent.with_label_values(&[t, o]);
             }
-            for o in ["ok", "duplicate", "suppressed"] {
+            for o in ["ok", "duplicate", "suppressed", "malformed"] {
                 m.packet_recv.with_label_values(&[t, o]);
             }
             for o in ["first_try", "after_retry"] {
@@ -162,7 +162,7 @@ impl TransportMetrics {
     /// Counts one core event of a session on `transport`.
     pub fn record(&self, transport: &str, e: &Event) {
         match e {
-            Event::RequestSent { .. } | Event::CommandSent { .. } => {}
+            Event::RequestSent { .. } | Event::CommandSent { .. } | Event::BackendAccepted => {}
             Event::RequestAnswered { latency, .. } => {
                 self.latency
                     .with_label_values(&[transport, "request"])
@@ -208,9 +208,8 @@ impl TransportMetrics {
                     .with_label_values(&[transport, queue.label()])
                     .inc();
                 let o = if *rejected { "rejected" } else { "queue_full" };
-                if *queue == Queue::Send {
-                    self.packet_sent.with_label_values(&[transport, o]).inc();
-                }
+                let _ = queue;
+                self.packet_sent.with_label_values(&[transport, o]).inc();
             }
         }
     }
