@@ -341,3 +341,85 @@ async fn a_backend_that_accepts_and_closes_is_retried_with_backoff_until_the_gra
     fleet.stop().await;
     legacy.stop().await;
 }
+
+/// Shadow at 100 %: the cloud gets every device byte exactly and the devices receive exactly
+/// what the cloud sent; the backend gets every device frame, and its own commands never reach
+/// a device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mirrors_every_device_frame_and_nothing_reaches_the_device() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig {
+        record: true,
+        ..CloudSimConfig::default()
+    })
+    .await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig {
+        record: true,
+        // A backend that pushes commands of its own.
+        command_interval: Some(Duration::from_millis(50)),
+        ..CloudSimConfig::default()
+    })
+    .await;
+    let mut cfg = new_primary(legacy_addr, new_addr);
+    cfg.routing.mode = cync_mitm::route::Mode::Shadow;
+    let p = start_proxy(cfg).await;
+    let mut fc = fleet_config(p.addr, 5);
+    fc.record = true;
+    fc.heartbeat = Duration::from_millis(100);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 5).await);
+    assert!(
+        wait_until(T, || backend.stats().handshakes.load(Ordering::Relaxed)
+            == 5)
+        .await
+    );
+    assert!(wait_until(T, || p.metrics.transport.mirrors.get() == 5).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The backend tried to command the devices: kept from them.
+    assert!(backend.stats().commands_sent.load(Ordering::Relaxed) > 0);
+    assert_eq!(backend.stats().command_acks.load(Ordering::Relaxed), 0);
+    assert_eq!(fleet.stats().commands.load(Ordering::Relaxed), 0);
+    assert!(
+        p.metrics
+            .transport
+            .shadow_suppressed
+            .with_label_values(&["pipe"])
+            .get()
+            > 0
+    );
+    // Quiet, then compare bytes.
+    let quiet = || legacy.stats().frames_in.load(Ordering::Relaxed);
+    let mut seen = quiet();
+    fleet.stop().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = quiet();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let transcripts = fleet.stats().transcripts.lock().unwrap().clone();
+    for id in fleet.ids() {
+        let dev = &transcripts[&id];
+        assert_eq!(dev.len(), 1, "{id}: one connection");
+        let cloud = legacy.stats().transcripts_of(id);
+        assert_eq!(
+            dev[0].sent, cloud[0].received,
+            "{id}: the cloud got every byte"
+        );
+        assert_eq!(
+            dev[0].received, cloud[0].sent,
+            "{id}: the device got the cloud's bytes only"
+        );
+        let mirrored = backend.stats().transcripts_of(id);
+        assert_eq!(mirrored.len(), 1, "{id}");
+        assert_eq!(
+            mirrored[0].received, dev[0].sent,
+            "{id}: the backend got every frame"
+        );
+    }
+    assert!(wait_until(T, || p.metrics.transport.mirrors.get() == 0).await);
+    legacy.stop().await;
+    backend.stop().await;
+}

@@ -524,6 +524,90 @@ impl Proxy {
         tracing::info!(reason = %reason, duration_s = format_args!("{secs:.1}"), "connection closed");
     }
 
+    /// The dark-launch mirror of one shadowed session: a ReliableTransport in shadow role fed
+    /// with the device's frames (`rx`, filled by the device tap without waiting). Nothing the
+    /// backend sends reaches the device; a dead or slow backend costs only the bounded queue.
+    async fn run_mirror(
+        &self,
+        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        control: &Arc<SessionControl>,
+    ) {
+        use tokio::io::AsyncWriteExt as _;
+        let loaded = self.live.current();
+        let cfg = &loaded.config;
+        let connect = || async {
+            let l = self.live.current();
+            let t = upstream::Target::new_path(&l.config, &l.new_path);
+            upstream::connect(&t, &self.metrics, &self.health, Path::New)
+                .await
+                .map(|u| u.io)
+                .map_err(|e| e.to_string())
+        };
+        // First connection, with backoff, for as long as the session lives.
+        let mut wait = Duration::from_millis(100);
+        let backend = loop {
+            tokio::select! {
+                _ = control.token().cancelled() => return,
+                r = connect() => match r {
+                    Ok(io) => break io,
+                    Err(e) => tracing::debug!(error = %e, "mirror: new path unreachable"),
+                },
+            }
+            tokio::select! {
+                _ = control.token().cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+        };
+        self.metrics.transport.mirrors.inc();
+        let _gauge = GaugeGuard(self.metrics.transport.mirrors.clone());
+        // The copied frames, as a stream the driver reads like a device leg.
+        let (device_side, mut feed) = tokio::io::duplex(64 * 1024);
+        let feeder = async move {
+            let mut rx = rx;
+            while let Some(f) = rx.recv().await {
+                if feed.write_all(&f).await.is_err() {
+                    return;
+                }
+            }
+            let _ = feed.shutdown().await;
+        };
+        let mut core = crate::transport::Core::new(
+            cfg.new_path.transport(),
+            crate::transport::Role::Shadow,
+            Uuid::now_v7().as_u128() as u64,
+        );
+        // Connected, nothing to replay yet: the hello comes through the copy.
+        let _ = core.on_backend_connected(std::time::Instant::now());
+        let shadow_control = SessionControl::new(control.token());
+        let driver = crate::transport::driver::run(crate::transport::driver::Session {
+            device: Box::new(device_side),
+            backend,
+            device_tail: Vec::new(),
+            backend_tail: Vec::new(),
+            core,
+            reconnect: Box::new(move || -> crate::transport::driver::Reconnect<'_> {
+                Box::pin(connect())
+            }),
+            grace: None,
+            idle: cfg.timeouts.idle,
+            max_frame: cfg.limits.max_frame,
+            queue: cfg.new_path.send_queue_max.max(cfg.new_path.recv_queue_max),
+            control: &shadow_control,
+            d2c: None,
+            c2d: None,
+            shadow: true,
+            events: Box::new(|e| trace_events(&[crate::transport::Output::Event(e.clone())])),
+            metrics: self.metrics.transport.clone(),
+            transport: "new",
+            backend_state: Box::new(|up| {
+                tracing::debug!(up, "mirror: new path connection");
+            }),
+        });
+        let (_, end) = tokio::join!(feeder, driver);
+        tracing::debug!(end = end.label(), "mirror ended");
+    }
+
     /// Runs a session on the new path through a ReliableTransport: the backend connection
     /// may be lost and re-established (the device stays connected for
     /// `new_path.reconnect_grace` under `new_primary`, for ever under `new_only`); commands
@@ -598,8 +682,9 @@ impl Proxy {
             max_frame: max,
             queue: cfg.new_path.send_queue_max.max(cfg.new_path.recv_queue_max),
             control: s.control,
-            d2c: s.d2c,
-            c2d: s.c2d,
+            d2c: Some(s.d2c),
+            c2d: Some(s.c2d),
+            shadow: false,
             events: Box::new(|e| trace_events(&[crate::transport::Output::Event(e.clone())])),
             metrics: self.metrics.transport.clone(),
             transport: "new",
@@ -906,6 +991,16 @@ impl Proxy {
             meta.clone(),
             self.sinks.clone(),
         );
+        // Dark launch: a shadowed device's frames are copied to the new path from the first.
+        let mirror = (path == Path::Legacy
+            && decision.mirror
+            && matches!(meta.peer, PeerKind::Device(_))
+            && !cfg.new_path.addresses.is_empty())
+        .then(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(cfg.new_path.send_queue_max.max(1));
+            d2c.set_mirror(tx);
+            rx
+        });
         // 4. What was read while identifying went first, unchanged; then the answer (on the
         // new path, its whole frames; a partial one waits for the rest).
         d2c.on_chunk(&initial);
@@ -953,15 +1048,31 @@ impl Proxy {
                 })
                 .await;
         }
-        let reason = relay::run(
+        let relay = relay::run(
             device,
             upstream_io,
             &mut d2c,
             &mut c2d,
             control,
             cfg.timeouts.idle,
-        )
-        .await;
+        );
+        let reason = match mirror {
+            None => relay.await,
+            Some(rx) => {
+                // The mirror runs beside the relay in this task and never holds it up; it
+                // ends with the session.
+                let mirror = self.run_mirror(rx, control);
+                tokio::pin!(relay);
+                tokio::pin!(mirror);
+                let mut mirror_done = false;
+                loop {
+                    tokio::select! {
+                        r = &mut relay => break r,
+                        () = &mut mirror, if !mirror_done => mirror_done = true,
+                    }
+                }
+            }
+        };
         if let relay::CloseReason::Error { .. } = &reason {
             tracing::info!(%reason, "relay ended");
         }

@@ -100,6 +100,9 @@ pub struct DirectionTap {
     logged: bool,
     frames: u64,
     problems: u64,
+    /// Dark launch: whole frames copied to the mirror, fire and forget (a full queue drops
+    /// the frame and counts it; the relay never waits).
+    mirror: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
 }
 
 impl DirectionTap {
@@ -121,7 +124,13 @@ impl DirectionTap {
             logged: false,
             frames: 0,
             problems: 0,
+            mirror: None,
         }
+    }
+
+    /// Copies every whole frame of this direction to `tx` from now on.
+    pub fn set_mirror(&mut self, tx: tokio::sync::mpsc::Sender<bytes::Bytes>) {
+        self.mirror = Some(tx);
     }
 
     /// Frames seen so far.
@@ -202,6 +211,16 @@ impl DirectionTap {
         }
         for s in self.sinks.iter() {
             s.on_frame(&self.meta, self.flow, raw, decoded.as_ref().ok());
+        }
+        if let Some(tx) = &self.mirror {
+            match tx.try_send(raw.bytes().clone()) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    self.metrics.transport.mirror_dropped.inc();
+                }
+                // The mirror ended (its backend is gone for good): stop copying.
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => self.mirror = None,
+            }
         }
     }
 

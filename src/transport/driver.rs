@@ -82,15 +82,17 @@ pub struct Session<'a> {
     /// Stops the session from outside.
     pub control: &'a SessionControl,
     /// Device → backend bytes, for metrics and captures.
-    pub d2c: &'a mut DirectionTap,
+    pub d2c: Option<&'a mut DirectionTap>,
     /// Bytes delivered to the device.
-    pub c2d: &'a mut DirectionTap,
+    pub c2d: Option<&'a mut DirectionTap>,
     /// Every core event (for trace logs; the metrics are counted here).
     pub events: Box<dyn FnMut(&Event) + Send + 'a>,
     /// The `tcp_comm_*` families, and this session's `transport` label.
     pub metrics: super::metrics::TransportMetrics,
     /// `new` (or `legacy` for an observed legacy session).
     pub transport: &'static str,
+    /// A dark-launch mirror: the "device" leg is the copy of the device's frames.
+    pub shadow: bool,
     /// Called with `true` when a lost backend is back, `false` when it is lost.
     pub backend_state: Box<dyn FnMut(bool) + Send + 'a>,
 }
@@ -241,7 +243,9 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                         match dev_tx.try_send(b) {
                             Ok(()) => {
                                 // Counted and captured only once it is on its way.
-                                s.c2d.on_chunk(&copy[..len]);
+                                if let Some(tap) = s.c2d.as_deref_mut() {
+                                    tap.on_chunk(&copy[..len]);
+                                }
                                 m.packet_sent.with_label_values(&[t, "sent"]).inc();
                             }
                             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -266,6 +270,9 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                     }
                     Output::Event(e) => {
                         m.record(t, &e);
+                        if let (true, Event::Suppressed { ptype }) = (s.shadow, &e) {
+                            m.shadow_suppressed.with_label_values(&[ptype.name()]).inc();
+                        }
                         (s.events)(&e);
                     }
                 }
@@ -332,7 +339,9 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                 Ok(0) => break End::DeviceClosed,
                 Ok(n) => {
                     last = Instant::now();
-                    s.d2c.on_chunk(&dbuf[..n]);
+                    if let Some(tap) = s.d2c.as_deref_mut() {
+                        tap.on_chunk(&dbuf[..n]);
+                    }
                     dev_framer.push(&dbuf[..n]);
                     while let Some(ev) = dev_framer.next_event() {
                         // Bytes that do not frame are counted by the d2c tap and dropped: the

@@ -34,6 +34,12 @@ pub struct TransportMetrics {
     pub latency: HistogramVec,
     /// Device requests the backend never answered.
     pub request_timeout: IntCounterVec,
+    /// Device frames not copied to the mirror because its queue was full.
+    pub mirror_dropped: prometheus::IntCounter,
+    /// Backend frames of a mirror kept from the device, by packet type.
+    pub shadow_suppressed: IntCounterVec,
+    /// Mirrors running now (shadowed device sessions).
+    pub mirrors: prometheus::IntGauge,
 }
 
 fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -132,7 +138,36 @@ impl TransportMetrics {
                 "Device requests the backend did not answer within new_path.answer_timeout.",
                 &["transport"],
             ),
+            mirror_dropped: {
+                let c = prometheus::IntCounter::new(
+                    "tcp_comm_mirror_dropped_total",
+                    "Device frames not copied to the dark-launch mirror (its queue was full).",
+                )
+                .unwrap_or_else(|e| panic!("tcp_comm_mirror_dropped_total: {e}"));
+                r.register(Box::new(c.clone()))
+                    .unwrap_or_else(|e| panic!("tcp_comm_mirror_dropped_total: {e}"));
+                c
+            },
+            shadow_suppressed: counters(
+                r,
+                "tcp_comm_shadow_suppressed_total",
+                "Frames the mirrored backend sent, kept from the device, by packet type.",
+                &["type"],
+            ),
+            mirrors: {
+                let g = prometheus::IntGauge::new(
+                    "cync_mitm_mirrors_active",
+                    "Dark-launch mirrors running (shadowed device sessions).",
+                )
+                .unwrap_or_else(|e| panic!("cync_mitm_mirrors_active: {e}"));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| panic!("cync_mitm_mirrors_active: {e}"));
+                g
+            },
         };
+        for p in crate::codec::PacketType::ALL_KNOWN {
+            m.shadow_suppressed.with_label_values(&[p.name()]);
+        }
         for t in TRANSPORTS {
             for o in ["sent", "queue_full", "rejected"] {
                 m.packet_sent.with_label_values(&[t, o]);
