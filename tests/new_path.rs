@@ -245,9 +245,39 @@ async fn retries_and_dedup_make_the_new_path_more_reliable_than_the_legacy_one()
             .get_sample_count()
             > 0
     );
+    // The legacy path, observed with the same definitions, shows its loss in the same
+    // families.
+    let legacy_acked = t
+        .ack_received
+        .with_label_values(&["legacy", "first_try"])
+        .get();
+    assert_eq!(
+        t.ack_received
+            .with_label_values(&["legacy", "after_retry"])
+            .get(),
+        0,
+        "nothing is retried on the legacy path"
+    );
+    assert!(
+        legacy_acked >= acked_old as u64,
+        "{legacy_acked} < {acked_old}"
+    );
+    assert!(
+        t.latency
+            .with_label_values(&["legacy", "command"])
+            .get_sample_count()
+            > 0
+    );
     a.stop().await;
     b.stop().await;
     assert!(wait_until(T, || p.proxy.sessions() == 0).await);
+    // The ignored commands were never acked: failures once the sessions ended.
+    let legacy_failed = t.ack_timeout.with_label_values(&["legacy"]).get();
+    assert!(
+        legacy_failed >= b.stats().ignored.load(Ordering::Relaxed),
+        "{legacy_failed} legacy failures for {} ignored commands",
+        b.stats().ignored.load(Ordering::Relaxed)
+    );
     assert_eq!(
         t.recv_queue.with_label_values(&["new"]).get(),
         0,

@@ -991,6 +991,18 @@ impl Proxy {
             meta.clone(),
             self.sinks.clone(),
         );
+        // The legacy path is observed with the new path's definitions (a cloud command until
+        // the device's ack, a device request until the cloud's answer).
+        let observer =
+            (path == Path::Legacy && matches!(meta.peer, PeerKind::Device(_))).then(|| {
+                let o = crate::proxy::tap::Observer::new(
+                    cfg.new_path.transport(),
+                    self.metrics.transport.clone(),
+                );
+                d2c.set_observer(o.clone());
+                c2d.set_observer(o.clone());
+                o
+            });
         // Dark launch: a shadowed device's frames are copied to the new path from the first.
         let mirror = (path == Path::Legacy
             && decision.mirror
@@ -1073,6 +1085,9 @@ impl Proxy {
                 }
             }
         };
+        if let Some(o) = observer {
+            o.lock().unwrap_or_else(|p| p.into_inner()).finish();
+        }
         if let relay::CloseReason::Error { .. } = &reason {
             tracing::info!(%reason, "relay ended");
         }

@@ -103,6 +103,61 @@ pub struct DirectionTap {
     /// Dark launch: whole frames copied to the mirror, fire and forget (a full queue drops
     /// the frame and counts it; the relay never waits).
     mirror: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    /// Passive observation of a relayed session (both directions share it).
+    observer: Option<Arc<std::sync::Mutex<Observer>>>,
+}
+
+/// Pairs a relayed session's requests and commands with their answers (a ReliableTransport
+/// core in observe role), so the legacy path's `tcp_comm_*` numbers use the new path's
+/// definitions: a cloud command until the device's ack, a device request until the cloud's
+/// answer.
+pub struct Observer {
+    core: crate::transport::Core,
+    metrics: crate::transport::metrics::TransportMetrics,
+}
+
+impl Observer {
+    /// An observer with the new path's timing settings.
+    pub fn new(
+        settings: crate::transport::Settings,
+        metrics: crate::transport::metrics::TransportMetrics,
+    ) -> Arc<std::sync::Mutex<Self>> {
+        Arc::new(std::sync::Mutex::new(Self {
+            core: crate::transport::Core::new(settings, crate::transport::Role::Observe, 1),
+            metrics,
+        }))
+    }
+
+    fn record(&self, outs: &[crate::transport::Output]) {
+        for o in outs {
+            if let crate::transport::Output::Event(e) = o {
+                self.metrics.record("legacy", e);
+            }
+        }
+    }
+
+    /// The session ended: its unanswered commands and requests count as failed.
+    pub fn finish(&mut self) {
+        let outs = self.core.finish();
+        self.record(&outs);
+    }
+
+    fn frame(&mut self, flow: Flow, raw: &RawFrame, decoded: Option<&Frame>) {
+        let now = std::time::Instant::now();
+        let outs = match flow {
+            Flow::DeviceToCloud => self
+                .core
+                .on_device_parsed(now, raw.bytes().clone(), decoded),
+            Flow::CloudToDevice => self
+                .core
+                .on_backend_parsed(now, raw.bytes().clone(), decoded),
+        };
+        self.record(&outs);
+        if self.core.next_deadline().is_some_and(|d| d <= now) {
+            let outs = self.core.poll(now);
+            self.record(&outs);
+        }
+    }
 }
 
 impl DirectionTap {
@@ -125,7 +180,13 @@ impl DirectionTap {
             frames: 0,
             problems: 0,
             mirror: None,
+            observer: None,
         }
+    }
+
+    /// Feeds every whole frame of this direction to `o` from now on.
+    pub fn set_observer(&mut self, o: Arc<std::sync::Mutex<Observer>>) {
+        self.observer = Some(o);
     }
 
     /// Copies every whole frame of this direction to `tx` from now on.
@@ -211,6 +272,13 @@ impl DirectionTap {
         }
         for s in self.sinks.iter() {
             s.on_frame(&self.meta, self.flow, raw, decoded.as_ref().ok());
+        }
+        if let Some(o) = &self.observer {
+            o.lock().unwrap_or_else(|p| p.into_inner()).frame(
+                self.flow,
+                raw,
+                decoded.as_ref().ok(),
+            );
         }
         if let Some(tx) = &self.mirror {
             match tx.try_send(raw.bytes().clone()) {

@@ -85,6 +85,10 @@ pub enum Role {
     Primary,
     /// Backend frames are suppressed; nothing is retransmitted towards the device.
     Shadow,
+    /// Watching a byte relay (the legacy path) with the same definitions: requests and
+    /// commands are paired with their answers for the metrics; nothing is sent, retried or
+    /// deduplicated, and a command unanswered after `request_timeout` counts as failed.
+    Observe,
 }
 
 /// Which bounded queue overflowed (label `queue_type`).
@@ -319,9 +323,19 @@ impl Core {
 
     /// A whole frame from the device.
     pub fn on_device_frame(&mut self, now: Instant, bytes: Bytes) -> Vec<Output> {
-        let mut out = Vec::new();
         let frame = Frame::decode(&bytes).ok();
-        if let Some(f) = &frame {
+        self.on_device_parsed(now, bytes, frame.as_ref())
+    }
+
+    /// [`Core::on_device_frame`] with the frame already decoded (`None`: it does not decode).
+    pub fn on_device_parsed(
+        &mut self,
+        now: Instant,
+        bytes: Bytes,
+        frame: Option<&Frame>,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Some(f) = frame {
             if matches!(f.ptype, PacketType::HANDSHAKE | PacketType::LOGIN) {
                 self.hello = Some(bytes.clone());
             }
@@ -330,7 +344,9 @@ impl Core {
                 && let Some(i) = self.commands.iter().position(|c| c.key == key)
                 && let Some(c) = self.commands.remove(i)
             {
-                self.acked.put(c.dedup, (now, bytes.clone()));
+                if self.role != Role::Observe {
+                    self.acked.put(c.dedup, (now, bytes.clone()));
+                }
                 out.push(Output::Event(Event::CommandAcked {
                     msg_id: c.msg_id,
                     ptype: c.ptype,
@@ -353,6 +369,7 @@ impl Core {
                 // Bounded like the queues: the oldest unanswered request is given up.
                 if self.requests.len() > self.settings.send_queue_max.max(1)
                     && self.requests.pop_front().is_some()
+                    && self.role != Role::Observe
                 {
                     out.push(Output::Event(Event::QueueFull {
                         queue: Queue::Send,
@@ -365,16 +382,28 @@ impl Core {
                 }));
             }
         }
-        self.send_backend(bytes, &mut out);
+        if self.role != Role::Observe {
+            self.send_backend(bytes, &mut out);
+        }
         out
     }
 
     /// A whole frame from the backend.
     pub fn on_backend_frame(&mut self, now: Instant, bytes: Bytes) -> Vec<Output> {
-        let mut out = Vec::new();
         let frame = Frame::decode(&bytes).ok();
+        self.on_backend_parsed(now, bytes, frame.as_ref())
+    }
+
+    /// [`Core::on_backend_frame`] with the frame already decoded.
+    pub fn on_backend_parsed(
+        &mut self,
+        now: Instant,
+        bytes: Bytes,
+        frame: Option<&Frame>,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
         let ptype = PacketType(bytes.first().copied().unwrap_or(0));
-        if let Some(f) = &frame {
+        if let Some(f) = frame {
             // The backend answering a device request: the oldest match.
             if let Some(key) = answer_key(f)
                 && let Some(i) = self.requests.iter().position(|r| r.key == key)
@@ -403,7 +432,29 @@ impl Core {
         }
         // A command the device is to answer: a pipe command or a probe (other request
         // types come from devices, not from the cloud side).
-        if let Some(f) = &frame
+        if self.role == Role::Observe {
+            if let Some(f) = frame
+                && matches!(f.ptype, PacketType::PIPE | PacketType::PROBE)
+                && let Some(key) = expected_answer(f)
+            {
+                if self.commands.len() >= self.settings.recv_queue_max {
+                    self.commands.pop_front();
+                }
+                self.commands.push_back(Command {
+                    msg_id: Uuid::now_v7(),
+                    ptype,
+                    key,
+                    dedup: 0,
+                    epoch: self.epoch,
+                    bytes: Bytes::new(),
+                    first_sent: now,
+                    deadline: now + self.settings.request_timeout,
+                    retries: 0,
+                });
+            }
+            return out;
+        }
+        if let Some(f) = frame
             && matches!(f.ptype, PacketType::PIPE | PacketType::PROBE)
             && let Some(key) = expected_answer(f)
         {
@@ -473,7 +524,8 @@ impl Core {
                 i += 1;
                 continue;
             }
-            if self.commands[i].retries >= self.settings.max_retries {
+            // Observed sessions are never retried: a command is failed at its deadline.
+            if self.commands[i].retries >= self.settings.max_retries || self.role == Role::Observe {
                 if let Some(c) = self.commands.remove(i) {
                     out.push(Output::Event(Event::CommandFailed {
                         msg_id: c.msg_id,
@@ -506,6 +558,26 @@ impl Core {
                     ptype: r.ptype,
                 }));
             }
+        }
+        out
+    }
+
+    /// The session ended: what is still unanswered failed (the device or the upstream left
+    /// without answering). For the observed legacy path, where timeouts are only checked as
+    /// frames pass.
+    pub fn finish(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        for c in self.commands.drain(..) {
+            out.push(Output::Event(Event::CommandFailed {
+                msg_id: c.msg_id,
+                ptype: c.ptype,
+            }));
+        }
+        for r in self.requests.drain(..) {
+            out.push(Output::Event(Event::RequestTimedOut {
+                msg_id: r.msg_id,
+                ptype: r.ptype,
+            }));
         }
         out
     }
@@ -835,6 +907,45 @@ mod tests {
         let out = c.note_delivered(t, pipe(3, 1));
         assert_eq!(to_device(&out), 0);
         assert_eq!(c.commands_pending(), 1);
+    }
+
+    #[test]
+    fn observing_pairs_without_sending_retrying_or_dropping() {
+        let mut c = Core::new(Settings::default(), Role::Observe, 1);
+        let t0 = Instant::now();
+        c.resume(b(Frame::handshake(DeviceId(1), b"0123456789abcdef", 60)));
+        // A cloud command, answered by the device 30 ms later.
+        let out = c.on_backend_frame(t0, pipe(1, 1));
+        assert!(out.is_empty(), "{out:?}");
+        let out = c.on_device_frame(t0 + Duration::from_millis(30), pipe_ack(1, 1));
+        assert_eq!(out.len(), 1, "only the event: {out:?}");
+        assert!(matches!(
+            &out[0],
+            Output::Event(Event::CommandAcked { retries: 0, latency, .. }) if *latency == Duration::from_millis(30)
+        ));
+        // The same command twice (the cloud repeated it): both tracked, neither dropped.
+        c.on_backend_frame(t0, pipe(1, 2));
+        c.on_backend_frame(t0, pipe(1, 2));
+        assert_eq!(c.commands_pending(), 2);
+        // Unanswered: no retransmission, a failure after request_timeout.
+        assert!(c.poll(t0 + Duration::from_secs(5)).is_empty());
+        let out = c.poll(t0 + Duration::from_secs(10));
+        assert_eq!(to_device(&out), 0);
+        assert_eq!(
+            events(&out)
+                .iter()
+                .filter(|e| matches!(e, Event::CommandFailed { .. }))
+                .count(),
+            2
+        );
+        // A device request and the cloud's answer: latency, nothing forwarded.
+        let out = c.on_device_frame(t0, b(Frame::ping()));
+        assert!(out.iter().all(|o| matches!(o, Output::Event(_))));
+        let out = c.on_backend_frame(t0 + Duration::from_millis(7), b(Frame::pong()));
+        assert!(matches!(
+            events(&out)[0],
+            Event::RequestAnswered { latency, .. } if *latency == Duration::from_millis(7)
+        ));
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use super::core::Event;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-/// Transports with series from the start. (The legacy path's passive observation, with the
-/// same definitions, adds `legacy`.)
-pub const TRANSPORTS: [&str; 1] = ["new"];
+/// Transports with series from the start: the new path's ReliableTransport, and the legacy
+/// path observed passively with the same definitions.
+pub const TRANSPORTS: [&str; 2] = ["legacy", "new"];
 
 /// The families.
 #[derive(Clone)]
