@@ -1,6 +1,6 @@
 //! cync-mitm: a transparent TLS man-in-the-middle sidecar between GE Cync devices and the Cync
 //! cloud. It relays every byte unchanged, decodes every frame to label logs, metrics and captures,
-//! and (in later milestones) mirrors and routes traffic to a new reliable path.
+//! and mirrors (dark launch) and routes devices to a new, reliable path.
 //!
 //! # Layout
 //! - [`codec`]: the Cync wire protocol, sans-IO (frames, inner frames, escaping, checksum, TLV

@@ -1,5 +1,5 @@
-//! Prometheus metrics of the proxy. Names start with `cync_mitm_`; the transport/SLO metrics of
-//! later milestones use the rollout plan's `tcp_comm_*` names. Hot-path counters are resolved
+//! Prometheus metrics of the proxy. Names start with `cync_mitm_`; the transport metrics
+//! (`crate::transport::metrics`) use the rollout plan's `tcp_comm_*` names. Hot-path counters are resolved
 //! once per label set, so counting a frame is one atomic add.
 
 use crate::codec::PacketType;
