@@ -453,3 +453,66 @@ async fn shadow_mirrors_every_device_frame_and_nothing_reaches_the_device() {
     legacy.stop().await;
     backend.stop().await;
 }
+
+/// Partial frames around the first flight (a frame split between the identifying read and the
+/// next one, in both directions) reach the other side once and whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_split_across_the_first_reads_is_sent_once() {
+    use cync_mitm::codec::{DeviceId, Frame, PacketType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig {
+        record: true,
+        ..CloudSimConfig::default()
+    })
+    .await;
+    let p = start_proxy(new_primary(legacy_addr, new_addr)).await;
+    let client =
+        cync_mitm::tls::LegacyClient::new(cync_mitm::tls::ClientProfile::DeviceFp2).unwrap();
+    let tcp = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+    let mut s = client.connect(tcp).await.unwrap();
+    let id = DeviceId(0x0a0b_0c0d);
+    let hello = Frame::handshake(id, b"0123456789abcdef", 60)
+        .encode()
+        .unwrap();
+    let ping = Frame::ping().encode().unwrap();
+    // The handshake and the first 2 bytes of a ping in one write; the rest later.
+    let mut first = hello.clone();
+    first.extend_from_slice(&ping[..2]);
+    s.write_all(&first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&ping[2..]).await.unwrap();
+    // The device gets its 0x28 and its 0xd8, once each.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+        {
+            got.extend_from_slice(&buf[..n]);
+        }
+        if got.iter().filter(|&&b| b == PacketType::PONG.0).count() >= 1 && got.len() >= 12 {
+            break;
+        }
+    }
+    let mut framer = cync_mitm::codec::Framer::default();
+    framer.push(&got);
+    let mut types = Vec::new();
+    while let Some(cync_mitm::codec::FramerEvent::Frame(raw)) = framer.next_event() {
+        types.push(raw.ptype());
+    }
+    assert_eq!(
+        types,
+        vec![PacketType::HANDSHAKE_ACK, PacketType::PONG],
+        "{got:02x?}"
+    );
+    drop(s);
+    assert!(wait_until(T, || p.proxy.sessions() == 0).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = backend.stats().transcripts_of(id);
+    let mut want = hello;
+    want.extend_from_slice(&ping);
+    assert_eq!(t[0].received, want, "the backend got each byte once");
+    legacy.stop().await;
+    backend.stop().await;
+}
