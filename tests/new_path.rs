@@ -25,18 +25,22 @@ fn new_primary(
     cfg
 }
 
-async fn backend_on(
-    addr: std::net::SocketAddr,
-    cfg: CloudSimConfig,
-) -> std::sync::Arc<cync_mitm::sim::cloud::CloudSim> {
-    // The port was just released by the previous backend: retry the bind briefly.
+/// Binds `addr` again (the previous listener on it was just closed).
+async fn rebind(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
     for _ in 0..50 {
         if let Ok(l) = tokio::net::TcpListener::bind(addr).await {
-            return start_cloud_on(l, cfg, CloudTls::Legacy).await;
+            return l;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("cannot bind {addr} again");
+}
+
+async fn backend_on(
+    addr: std::net::SocketAddr,
+    cfg: CloudSimConfig,
+) -> std::sync::Arc<cync_mitm::sim::cloud::CloudSim> {
+    start_cloud_on(rebind(addr).await, cfg, CloudTls::Legacy).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,15 +332,7 @@ async fn a_backend_that_accepts_and_closes_is_retried_with_backoff_until_the_gra
     assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 1).await);
     backend.stop().await;
     // The same port now accepts TLS and closes at once.
-    let mut l = None;
-    for _ in 0..50 {
-        if let Ok(x) = tokio::net::TcpListener::bind(new_addr).await {
-            l = Some(x);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let l = l.expect("rebind");
+    let l = rebind(new_addr).await;
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let acc = cync_mitm::tls::DeviceAcceptor::new(&Default::default(), certs()).unwrap();
     let counter = accepted.clone();

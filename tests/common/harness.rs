@@ -81,11 +81,19 @@ pub async fn start_proxy_live(
     live: Arc<cync_mitm::reload::LiveConfig>,
     metrics: Arc<Metrics>,
 ) -> RunningProxy {
+    start_proxy_with_sinks(live, metrics, Vec::new()).await
+}
+
+async fn start_proxy_with_sinks(
+    live: Arc<cync_mitm::reload::LiveConfig>,
+    metrics: Arc<Metrics>,
+    sinks: Vec<Arc<dyn cync_mitm::proxy::tap::TapSink>>,
+) -> RunningProxy {
     let listener = TcpListener::bind(live.current().config.listen.tls)
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::new(live, certs(), metrics.clone(), Vec::new()).unwrap();
+    let proxy = Proxy::new(live, certs(), metrics.clone(), sinks).unwrap();
     let p = proxy.clone();
     tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
     RunningProxy {
@@ -102,21 +110,8 @@ pub async fn start_proxy_with_capture(
     let metrics = Arc::new(Metrics::new(cfg.metrics.per_device_labels));
     let live = cync_mitm::reload::LiveConfig::fixed(cfg, metrics.clone()).unwrap();
     let capture = cync_mitm::capture::Capture::start(live.clone(), metrics.clone()).unwrap();
-    let listener = TcpListener::bind(live.current().config.listen.tls)
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let proxy = Proxy::new(live, certs(), metrics.clone(), vec![capture.clone()]).unwrap();
-    let p = proxy.clone();
-    tokio::spawn(async move { p.serve(listener, ListenerKind::Tls).await });
-    (
-        RunningProxy {
-            proxy,
-            addr,
-            metrics,
-        },
-        capture,
-    )
+    let p = start_proxy_with_sinks(live, metrics, vec![capture.clone()]).await;
+    (p, capture)
 }
 
 pub fn fleet_config(target: SocketAddr, count: u32) -> FleetConfig {
