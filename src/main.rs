@@ -272,6 +272,18 @@ enum SimCmd {
         /// Share of commands (0–1) sent twice in a row.
         #[arg(long, value_parser = share, default_value = "0")]
         duplicate_commands: f64,
+        /// Close every connection at each multiple of this (a restart; e.g. 30s).
+        #[arg(long, value_parser = positive_duration)]
+        restart_every: Option<Duration>,
+        /// Share of answers to device requests (0–1) left unsent.
+        #[arg(long, value_parser = share, default_value = "0")]
+        drop_answers: f64,
+        /// Wait this long before each batch of answers (e.g. 200ms).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        answer_delay: Duration,
+        /// Share of answers (0–1) altered in content (sync acks, time answers).
+        #[arg(long, value_parser = share, default_value = "0")]
+        drift: f64,
     },
     /// Run a fleet of simulated devices.
     #[command(after_help = "Example:\n  \
@@ -607,6 +619,10 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             command_interval,
             report_every,
             duplicate_commands,
+            restart_every,
+            drop_answers,
+            answer_delay,
+            drift,
         } => {
             let (certs, _) = cync_mitm::tls::ensure_certs(&cert_dir)?;
             let server_tls = match tls {
@@ -625,6 +641,10 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
                 CloudSimConfig {
                     command_interval,
                     duplicate_commands,
+                    restart_every,
+                    drop_answers,
+                    answer_delay: answer_delay.min(Duration::from_secs(60)),
+                    drift,
                     ..CloudSimConfig::default()
                 },
                 server_tls,

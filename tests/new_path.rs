@@ -512,3 +512,76 @@ async fn a_frame_split_across_the_first_reads_is_sent_once() {
     legacy.stop().await;
     backend.stop().await;
 }
+
+/// A backend that restarts every second (all its connections closed at once) under devices
+/// on the new path: no device connection closes, and no command is counted acked that no
+/// device executed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_restarting_every_second_closes_no_device() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig {
+        command_interval: Some(Duration::from_millis(100)),
+        restart_every: Some(Duration::from_secs(1)),
+        ..CloudSimConfig::default()
+    })
+    .await;
+    let p = start_proxy(new_primary(legacy_addr, new_addr)).await;
+    let mut fc = fleet_config(p.addr, 5);
+    fc.heartbeat = Duration::from_millis(200);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 5).await);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let s = backend.stats();
+    let connections = s.connections.load(Ordering::Relaxed);
+    assert!(
+        connections >= 15,
+        "{connections} connections: the backend did not restart"
+    );
+    assert_eq!(fleet.stats().disconnects.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        legacy.stats().handshakes.load(Ordering::Relaxed),
+        0,
+        "nobody fell back"
+    );
+    let sent = s.commands_sent.load(Ordering::Relaxed);
+    let acked = s.command_acks.load(Ordering::Relaxed);
+    let executed = fleet.stats().commands.load(Ordering::Relaxed);
+    eprintln!(
+        "restarting backend: {acked}/{sent} commands acked, {executed} executed, {connections} connections"
+    );
+    assert!(acked <= executed);
+    assert!(acked as f64 >= sent as f64 * 0.8, "{acked}/{sent}");
+    fleet.stop().await;
+    backend.stop().await;
+    legacy.stop().await;
+}
+
+/// The backend simulator's answer chaos does what it says: dropped answers go missing,
+/// altered ones are counted, delayed ones arrive late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_simulator_drops_alters_and_delays_answers() {
+    let (cloud, addr) = start_cloud(CloudSimConfig {
+        drop_answers: 0.1,
+        // Sync acks and time answers come once per connection: alter every one.
+        drift: 1.0,
+        answer_delay: Duration::from_millis(50),
+        ..CloudSimConfig::default()
+    })
+    .await;
+    let mut fc = fleet_config(addr, 3);
+    fc.heartbeat = Duration::from_millis(50);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 3).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = fleet.report();
+    let dropped = cloud.stats().answers_dropped.load(Ordering::Relaxed);
+    assert!(dropped > 0);
+    assert!(
+        r.requests - r.answered >= dropped / 2,
+        "{r:?}, {dropped} dropped"
+    );
+    assert!(cloud.stats().answers_altered.load(Ordering::Relaxed) > 0);
+    assert!(r.latency.p50_ms >= 45.0, "answers were not delayed: {r:?}");
+    fleet.stop().await;
+    cloud.stop().await;
+}

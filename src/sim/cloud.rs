@@ -51,6 +51,16 @@ pub struct CloudSimConfig {
     /// Share of commands (0–1) sent twice in a row, as a backend that lost track of an ack
     /// would.
     pub duplicate_commands: f64,
+    /// Close every connection at each multiple of this since the simulator started, as a
+    /// restart would (it keeps accepting).
+    pub restart_every: Option<Duration>,
+    /// Share of answers to device requests (0–1) left unsent.
+    pub drop_answers: f64,
+    /// Wait this long before sending each batch of answers.
+    pub answer_delay: Duration,
+    /// Share of answers (0–1) altered in content (keyless answers only: a sync ack's last
+    /// byte, the time answer's clock), for parity checks.
+    pub drift: f64,
 }
 
 impl Default for CloudSimConfig {
@@ -61,6 +71,10 @@ impl Default for CloudSimConfig {
             utc_offset_minutes: -360,
             auth_codes: None,
             duplicate_commands: 0.0,
+            restart_every: None,
+            drop_answers: 0.0,
+            answer_delay: Duration::ZERO,
+            drift: 0.0,
         }
     }
 }
@@ -88,6 +102,10 @@ pub struct CloudStats {
     pub command_acks: AtomicU64,
     /// Commands sent a second time on purpose (`duplicate_commands`).
     pub duplicates_sent: AtomicU64,
+    /// Answers left unsent on purpose (`drop_answers`).
+    pub answers_dropped: AtomicU64,
+    /// Answers altered on purpose (`drift`).
+    pub answers_altered: AtomicU64,
     /// Command → 0x7b ack latency.
     pub command_latency: Latency,
     /// Devices connected now.
@@ -158,6 +176,8 @@ pub struct CloudSim {
     tracker: TaskTracker,
     next_conn: AtomicU64,
     commands_on: std::sync::atomic::AtomicBool,
+    /// When it was made (`restart_every` counts from here).
+    started: Instant,
 }
 
 impl CloudSim {
@@ -176,6 +196,7 @@ impl CloudSim {
             tracker: TaskTracker::new(),
             next_conn: AtomicU64::new(0),
             commands_on: std::sync::atomic::AtomicBool::new(true),
+            started: Instant::now(),
         })
     }
 
@@ -240,6 +261,8 @@ impl CloudSim {
             seq: 0x100,
             pending: HashMap::new(),
             record: self.cfg.record,
+            answers: 0,
+            alterable: 0,
         };
         if c.record {
             self.stats
@@ -271,6 +294,10 @@ struct CloudConn<'a> {
     seq: u32,
     pending: HashMap<Msg, Instant>,
     record: bool,
+    /// Answers produced so far (picks which are dropped).
+    answers: u64,
+    /// Answers with content to alter so far (picks which are altered).
+    alterable: u64,
 }
 
 impl CloudConn<'_> {
@@ -301,10 +328,24 @@ impl CloudConn<'_> {
         let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await;
+        // The next "restart": the next multiple of restart_every since the simulator started.
+        let restart_at = self.sim.cfg.restart_every.map(|every| {
+            let age = self.sim.started.elapsed();
+            let n = age.as_nanos() / every.as_nanos().max(1) + 1;
+            self.sim.started + every.saturating_mul(n as u32)
+        });
+        let restart = async {
+            match restart_at {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(restart);
         loop {
             let mut out = Vec::new();
             tokio::select! {
                 _ = self.sim.shutdown.cancelled() => break,
+                _ = &mut restart => break,
                 n = r.read(&mut buf) => {
                     let n = match n { Ok(0) | Err(_) => break, Ok(n) => n };
                     self.note(&[], &buf[..n]);
@@ -331,6 +372,10 @@ impl CloudConn<'_> {
                 }
             }
             if !out.is_empty() {
+                let delay = self.sim.cfg.answer_delay;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
                     break;
                 }
@@ -338,6 +383,15 @@ impl CloudConn<'_> {
             }
         }
         let _ = w.shutdown().await;
+    }
+
+    /// Whether the `n`-th event is one of a share `p` (deterministic, spread evenly).
+    fn picked(n: u64, p: f64) -> bool {
+        if p <= 0.0 {
+            return false;
+        }
+        let every = (1.0 / p).round().max(1.0) as u64;
+        n % every == every / 2
     }
 
     /// Whether a handshake passes the auth check (anything else always does).
@@ -401,6 +455,40 @@ impl CloudConn<'_> {
     }
 
     fn answer(&mut self, f: &Frame, out: &mut Vec<u8>) {
+        let before = out.len();
+        self.answer_inner(f, out);
+        if out.len() == before || crate::codec::answer::expected_answer(f).is_none() {
+            return;
+        }
+        // Chaos on answers to device requests.
+        let n = self.answers;
+        self.answers += 1;
+        if Self::picked(n, self.sim.cfg.drop_answers) {
+            out.truncate(before);
+            self.sim
+                .stats
+                .answers_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // Only answers with content to alter count for the drift share: a sync ack's last
+        // byte, the time answer's last (seconds) byte.
+        let ptype = out.get(before).copied();
+        let last = out.len() - 1;
+        if matches!(ptype, Some(0x48) | Some(0xc8)) && last > before + 5 {
+            let k = self.alterable;
+            self.alterable += 1;
+            if Self::picked(k, self.sim.cfg.drift) {
+                out[last] ^= 0x01;
+                self.sim
+                    .stats
+                    .answers_altered
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn answer_inner(&mut self, f: &Frame, out: &mut Vec<u8>) {
         match (f.ptype, &f.body) {
             (PacketType::HANDSHAKE, Body::Handshake(h)) => {
                 self.device = Some(h.device_id);
