@@ -284,6 +284,9 @@ enum SimCmd {
         /// Share of answers (0–1) altered in content (sync acks, time answers).
         #[arg(long, value_parser = share, default_value = "0")]
         drift: f64,
+        /// Stop reading each connection this long after accepting it (a stalled backend).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        stop_reading_after: Option<Duration>,
     },
     /// Run a fleet of simulated devices.
     #[command(after_help = "Example:\n  \
@@ -623,6 +626,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             drop_answers,
             answer_delay,
             drift,
+            stop_reading_after,
         } => {
             let (certs, _) = cync_mitm::tls::ensure_certs(&cert_dir)?;
             let server_tls = match tls {
@@ -645,6 +649,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
                     drop_answers,
                     answer_delay: answer_delay.min(Duration::from_secs(60)),
                     drift,
+                    stop_reading_after,
                     ..CloudSimConfig::default()
                 },
                 server_tls,

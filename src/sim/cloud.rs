@@ -61,6 +61,9 @@ pub struct CloudSimConfig {
     /// Share of answers (0–1) altered in content (keyless answers only: a sync ack's last
     /// byte, the time answer's clock), for parity checks.
     pub drift: f64,
+    /// Stop reading a connection this long after it was accepted (it stays open: a stalled
+    /// backend).
+    pub stop_reading_after: Option<Duration>,
 }
 
 impl Default for CloudSimConfig {
@@ -75,6 +78,7 @@ impl Default for CloudSimConfig {
             drop_answers: 0.0,
             answer_delay: Duration::ZERO,
             drift: 0.0,
+            stop_reading_after: None,
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct CloudStats {
     pub answers_dropped: AtomicU64,
     /// Answers altered on purpose (`drift`).
     pub answers_altered: AtomicU64,
+    /// Connections that stopped reading (`stop_reading_after`).
+    pub stalled: AtomicU64,
     /// Command → 0x7b ack latency.
     pub command_latency: Latency,
     /// Devices connected now.
@@ -341,11 +347,24 @@ impl CloudConn<'_> {
             }
         };
         tokio::pin!(restart);
+        let stall = async {
+            match self.sim.cfg.stop_reading_after {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(stall);
         loop {
             let mut out = Vec::new();
             tokio::select! {
                 _ = self.sim.shutdown.cancelled() => break,
                 _ = &mut restart => break,
+                _ = &mut stall => {
+                    // Stalled: neither read nor write again, keep the connection open.
+                    self.sim.stats.stalled.fetch_add(1, Ordering::Relaxed);
+                    self.sim.shutdown.cancelled().await;
+                    break;
+                }
                 n = r.read(&mut buf) => {
                     let n = match n { Ok(0) | Err(_) => break, Ok(n) => n };
                     self.note(&[], &buf[..n]);
