@@ -187,7 +187,8 @@ struct DeviceSeries {
     last_sweep: std::time::Instant,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+/// Registers a counter family (panics only on a programming error: a bad or duplicate name).
+pub(crate) fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let v =
         IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
     r.register(Box::new(v.clone()))

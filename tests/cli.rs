@@ -8,6 +8,18 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
 }
 
+/// Runs the binary with `args`, `input` on its stdin.
+fn with_stdin(args: &[&str], input: &[u8]) -> std::process::Output {
+    let mut child = bin()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn json_lines(out: &[u8]) -> Vec<Value> {
     String::from_utf8_lossy(out)
         .lines()
@@ -33,19 +45,7 @@ fn decodes_arguments_with_spaces() {
 
 #[test]
 fn decodes_stdin_lines_with_several_frames() {
-    let mut child = bin()
-        .args(["decode", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"73 00 00 00 13 2d e4 b5 d2 00 02 00 7e 21 00 00 00 f9 d0 01 00 00 d1 7e 7b 00 00 00 07 2d e4 b5 d2 15 37 00\nd3 00 00 00 00 d8 00\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdin(&["decode", "-"], b"73 00 00 00 13 2d e4 b5 d2 00 02 00 7e 21 00 00 00 f9 d0 01 00 00 d1 7e 7b 00 00 00 07 2d e4 b5 d2 15 37 00\nd3 00 00 00 00 d8 00\n");
     assert!(out.status.success());
     let v = json_lines(&out.stdout);
     assert_eq!(v.len(), 4, "{v:?}");
@@ -164,19 +164,10 @@ fn decode_takes_options_after_the_hex_and_0x_prefixes() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("handshake") && s.contains("38e8cf46"), "{s}");
     // `-` then an option reads stdin and applies the option.
-    let mut child = bin()
-        .args(["decode", "-", "--with-hex"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"0xd3 0x00 0x00 0x00 0x00\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = with_stdin(
+        &["decode", "-", "--with-hex"],
+        b"0xd3 0x00 0x00 0x00 0x00\n",
+    );
     assert!(out.status.success());
     let v = json_lines(&out.stdout);
     assert_eq!(v[0]["name"], "ping");

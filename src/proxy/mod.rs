@@ -1157,34 +1157,38 @@ fn describe_foreign(bytes: &[u8]) -> String {
     }
 }
 
-/// The length of the whole frames at the start of `bytes` (what follows is a partial frame, or
-/// bytes that do not frame).
-fn whole_frames_len(bytes: &[u8], max_frame: usize) -> usize {
+/// The lengths of the whole frames at the start of `bytes`, in order (what follows is a
+/// partial frame, or bytes that do not frame).
+fn leading_frames(bytes: &[u8], max_frame: usize) -> Vec<usize> {
+    let mut lens = Vec::new();
     let mut at = 0;
-    while let Some(h) = bytes.get(at..at + crate::codec::HEADER_LEN) {
-        let body = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
-        let len = crate::codec::HEADER_LEN.saturating_add(body);
-        if len > max_frame || at + len > bytes.len() {
+    while let Some(h) = bytes.get(at..).and_then(crate::codec::Header::parse) {
+        let len = h.frame_len();
+        if len > max_frame || len > bytes.len() - at {
             break;
         }
+        lens.push(len);
         at += len;
     }
-    at
+    lens
+}
+
+/// The length of the whole frames at the start of `bytes`.
+fn whole_frames_len(bytes: &[u8], max_frame: usize) -> usize {
+    leading_frames(bytes, max_frame).iter().sum()
 }
 
 /// The whole frames at the start of `bytes`.
 fn frames_of(bytes: &[u8], max_frame: usize) -> Vec<bytes::Bytes> {
-    let mut out = Vec::new();
     let mut at = 0;
-    let end = whole_frames_len(bytes, max_frame);
-    while at < end {
-        let body = u32::from_be_bytes([bytes[at + 1], bytes[at + 2], bytes[at + 3], bytes[at + 4]])
-            as usize;
-        let len = crate::codec::HEADER_LEN + body;
-        out.push(bytes::Bytes::copy_from_slice(&bytes[at..at + len]));
-        at += len;
-    }
-    out
+    leading_frames(bytes, max_frame)
+        .into_iter()
+        .map(|len| {
+            let f = bytes::Bytes::copy_from_slice(&bytes[at..at + len]);
+            at += len;
+            f
+        })
+        .collect()
 }
 
 /// What a session on the new path starts from.

@@ -1,6 +1,7 @@
 //! The sans-IO core of the ReliableTransport: one per device session on the new path. It is
 //! fed frames and the time, and says what to send where and what happened; the I/O driver owns
-//! the sockets and the timers. Nothing here blocks, reads a clock or allocates without bound.
+//! the sockets and the timers. Nothing here blocks or allocates without bound, and the only
+//! clock read is the timestamp inside each UUIDv7 `msg_id`.
 //!
 //! - **Towards the backend**: device frames are forwarded; those that expect an answer
 //!   (`codec::answer`) are tracked until the backend answers (keyed types by id/msg, keyless
@@ -362,7 +363,12 @@ impl Core {
                     msg_id,
                     ptype: f.ptype,
                     key,
-                    bytes: bytes.clone(),
+                    // Kept to resend after a reconnect; an observer never resends.
+                    bytes: if self.role == Role::Observe {
+                        Bytes::new()
+                    } else {
+                        bytes.clone()
+                    },
                     sent_at: now,
                     sent: self.connected,
                 });

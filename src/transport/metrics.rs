@@ -42,14 +42,6 @@ pub struct TransportMetrics {
     pub mirrors: prometheus::IntGauge,
 }
 
-fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let v =
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
-    r.register(Box::new(v.clone()))
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    v
-}
-
 fn gauges(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
     let v = IntGaugeVec::new(Opts::new(name, help), &["transport"])
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -62,37 +54,37 @@ impl TransportMetrics {
     /// Registers the families in `r`, with zero series for every known label value.
     pub fn register(r: &Registry) -> Self {
         let m = Self {
-            packet_sent: counters(
+            packet_sent: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_packet_sent_total",
                 "Frames handed to a leg by the transport, by outcome.",
                 &["transport", "outcome"],
             ),
-            packet_recv: counters(
+            packet_recv: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_packet_recv_total",
                 "Frames received from the backend, by outcome.",
                 &["transport", "outcome"],
             ),
-            ack_received: counters(
+            ack_received: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_ack_received_total",
                 "Commands the device answered, first try or after retries.",
                 &["transport", "outcome"],
             ),
-            ack_timeout: counters(
+            ack_timeout: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_ack_timeout_total",
                 "Commands unanswered after every retry.",
                 &["transport"],
             ),
-            retransmit: counters(
+            retransmit: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_packet_retransmit_total",
                 "Commands sent again, by reason.",
                 &["transport", "reason"],
             ),
-            idempotent_drop: counters(
+            idempotent_drop: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_idempotent_drop_total",
                 "Repeated backend commands not delivered to the device again.",
@@ -108,7 +100,7 @@ impl TransportMetrics {
                 "tcp_comm_recv_queue_size",
                 "Backend commands waiting for the device's answer, all sessions.",
             ),
-            queue_full: counters(
+            queue_full: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_queue_full_total",
                 "Frames dropped or refused by a full queue, by queue.",
@@ -132,7 +124,7 @@ impl TransportMetrics {
                     .unwrap_or_else(|e| panic!("tcp_comm_packet_latency_seconds: {e}"));
                 h
             },
-            request_timeout: counters(
+            request_timeout: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_request_timeout_total",
                 "Device requests the backend did not answer within new_path.answer_timeout.",
@@ -148,7 +140,7 @@ impl TransportMetrics {
                     .unwrap_or_else(|e| panic!("tcp_comm_mirror_dropped_total: {e}"));
                 c
             },
-            shadow_suppressed: counters(
+            shadow_suppressed: crate::metrics::counter_vec(
                 r,
                 "tcp_comm_shadow_suppressed_total",
                 "Frames the mirrored backend sent, kept from the device, by packet type.",
