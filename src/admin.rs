@@ -202,6 +202,7 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
             &json!({"ready": p.upstream_ready(), "upstreams": p.health().report()}),
         ),
         ("/routing", true, Some(p)) => json_resp(StatusCode::OK, &routing(p)),
+        ("/parity", true, Some(p)) => json_resp(StatusCode::OK, &p.parity_report()),
         ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
         ("/reload", false, Some(p)) if method == Method::POST => {
             if !remote.ip().is_loopback() {
@@ -222,7 +223,8 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
             }
         }
         (
-            "/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload" | "/upstreams",
+            "/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload" | "/upstreams"
+            | "/parity",
             _,
             _,
         ) => text(

@@ -72,6 +72,73 @@ pub struct Config {
     pub reload: ReloadConfig,
     /// Decrypted pcapng capture.
     pub capture: CaptureConfig,
+    /// Comparing the mirrored new backend's answers with the cloud's (reloads live).
+    pub parity: ParityConfig,
+}
+
+/// Where a shadowed session's mirror connects.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorTo {
+    /// The new backend (`new_path.addresses`): the dark launch.
+    #[default]
+    NewPath,
+    /// A second connection to the session's own legacy upstream: an A/A run that measures
+    /// the noise floor of the comparison (with the normalisation rules it should be zero).
+    Legacy,
+}
+
+/// `[parity]`: in shadow mode, each device request that expects an answer is answered by both
+/// paths; the answers are compared under per-type normalisation rules (`docs/parity.md`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParityConfig {
+    /// Compare at all (default true; the mirror runs either way).
+    pub enabled: bool,
+    /// How long both answers are awaited; a side that has not answered by then is missing.
+    /// Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Where the mirror connects: `new_path` (default) or `legacy` (A/A).
+    pub mirror_to: MirrorTo,
+    /// Write each drift as a JSON line to `<dir>/drift-YYYYMMDD.jsonl` (default true).
+    pub log: bool,
+    /// Folder of the drift logs (created 0700, files 0600). Default `captures/parity`.
+    pub dir: PathBuf,
+    /// Bytes per day's drift log; beyond it drifts are counted, not logged. Default 64 MiB.
+    pub max_log_bytes: u64,
+}
+
+impl Default for ParityConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout: Duration::from_secs(5),
+            mirror_to: MirrorTo::NewPath,
+            log: true,
+            dir: PathBuf::from("captures/parity"),
+            max_log_bytes: 64 << 20,
+        }
+    }
+}
+
+impl ParityConfig {
+    /// The tracker settings of a session.
+    pub fn tracker(&self) -> crate::parity::Settings {
+        crate::parity::Settings {
+            timeout: self.timeout,
+            ..crate::parity::Settings::default()
+        }
+    }
+
+    /// Where drift lines go.
+    pub fn log_target(&self) -> crate::parity::hub::LogTarget {
+        crate::parity::hub::LogTarget {
+            dir: self.dir.clone(),
+            max_bytes: self.max_log_bytes,
+            enabled: self.log,
+        }
+    }
 }
 
 /// `[capture]`: decrypted traffic written as pcapng (LINKTYPE_RAW, synthesized IPv4/TCP).
@@ -1045,8 +1112,9 @@ impl Config {
     }
 
     /// Every duration option with its dotted name (checked against [`MAX_DURATION`]).
-    pub fn durations(&self) -> [(&'static str, Duration); 20] {
+    pub fn durations(&self) -> [(&'static str, Duration); 21] {
         [
+            ("parity.timeout", self.parity.timeout),
             ("new_path.ack_timeout", self.new_path.ack_timeout),
             ("new_path.backoff_initial", self.new_path.backoff_initial),
             ("new_path.backoff_max", self.new_path.backoff_max),
@@ -1287,6 +1355,19 @@ impl Config {
         }
         if self.drain.batch == 0 {
             return Err(invalid("drain.batch", "must be at least 1"));
+        }
+        let p = &self.parity;
+        if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&p.timeout) {
+            return Err(invalid("parity.timeout", "must be between 100ms and 10m"));
+        }
+        if p.max_log_bytes < 4096 {
+            return Err(invalid("parity.max_log_bytes", "must be at least 4096"));
+        }
+        if p.log && p.dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "parity.dir",
+                "must not be empty while parity.log is on",
+            ));
         }
         if self.drain.interval.is_zero() {
             return Err(invalid("drain.interval", "must be greater than zero"));

@@ -22,6 +22,7 @@ pub mod codec;
 pub mod config;
 pub mod hexutil;
 pub mod metrics;
+pub mod parity;
 pub mod proxy;
 pub mod reload;
 pub mod route;

@@ -128,6 +128,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// The `tcp_comm_*` transport families.
     pub transport: crate::transport::metrics::TransportMetrics,
+    /// The parity families (`tcp_comm_parity_*`).
+    pub parity: crate::parity::hub::ParityMetrics,
     /// Accept errors (the loop backs off and goes on).
     pub accept_errors: IntCounter,
     /// Open connections by peer kind.
@@ -441,6 +443,7 @@ impl Metrics {
         r.register(Box::new(process))
             .unwrap_or_else(|e| panic!("{e}"));
         let transport = crate::transport::metrics::TransportMetrics::register(&r);
+        let parity = crate::parity::hub::ParityMetrics::register(&r);
         Self {
             registry: r,
             accepted,
@@ -459,6 +462,7 @@ impl Metrics {
             routing_decisions,
             new_path_fallbacks,
             transport,
+            parity,
             upstream_up_v,
             admin_rejected,
             capture_dropped,

@@ -73,6 +73,7 @@ pub struct Proxy {
     tracker: TaskTracker,
     sinks: Arc<[Arc<dyn TapSink>]>,
     health: health::Health,
+    parity: Arc<crate::parity::hub::Hub>,
 }
 
 struct GaugeGuard(prometheus::IntGauge);
@@ -105,7 +106,9 @@ impl Proxy {
             health.track(Path::Legacy, &cfg.config.upstream.addresses);
         }
         health.track(Path::New, &cfg.config.new_path.addresses);
+        let parity = crate::parity::hub::Hub::new(metrics.parity.clone());
         let me = Arc::new(Self {
+            parity,
             health,
             live,
             acceptor,
@@ -127,6 +130,20 @@ impl Proxy {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Loaded> {
         self.live.current()
+    }
+
+    /// The `GET /parity` document: the settings in force, ratios per request type, the most
+    /// drifting devices and the latest drifts.
+    pub fn parity_report(&self) -> serde_json::Value {
+        let l = self.live.current();
+        let p = &l.config.parity;
+        self.parity.report(serde_json::json!({
+            "enabled": p.enabled,
+            "mirror_to": p.mirror_to,
+            "timeout_ms": p.timeout.as_millis() as u64,
+            "log": p.log.then(|| p.dir.join("drift-YYYYMMDD.jsonl").display().to_string()),
+            "mode": l.config.routing.mode,
+        }))
     }
 
     /// The live configuration (reloads go through it).
@@ -531,17 +548,38 @@ impl Proxy {
         &self,
         rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
         control: &Arc<SessionControl>,
+        parity: Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>,
+        legacy_target: String,
     ) {
         use tokio::io::AsyncWriteExt as _;
         let loaded = self.live.current();
         let cfg = &loaded.config;
-        let connect = || async {
-            let l = self.live.current();
-            let t = upstream::Target::new_path(&l.config, &l.new_path);
-            upstream::connect(&t, &self.metrics, &self.health, Path::New)
-                .await
-                .map(|u| u.io)
-                .map_err(|e| e.to_string())
+        // An A/A run mirrors to a second connection to the session's own legacy upstream.
+        let a_a = cfg.parity.mirror_to == crate::config::MirrorTo::Legacy;
+        let connect = || {
+            let legacy_target = legacy_target.clone();
+            async move {
+                let l = self.live.current();
+                let (t, path) = if a_a {
+                    (
+                        upstream::Target {
+                            addresses: vec![legacy_target],
+                            tls: l.config.upstream.tls.then_some(&l.upstream),
+                            timeout: l.config.timeouts.upstream_connect,
+                        },
+                        Path::Legacy,
+                    )
+                } else {
+                    (
+                        upstream::Target::new_path(&l.config, &l.new_path),
+                        Path::New,
+                    )
+                };
+                upstream::connect(&t, &self.metrics, &self.health, path)
+                    .await
+                    .map(|u| u.io)
+                    .map_err(|e| e.to_string())
+            }
         };
         // First connection, with backoff, for as long as the session lives.
         let mut wait = Duration::from_millis(100);
@@ -602,6 +640,17 @@ impl Proxy {
             transport: "new",
             backend_state: Box::new(|up| {
                 tracing::debug!(up, "mirror: new path connection");
+            }),
+            on_backend: parity.clone().map(|p| {
+                Box::new(move |b: &bytes::Bytes, f: Option<&crate::codec::Frame>| {
+                    if let Some(f) = f {
+                        p.lock().unwrap_or_else(|p| p.into_inner()).answer(
+                            crate::parity::Side::New,
+                            f,
+                            b.clone(),
+                        );
+                    }
+                }) as crate::transport::driver::BackendHook<'_>
             }),
         });
         let (_, end) = tokio::join!(feeder, driver);
@@ -696,6 +745,7 @@ impl Proxy {
                     health.record(Path::New, &target, health::Check::Failed("connection lost".into()));
                 }
             }),
+            on_backend: None,
         })
         .await;
         if end == crate::transport::driver::End::BackendLost {
@@ -1007,11 +1057,28 @@ impl Proxy {
         let mirror = (path == Path::Legacy
             && decision.mirror
             && matches!(meta.peer, PeerKind::Device(_))
-            && !cfg.new_path.addresses.is_empty())
+            && (cfg.parity.mirror_to == crate::config::MirrorTo::Legacy
+                || !cfg.new_path.addresses.is_empty()))
         .then(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(cfg.new_path.send_queue_max.max(1));
             d2c.set_mirror(tx);
-            rx
+            // Parity: the requests the mirror takes, the cloud's answers, the backend's.
+            let parity = cfg.parity.enabled.then(|| {
+                let device = match meta.peer {
+                    PeerKind::Device(id) => Some(id),
+                    _ => None,
+                };
+                let p = crate::parity::hub::SessionParity::new(
+                    self.parity.clone(),
+                    cfg.parity.tracker(),
+                    device,
+                    cfg.parity.log_target(),
+                );
+                d2c.set_parity(p.clone());
+                c2d.set_parity(p.clone());
+                p
+            });
+            (rx, parity)
         });
         // 4. What was read while identifying went first, unchanged; then the answer (on the
         // new path, its whole frames; a partial one waits for the rest).
@@ -1070,19 +1137,34 @@ impl Proxy {
         );
         let reason = match mirror {
             None => relay.await,
-            Some(rx) => {
+            Some((rx, parity)) => {
                 // The mirror runs beside the relay in this task and never holds it up; it
                 // ends with the session.
-                let mirror = self.run_mirror(rx, control);
+                let mirror = self.run_mirror(rx, control, parity.clone(), target.clone());
                 tokio::pin!(relay);
                 tokio::pin!(mirror);
                 let mut mirror_done = false;
-                loop {
+                // Requests one side never answers are judged at their timeout, also on a
+                // session that has gone quiet.
+                let period = cfg.parity.timeout.max(Duration::from_secs(1));
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let r = loop {
                     tokio::select! {
                         r = &mut relay => break r,
                         () = &mut mirror, if !mirror_done => mirror_done = true,
+                        _ = tick.tick(), if parity.is_some() => {
+                            if let Some(p) = &parity {
+                                p.lock().unwrap_or_else(|p| p.into_inner()).tick();
+                            }
+                        }
                     }
+                };
+                if let Some(p) = &parity {
+                    p.lock().unwrap_or_else(|p| p.into_inner()).finish();
                 }
+                r
             }
         };
         if let Some(o) = observer {

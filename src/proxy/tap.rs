@@ -105,6 +105,8 @@ pub struct DirectionTap {
     mirror: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
     /// Passive observation of a relayed session (both directions share it).
     observer: Option<Arc<std::sync::Mutex<Observer>>>,
+    /// Parity of a mirrored session: device requests the mirror took, the cloud's answers.
+    parity: Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>,
 }
 
 /// Pairs a relayed session's requests and commands with their answers (a ReliableTransport
@@ -181,12 +183,25 @@ impl DirectionTap {
             problems: 0,
             mirror: None,
             observer: None,
+            parity: None,
         }
     }
 
     /// Feeds every whole frame of this direction to `o` from now on.
     pub fn set_observer(&mut self, o: Arc<std::sync::Mutex<Observer>>) {
         self.observer = Some(o);
+    }
+
+    /// Feeds this direction's frames to a mirrored session's parity from now on (device
+    /// requests the mirror took; the cloud's answers).
+    pub fn set_parity(&mut self, p: Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>) {
+        self.parity = Some(p);
+    }
+
+    /// Stops copying to the mirror and comparing (the mirror was detached).
+    pub fn clear_mirror(&mut self) {
+        self.mirror = None;
+        self.parity = None;
     }
 
     /// Copies every whole frame of this direction to `tx` from now on.
@@ -280,14 +295,29 @@ impl DirectionTap {
                 decoded.as_ref().ok(),
             );
         }
+        // Compared only when both paths got it: a frame the mirror's queue dropped is not.
+        let mut mirrored = false;
         if let Some(tx) = &self.mirror {
             match tx.try_send(raw.bytes().clone()) {
-                Ok(()) => {}
+                Ok(()) => mirrored = true,
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                     self.metrics.transport.mirror_dropped.inc();
                 }
                 // The mirror ended (its backend is gone for good): stop copying.
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => self.mirror = None,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    self.mirror = None;
+                    self.parity = None;
+                }
+            }
+        }
+        if let (Some(p), Ok(f)) = (&self.parity, &decoded) {
+            let mut p = p.lock().unwrap_or_else(|p| p.into_inner());
+            match self.flow {
+                Flow::DeviceToCloud if mirrored => p.request(f, raw.bytes().clone()),
+                Flow::DeviceToCloud => {}
+                Flow::CloudToDevice => {
+                    p.answer(crate::parity::Side::Legacy, f, raw.bytes().clone())
+                }
             }
         }
     }

@@ -181,6 +181,10 @@ pub struct CloudSim {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     next_conn: AtomicU64,
+    /// Answers to device requests so far, all connections (picks which are dropped).
+    answers: AtomicU64,
+    /// Answers with content to alter so far, all connections (picks which are altered).
+    alterable: AtomicU64,
     commands_on: std::sync::atomic::AtomicBool,
     /// When it was made (`restart_every` counts from here).
     started: Instant,
@@ -201,6 +205,8 @@ impl CloudSim {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn: AtomicU64::new(0),
+            answers: AtomicU64::new(0),
+            alterable: AtomicU64::new(0),
             commands_on: std::sync::atomic::AtomicBool::new(true),
             started: Instant::now(),
         })
@@ -267,8 +273,6 @@ impl CloudSim {
             seq: 0x100,
             pending: HashMap::new(),
             record: self.cfg.record,
-            answers: 0,
-            alterable: 0,
         };
         if c.record {
             self.stats
@@ -300,10 +304,6 @@ struct CloudConn<'a> {
     seq: u32,
     pending: HashMap<Msg, Instant>,
     record: bool,
-    /// Answers produced so far (picks which are dropped).
-    answers: u64,
-    /// Answers with content to alter so far (picks which are altered).
-    alterable: u64,
 }
 
 impl CloudConn<'_> {
@@ -480,8 +480,7 @@ impl CloudConn<'_> {
             return;
         }
         // Chaos on answers to device requests.
-        let n = self.answers;
-        self.answers += 1;
+        let n = self.sim.answers.fetch_add(1, Ordering::Relaxed);
         if Self::picked(n, self.sim.cfg.drop_answers) {
             out.truncate(before);
             self.sim
@@ -495,8 +494,7 @@ impl CloudConn<'_> {
         let ptype = out.get(before).copied();
         let last = out.len() - 1;
         if matches!(ptype, Some(0x48) | Some(0xc8)) && last > before + 5 {
-            let k = self.alterable;
-            self.alterable += 1;
+            let k = self.sim.alterable.fetch_add(1, Ordering::Relaxed);
             if Self::picked(k, self.sim.cfg.drift) {
                 out[last] ^= 0x01;
                 self.sim

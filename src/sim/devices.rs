@@ -144,9 +144,16 @@ pub struct Fleet {
     stats: Arc<FleetStats>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Heartbeats are sent (tests pause them to reach a quiet moment).
+    heartbeats: std::sync::atomic::AtomicBool,
 }
 
 impl Fleet {
+    /// Pauses or resumes the devices' heartbeats (the connections stay up).
+    pub fn set_heartbeats(&self, on: bool) {
+        self.heartbeats.store(on, Ordering::Relaxed);
+    }
+
     /// Starts `cfg.count` devices.
     pub fn start(cfg: FleetConfig, tls: ClientTls) -> Arc<Self> {
         let fleet = Arc::new(Self {
@@ -155,6 +162,7 @@ impl Fleet {
             stats: Arc::new(FleetStats::default()),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            heartbeats: std::sync::atomic::AtomicBool::new(true),
         });
         for i in 0..fleet.cfg.count {
             let f = fleet.clone();
@@ -526,7 +534,9 @@ impl SimDevice<'_> {
                     }
                 }
                 _ = heartbeat.tick(), if online => {
-                    self.send(&Frame::ping(), &mut out);
+                    if self.fleet.heartbeats.load(Ordering::Relaxed) {
+                        self.send(&Frame::ping(), &mut out);
+                    }
                 }
             }
             if !out.is_empty() {

@@ -57,6 +57,9 @@ impl End {
 /// A future that connects the backend again.
 pub type Reconnect<'a> = Pin<Box<dyn Future<Output = Result<Box<dyn Io>, String>> + Send + 'a>>;
 
+/// Sees each whole backend frame, decoded if it decodes.
+pub type BackendHook<'a> = Box<dyn FnMut(&bytes::Bytes, Option<&crate::codec::Frame>) + Send + 'a>;
+
 /// Everything a session needs.
 pub struct Session<'a> {
     /// The device leg.
@@ -95,6 +98,8 @@ pub struct Session<'a> {
     pub shadow: bool,
     /// Called with `true` when a lost backend is back, `false` when it is lost.
     pub backend_state: Box<dyn FnMut(bool) + Send + 'a>,
+    /// Shown every whole backend frame first, decoded if it decodes (parity of a mirror).
+    pub on_backend: Option<BackendHook<'a>>,
 }
 
 /// A writer task: writes what arrives on its queue, ends at the first error.
@@ -362,7 +367,15 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                     while let Some(ev) = be_framer.next_event() {
                         match ev {
                             FramerEvent::Frame(raw) => {
-                                let outs = core.on_backend_frame(last.into_std(), raw.bytes().clone());
+                                let frame = raw.decode().ok();
+                                if let Some(h) = s.on_backend.as_mut() {
+                                    h(raw.bytes(), frame.as_ref());
+                                }
+                                let outs = core.on_backend_parsed(
+                                    last.into_std(),
+                                    raw.bytes().clone(),
+                                    frame.as_ref(),
+                                );
                                 if outs.iter().any(|o| matches!(o, Output::ToDevice(_))) {
                                     m.packet_recv.with_label_values(&[t, "ok"]).inc();
                                 }
