@@ -105,6 +105,55 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UpstreamCmd,
     },
+    /// Replay captured device sessions into a backend and compare its answers with the
+    /// cloud's recorded ones (the pre-flight parity check): exit 0 within `--max-drift`, 1
+    /// beyond it or when a session could not run, 2 on bad input.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm replay captures/20261201/*.pcapng --to backend.lan:23779 --ca-file backend-ca.pem\n  \
+        cync-mitm replay sample.pcapng --to 127.0.0.1:23780 --insecure --speed 0 --json\n  \
+        cync-mitm replay day.pcapng --to 10.0.0.5:23779 --config cync-mitm.toml --max-drift 0.1%")]
+    Replay {
+        /// Captures (pcapng or pcap; ours, or any capture of the Cync port).
+        #[arg(required = true)]
+        captures: Vec<PathBuf>,
+        /// The backend, `host:port`.
+        #[arg(long)]
+        to: String,
+        /// Take the backend's TLS settings (`tls`, `verify`, `ca_file`, `pin_sha256`, `sni`,
+        /// `min_version`, `ciphers`) from this file's `[new_path]`; the flags below override.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// CA bundle (PEM) the backend's certificate must chain to.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// SHA-256 pin of the backend's certificate (repeatable).
+        #[arg(long = "pin-sha256")]
+        pin_sha256: Vec<String>,
+        /// SNI to send, and the name verified.
+        #[arg(long)]
+        sni: Option<String>,
+        /// Do not verify the backend's certificate.
+        #[arg(long)]
+        insecure: bool,
+        /// Plain TCP, no TLS.
+        #[arg(long)]
+        plain: bool,
+        /// Pace: 1 = as recorded, 10 = ten times faster, 0 = as fast as the backend answers.
+        #[arg(long, default_value = "1", value_parser = speed)]
+        speed: f64,
+        /// How long each answer is awaited.
+        #[arg(long, value_parser = positive_duration, default_value = "5s")]
+        timeout: Duration,
+        /// Tolerated drift: a count (`0`) or a share of the compared requests (`0.1%`).
+        #[arg(long, default_value = "0")]
+        max_drift: cync_mitm::cmd::replay::MaxDrift,
+        /// Sessions replayed at once.
+        #[arg(long, default_value = "64", value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Device and cloud simulators.
     #[command(
         after_help = "Examples:\n  cync-mitm sim cloud --listen 127.0.0.1:23780\n  \
@@ -347,6 +396,14 @@ fn period_10ms(s: &str) -> Result<Duration, String> {
 }
 
 /// A duration that must be greater than zero (a zero period would spin or panic a timer).
+fn speed(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !v.is_finite() || !(0.0..=1e6).contains(&v) {
+        return Err("must be between 0 (as fast as possible) and 1000000".into());
+    }
+    Ok(v)
+}
+
 fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
@@ -384,6 +441,41 @@ fn load_config(file: Option<&Path>) -> Result<Config, ExitCode> {
             ExitCode::from(EXIT_INVALID_CONFIG)
         }),
     }
+}
+
+/// The backend connector of `replay`, checked like `[new_path]`: verified unless told not to.
+fn replay_tls(
+    np: &cync_mitm::config::NewPathConfig,
+) -> Result<Option<cync_mitm::tls::UpstreamConnector>, String> {
+    if !np.tls {
+        return Ok(None);
+    }
+    if let Some(s) = &np.sni
+        && s.parse::<std::net::IpAddr>().is_err()
+        && !cync_mitm::config::is_dns_name(s)
+    {
+        return Err(format!(
+            "--sni {s:?} is neither a host name nor an IP address"
+        ));
+    }
+    if let Some(bad) = np
+        .pin_sha256
+        .iter()
+        .find(|p| cync_mitm::config::parse_pin(p).is_none())
+    {
+        return Err(format!(
+            "--pin-sha256 {bad:?} is not a SHA-256 (64 hex digits, colons allowed)"
+        ));
+    }
+    if np.verify && np.ca_file.is_none() && np.pin_sha256.is_empty() {
+        return Err(
+            "the backend's certificate is verified: give --ca-file or --pin-sha256 (`cync-mitm upstream fingerprint ADDR` prints the pin), --config with a [new_path] that has them, or --insecure"
+                .into(),
+        );
+    }
+    cync_mitm::tls::UpstreamConnector::new(&np.client_tls())
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -598,6 +690,78 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => {
                     eprintln!("cync-mitm upstream fingerprint: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Cmd::Replay {
+            captures,
+            to,
+            config,
+            ca_file,
+            pin_sha256,
+            sni,
+            insecure,
+            plain,
+            speed,
+            timeout,
+            max_drift,
+            concurrency,
+            json,
+        } => {
+            let mut np = match config {
+                Some(f) => match load_config(Some(&f)) {
+                    Ok(c) => c.new_path,
+                    Err(code) => return Ok(code),
+                },
+                None => cync_mitm::config::NewPathConfig::default(),
+            };
+            if ca_file.is_some() {
+                np.ca_file = ca_file;
+            }
+            if !pin_sha256.is_empty() {
+                np.pin_sha256 = pin_sha256;
+            }
+            if sni.is_some() {
+                np.sni = sni;
+            }
+            if insecure {
+                np.verify = false;
+            }
+            if plain {
+                np.tls = false;
+            }
+            let tls = match replay_tls(&np) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("cync-mitm replay: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let opts = cync_mitm::cmd::replay::Options {
+                captures,
+                to,
+                tls,
+                speed,
+                timeout,
+                max_drift,
+                concurrency: usize::from(concurrency),
+            };
+            match runtime()?.block_on(cync_mitm::cmd::replay::run(&opts)) {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        print!("{}", cync_mitm::cmd::replay::render(&r));
+                    }
+                    Ok(if r.ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm replay: {e}");
                     Ok(ExitCode::from(2))
                 }
             }

@@ -100,9 +100,19 @@ fn dissector_decodes_the_committed_sample() {
         .arg(&s)
         .output()
         .unwrap();
-    let ours: Vec<Vec<String>> = String::from_utf8_lossy(&read.stdout)
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&read.stdout)
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect();
+    // The capture time stays a number on every line (a time answer's clock has its own key).
+    assert!(lines.iter().all(|v| v["time"].is_f64()));
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["name"] == "time_answer" && v["clock"]["utc_offset"] == "-06:00")
+    );
+    let ours: Vec<Vec<String>> = lines
+        .iter()
         .filter(|v| v["inner"]["opcode"] == "0xdb")
         .map(|v| {
             let s = &v["inner"]["status"];

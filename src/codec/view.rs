@@ -281,8 +281,9 @@ fn fill_frame(o: &mut Obj, f: &Frame) {
             }
         }
         Body::TimeAnswer(t) => {
+            // Not "time": `capture read` puts the capture time under that key.
             o.insert(
-                "time".into(),
+                "clock".into(),
                 json!({
                     "date": t.date(),
                     "weekday": t.weekday_name(),

@@ -135,7 +135,11 @@ pub fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h)
 }
 
-async fn attempt(addr: &str, tls: Option<&UpstreamConnector>) -> Result<Upstream, UpstreamError> {
+/// One TCP (+ TLS) connection to `addr` (no health bookkeeping).
+pub async fn attempt(
+    addr: &str,
+    tls: Option<&UpstreamConnector>,
+) -> Result<Upstream, UpstreamError> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| UpstreamError::Connect {
