@@ -548,8 +548,9 @@ async fn mode_changes_that_keep_the_path_drain_nobody() {
     let connects = || fleet.stats().connects.load(Ordering::Relaxed);
     let c0 = connects();
 
-    // legacy_only -> shadow: still the legacy path for everyone.
+    // legacy_only -> shadow: still the legacy path for everyone (their mirrors attach).
     rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("shadow"));
+    assert!(wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed) == 20).await);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(drained(), 0, "legacy_only -> shadow drained devices");
     assert_eq!(connects(), c0);
@@ -557,7 +558,7 @@ async fn mode_changes_that_keep_the_path_drain_nobody() {
     // shadow -> new_primary moves everyone to the new path ...
     rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("new_primary"));
     assert!(
-        wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed) == 20
+        wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed) == 40
             && fleet.stats().online.load(Ordering::Relaxed) == 20)
         .await
     );
@@ -664,4 +665,139 @@ async fn fallen_back_devices_count_as_legacy() {
     );
     fleet.stop().await;
     legacy.stop().await;
+}
+
+/// `legacy_only → shadow (50 %) → shadow (100 %) → legacy_only` attaches and detaches mirrors on
+/// the live sessions: no device connection closes, the backend sees the mirrored devices (their
+/// handshake first), the cloud gets every byte, and parity compares from the attach on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadowing_on_and_off_attaches_and_detaches_mirrors_without_closing_devices() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig {
+        record: true,
+        ..Default::default()
+    })
+    .await;
+    let (newp, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cync-mitm.toml");
+    let parity = format!(
+        "[parity]\ndir = \"{}\"\n",
+        dir.path().join("parity").display()
+    );
+    let routing = |mode: &str, pct: u32| {
+        format!("[routing]\nmode = \"{mode}\"\ncanary_percent = {pct}\n\n{parity}")
+    };
+    write_config(&file, legacy_addr, new_addr, &routing("legacy_only", 100));
+    let metrics = Arc::new(Metrics::new(false));
+    let cfg = Config::load(&file).unwrap();
+    let live = LiveConfig::new(cfg, Some(file.clone()), metrics.clone(), |_| None).unwrap();
+    let p = start_proxy_live(live.clone(), metrics.clone()).await;
+    let mut fc = fleet_config(p.addr, 20);
+    fc.record = true;
+    fc.heartbeat = Duration::from_millis(100);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 20).await);
+    let mirrors = || metrics.transport.mirrors.get();
+    assert_eq!(mirrors(), 0);
+    assert_eq!(newp.stats().connections.load(Ordering::Relaxed), 0);
+
+    // Half the devices shadowed: their mirrors attach in place.
+    rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("shadow", 50));
+    let half = ids_under(&live, &fleet);
+    assert!(half > 3 && half < 17, "{half} of 20 under 50 %");
+    assert!(
+        wait_until(T, || mirrors() == half as i64).await,
+        "{} mirrors for {half} devices",
+        mirrors()
+    );
+    assert!(
+        wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed)
+            == half as u64)
+        .await,
+        "the backend got each mirrored device's handshake first"
+    );
+    // All of them.
+    rewrite_and_reload(&live, &file, legacy_addr, new_addr, &routing("shadow", 100));
+    assert!(wait_until(T, || mirrors() == 20).await, "{}", mirrors());
+    assert!(wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed) == 20).await);
+    let pings = || metrics.parity.matches.with_label_values(&["ping"]).get();
+    assert!(
+        wait_until(T, || pings() > 100).await,
+        "parity compares after the attach"
+    );
+    // Off again: every mirror detaches, nobody reconnects.
+    rewrite_and_reload(
+        &live,
+        &file,
+        legacy_addr,
+        new_addr,
+        &routing("legacy_only", 100),
+    );
+    assert!(wait_until(T, || mirrors() == 0).await, "{}", mirrors());
+    assert!(
+        wait_until(T, || newp.stats().connections.load(Ordering::Relaxed)
+            as i64
+            - newp_open(&newp) as i64
+            == 20)
+        .await
+    );
+    let frames = newp.stats().frames_in.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        newp.stats().frames_in.load(Ordering::Relaxed),
+        frames,
+        "nothing is mirrored after the detach"
+    );
+    let r = fleet.report();
+    assert_eq!(r.connects, 20, "{r:?}");
+    assert_eq!(r.disconnects, 0, "{r:?}");
+    assert_eq!(metrics.closed.with_label_values(&["drained"]).get(), 0);
+    assert_eq!(
+        metrics
+            .parity
+            .drifts
+            .with_label_values(&["ping", "missing_new"])
+            .get(),
+        0
+    );
+    // The cloud got every byte of every device, unchanged, across the three changes.
+    fleet.set_heartbeats(false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fleet.stop().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let transcripts = fleet.stats().transcripts.lock().unwrap().clone();
+    for id in fleet.ids() {
+        let dev = &transcripts[&id];
+        let cloud = legacy.stats().transcripts_of(id);
+        assert_eq!(cloud.len(), 1, "{id}");
+        assert_eq!(
+            dev[0].sent, cloud[0].received,
+            "{id}: the cloud got every byte"
+        );
+        assert_eq!(
+            dev[0].received, cloud[0].sent,
+            "{id}: only the cloud's bytes"
+        );
+    }
+    legacy.stop().await;
+    newp.stop().await;
+}
+
+/// Devices of `fleet` whose decision under the policy in force mirrors.
+fn ids_under(live: &LiveConfig, fleet: &cync_mitm::sim::devices::Fleet) -> usize {
+    let l = live.current();
+    fleet
+        .ids()
+        .into_iter()
+        .filter(|id| {
+            l.policy
+                .decide(cync_mitm::proxy::tap::PeerKind::Device(*id))
+                .mirror
+        })
+        .count()
+}
+
+/// Connections the simulator has open now (devices it knows as connected).
+fn newp_open(sim: &cync_mitm::sim::cloud::CloudSim) -> usize {
+    sim.stats().connected.lock().unwrap().len()
 }

@@ -50,6 +50,8 @@ impl Cause {
 pub struct SessionControl {
     token: CancellationToken,
     cause: AtomicU8,
+    /// Whether the session should run a dark-launch mirror (a reload turns it on and off).
+    mirror: tokio::sync::watch::Sender<bool>,
 }
 
 impl SessionControl {
@@ -58,7 +60,24 @@ impl SessionControl {
         Arc::new(Self {
             token: parent.child_token(),
             cause: AtomicU8::new(Cause::None as u8),
+            mirror: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Asks the session to attach (`true`) or detach its mirror; the connection stays.
+    pub fn set_mirror(&self, on: bool) {
+        self.mirror
+            .send_if_modified(|m| std::mem::replace(m, on) != on);
+    }
+
+    /// Whether the session should mirror now.
+    pub fn mirror_wanted(&self) -> bool {
+        *self.mirror.borrow()
+    }
+
+    /// Follows [`SessionControl::set_mirror`].
+    pub fn mirror_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.mirror.subscribe()
     }
 
     /// Closes the session for `cause` (the first cause given wins).

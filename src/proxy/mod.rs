@@ -78,6 +78,15 @@ pub struct Proxy {
 
 struct GaugeGuard(prometheus::IntGauge);
 
+/// A mirror's queue and its session's parity, as attached.
+type MirrorStart = (
+    tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>,
+);
+
+/// A running mirror.
+type MirrorFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
@@ -172,6 +181,11 @@ impl Proxy {
                         if s.moves_under(&now) {
                             queue.push_back((id, s.conn));
                         }
+                        // A device that stays on the cloud gains or loses its mirror in place
+                        // (shadow mode, or the share changing in it).
+                        s.control.set_mirror(
+                            s.path == Path::Legacy && now.path == Path::Legacy && now.mirror,
+                        );
                     }
                     let d = &loaded.config.drain;
                     if queue.is_empty() {
@@ -539,6 +553,42 @@ impl Proxy {
             s.on_close(&meta, &reason);
         }
         tracing::info!(reason = %reason, duration_s = format_args!("{secs:.1}"), "connection closed");
+    }
+
+    /// Attaches a mirror to a session's taps (when the configuration in force has somewhere
+    /// to mirror to): a bounded queue the device's frames are copied to, and the session's
+    /// parity. `hello`, the device's handshake, goes first when the session is already
+    /// running (a mirror attached at the start gets it through the tap).
+    fn attach_mirror(
+        &self,
+        slot: &tap::MirrorSlot,
+        device: Option<crate::codec::DeviceId>,
+        hello: Option<bytes::Bytes>,
+    ) -> Option<MirrorStart> {
+        let loaded = self.live.current();
+        let cfg = &loaded.config;
+        if cfg.parity.mirror_to != crate::config::MirrorTo::Legacy
+            && cfg.new_path.addresses.is_empty()
+        {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(cfg.new_path.send_queue_max.max(1));
+        if let Some(h) = hello {
+            let _ = tx.try_send(h);
+        }
+        let parity = cfg.parity.enabled.then(|| {
+            crate::parity::hub::SessionParity::new(
+                self.parity.clone(),
+                cfg.parity.tracker(),
+                device,
+                cfg.parity.log_target(),
+            )
+        });
+        slot.store(Some(Arc::new(tap::MirrorLink {
+            tx,
+            parity: parity.clone(),
+        })));
+        Some((rx, parity))
     }
 
     /// The dark-launch mirror of one shadowed session: a ReliableTransport in shadow role fed
@@ -1053,33 +1103,28 @@ impl Proxy {
                 c2d.set_observer(o.clone());
                 o
             });
-        // Dark launch: a shadowed device's frames are copied to the new path from the first.
-        let mirror = (path == Path::Legacy
-            && decision.mirror
-            && matches!(meta.peer, PeerKind::Device(_))
-            && (cfg.parity.mirror_to == crate::config::MirrorTo::Legacy
-                || !cfg.new_path.addresses.is_empty()))
-        .then(|| {
-            let (tx, rx) = tokio::sync::mpsc::channel(cfg.new_path.send_queue_max.max(1));
-            d2c.set_mirror(tx);
-            // Parity: the requests the mirror takes, the cloud's answers, the backend's.
-            let parity = cfg.parity.enabled.then(|| {
-                let device = match meta.peer {
-                    PeerKind::Device(id) => Some(id),
-                    _ => None,
-                };
-                let p = crate::parity::hub::SessionParity::new(
-                    self.parity.clone(),
-                    cfg.parity.tracker(),
-                    device,
-                    cfg.parity.log_target(),
-                );
-                d2c.set_parity(p.clone());
-                c2d.set_parity(p.clone());
-                p
-            });
-            (rx, parity)
+        // Dark launch: a shadowed device's frames are copied to a mirror, attached from the
+        // first frame, or later when a reload turns it on (and detached when one turns it
+        // off), while the relay runs on untouched.
+        let device_id = match meta.peer {
+            PeerKind::Device(id) => Some(id),
+            _ => None,
+        };
+        let slot = (path == Path::Legacy && device_id.is_some()).then(|| {
+            let slot = Arc::new(tap::MirrorSlot::empty());
+            d2c.set_mirror(slot.clone());
+            c2d.set_mirror(slot.clone());
+            slot
         });
+        if slot.is_some() {
+            control.set_mirror(decision.mirror);
+        }
+        let mut mirror_rx = None;
+        if let Some(slot) = &slot
+            && decision.mirror
+        {
+            mirror_rx = self.attach_mirror(slot, device_id, None);
+        }
         // 4. What was read while identifying went first, unchanged; then the answer (on the
         // new path, its whole frames; a partial one waits for the rest).
         d2c.on_chunk(&initial);
@@ -1135,15 +1180,36 @@ impl Proxy {
             control,
             cfg.timeouts.idle,
         );
-        let reason = match mirror {
+        let reason = match slot {
             None => relay.await,
-            Some((rx, parity)) => {
+            Some(slot) => {
                 // The mirror runs beside the relay in this task and never holds it up; it
-                // ends with the session.
-                let mirror = self.run_mirror(rx, control, parity.clone(), target.clone());
+                // ends with the session, or when a reload detaches it.
+                let mut want = control.mirror_watch();
+                let mut watching = true;
+                let hello = frames_of(&initial[..whole], cfg.limits.max_frame)
+                    .into_iter()
+                    .next();
+                let mut mirror: Option<MirrorFuture<'_>> = None;
+                let mut parity = None;
+                if let Some((rx, p)) = mirror_rx {
+                    mirror = Some(Box::pin(self.run_mirror(
+                        rx,
+                        control,
+                        p.clone(),
+                        target.clone(),
+                    )));
+                    parity = p;
+                }
+                let detach = |parity: &mut Option<
+                    Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>,
+                >| {
+                    slot.store(None);
+                    if let Some(p) = parity.take() {
+                        p.lock().unwrap_or_else(|p| p.into_inner()).finish();
+                    }
+                };
                 tokio::pin!(relay);
-                tokio::pin!(mirror);
-                let mut mirror_done = false;
                 // Requests one side never answers are judged at their timeout, also on a
                 // session that has gone quiet.
                 let period = cfg.parity.timeout.max(Duration::from_secs(1));
@@ -1153,17 +1219,49 @@ impl Proxy {
                 let r = loop {
                     tokio::select! {
                         r = &mut relay => break r,
-                        () = &mut mirror, if !mirror_done => mirror_done = true,
+                        () = async {
+                            match mirror.as_mut() {
+                                Some(m) => m.await,
+                                None => std::future::pending().await,
+                            }
+                        }, if mirror.is_some() => {
+                            mirror = None;
+                            detach(&mut parity);
+                        }
                         _ = tick.tick(), if parity.is_some() => {
                             if let Some(p) = &parity {
                                 p.lock().unwrap_or_else(|p| p.into_inner()).tick();
                             }
                         }
+                        changed = want.changed(), if watching => {
+                            if changed.is_err() {
+                                watching = false;
+                                continue;
+                            }
+                            let on = *want.borrow_and_update();
+                            if on && mirror.is_none() {
+                                if let Some((rx, p)) =
+                                    self.attach_mirror(&slot, device_id, hello.clone())
+                                {
+                                    tracing::info!("mirror attached (routing change)");
+                                    mirror = Some(Box::pin(self.run_mirror(
+                                        rx,
+                                        control,
+                                        p.clone(),
+                                        target.clone(),
+                                    )));
+                                    parity = p;
+                                }
+                            } else if !on && mirror.is_some() {
+                                tracing::info!("mirror detached (routing change)");
+                                mirror = None;
+                                detach(&mut parity);
+                            }
+                        }
                     }
                 };
-                if let Some(p) = &parity {
-                    p.lock().unwrap_or_else(|p| p.into_inner()).finish();
-                }
+                drop(mirror.take());
+                detach(&mut parity);
                 r
             }
         };

@@ -100,14 +100,25 @@ pub struct DirectionTap {
     logged: bool,
     frames: u64,
     problems: u64,
-    /// Dark launch: whole frames copied to the mirror, fire and forget (a full queue drops
-    /// the frame and counts it; the relay never waits).
-    mirror: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    /// Dark launch: the session's mirror, when one is attached (both directions share the
+    /// slot; the session attaches and detaches it while the relay runs).
+    mirror: Option<Arc<MirrorSlot>>,
     /// Passive observation of a relayed session (both directions share it).
     observer: Option<Arc<std::sync::Mutex<Observer>>>,
-    /// Parity of a mirrored session: device requests the mirror took, the cloud's answers.
-    parity: Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>,
 }
+
+/// A session's attached mirror: whole device frames are copied to `tx`, fire and forget (a
+/// full queue drops the frame and counts it; the relay never waits), and `parity` compares the
+/// answers.
+pub struct MirrorLink {
+    /// The mirror's queue.
+    pub tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    /// The session's parity: device requests the mirror took, the cloud's answers.
+    pub parity: Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>,
+}
+
+/// Where a session's taps find its mirror, if one is attached.
+pub type MirrorSlot = arc_swap::ArcSwapOption<MirrorLink>;
 
 /// Pairs a relayed session's requests and commands with their answers (a ReliableTransport
 /// core in observe role), so the legacy path's `tcp_comm_*` numbers use the new path's
@@ -183,7 +194,6 @@ impl DirectionTap {
             problems: 0,
             mirror: None,
             observer: None,
-            parity: None,
         }
     }
 
@@ -192,21 +202,10 @@ impl DirectionTap {
         self.observer = Some(o);
     }
 
-    /// Feeds this direction's frames to a mirrored session's parity from now on (device
-    /// requests the mirror took; the cloud's answers).
-    pub fn set_parity(&mut self, p: Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>) {
-        self.parity = Some(p);
-    }
-
-    /// Stops copying to the mirror and comparing (the mirror was detached).
-    pub fn clear_mirror(&mut self) {
-        self.mirror = None;
-        self.parity = None;
-    }
-
-    /// Copies every whole frame of this direction to `tx` from now on.
-    pub fn set_mirror(&mut self, tx: tokio::sync::mpsc::Sender<bytes::Bytes>) {
-        self.mirror = Some(tx);
+    /// Shows this direction's frames to whatever mirror `slot` holds: the device's frames
+    /// are copied to it, the cloud's answers compared.
+    pub fn set_mirror(&mut self, slot: Arc<MirrorSlot>) {
+        self.mirror = Some(slot);
     }
 
     /// Frames seen so far.
@@ -295,28 +294,31 @@ impl DirectionTap {
                 decoded.as_ref().ok(),
             );
         }
-        // Compared only when both paths got it: a frame the mirror's queue dropped is not.
-        let mut mirrored = false;
-        if let Some(tx) = &self.mirror {
-            match tx.try_send(raw.bytes().clone()) {
-                Ok(()) => mirrored = true,
-                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                    self.metrics.transport.mirror_dropped.inc();
+        if let Some(slot) = &self.mirror {
+            let link = slot.load();
+            if let Some(link) = link.as_ref() {
+                // Compared only when both paths got it: a frame the mirror's queue dropped
+                // is not.
+                let mut mirrored = false;
+                if self.flow == Flow::DeviceToCloud {
+                    match link.tx.try_send(raw.bytes().clone()) {
+                        Ok(()) => mirrored = true,
+                        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                            self.metrics.transport.mirror_dropped.inc();
+                        }
+                        // The mirror ended: its session detaches it.
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
+                    }
                 }
-                // The mirror ended (its backend is gone for good): stop copying.
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                    self.mirror = None;
-                    self.parity = None;
-                }
-            }
-        }
-        if let (Some(p), Ok(f)) = (&self.parity, &decoded) {
-            let mut p = p.lock().unwrap_or_else(|p| p.into_inner());
-            match self.flow {
-                Flow::DeviceToCloud if mirrored => p.request(f, raw.bytes().clone()),
-                Flow::DeviceToCloud => {}
-                Flow::CloudToDevice => {
-                    p.answer(crate::parity::Side::Legacy, f, raw.bytes().clone())
+                if let (Some(p), Ok(f)) = (&link.parity, &decoded) {
+                    let mut p = p.lock().unwrap_or_else(|p| p.into_inner());
+                    match self.flow {
+                        Flow::DeviceToCloud if mirrored => p.request(f, raw.bytes().clone()),
+                        Flow::DeviceToCloud => {}
+                        Flow::CloudToDevice => {
+                            p.answer(crate::parity::Side::Legacy, f, raw.bytes().clone())
+                        }
+                    }
                 }
             }
         }
