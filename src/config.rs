@@ -262,14 +262,66 @@ impl RoutingConfig {
     }
 }
 
+/// The new path's TLS mode.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NewPathTls {
+    /// rustls: TLS 1.2/1.3, forward-secret AEAD suites only (a new backend is modern).
+    #[default]
+    Modern,
+    /// OpenSSL with `new_path.ciphers` (for a backend rustls cannot talk to).
+    Legacy,
+    /// Plain TCP.
+    Plain,
+}
+
+impl NewPathTls {
+    /// Whether the leg speaks TLS at all.
+    pub fn enabled(self) -> bool {
+        self != NewPathTls::Plain
+    }
+
+    /// The library a TLS leg uses.
+    pub fn engine(self) -> crate::tls::Engine {
+        match self {
+            NewPathTls::Legacy => crate::tls::Engine::OpenSsl,
+            _ => crate::tls::Engine::Rustls,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NewPathTls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(NewPathTls::Modern),
+            Raw::Bool(false) => Ok(NewPathTls::Plain),
+            Raw::Name(n) => match n.as_str() {
+                "modern" => Ok(NewPathTls::Modern),
+                "legacy" => Ok(NewPathTls::Legacy),
+                "plain" => Ok(NewPathTls::Plain),
+                other => Err(serde::de::Error::custom(format!(
+                    "unknown TLS mode {other:?}: expected \"modern\", \"legacy\" or \"plain\" (or true / false)"
+                ))),
+            },
+        }
+    }
+}
+
 /// `[new_path]`: where devices routed to the new path are relayed.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NewPathConfig {
     /// `host:port` candidates, in order. Required once any device can be routed `new_*`.
     pub addresses: Vec<String>,
-    /// Speak TLS (default true).
-    pub tls: bool,
+    /// How to speak to the backend: `modern` (rustls, the default), `legacy` (OpenSSL with
+    /// `ciphers`) or `plain` (no TLS). `true` and `false` mean `modern` and `plain`.
+    pub tls: NewPathTls,
     /// Verify the backend (default true): its chain against `ca_file` and its name (`sni`, or
     /// else the address's host or IP), or, without `ca_file`, its certificate against
     /// `pin_sha256`. One of the two is required while verifying.
@@ -342,7 +394,7 @@ impl Default for NewPathConfig {
     fn default() -> Self {
         Self {
             addresses: Vec::new(),
-            tls: true,
+            tls: NewPathTls::Modern,
             verify: true,
             ca_file: None,
             pin_sha256: Vec::new(),
@@ -378,8 +430,10 @@ pub struct ClientTlsSettings {
     pub sni: Option<String>,
     /// Lowest TLS version.
     pub min_version: TlsVersion,
-    /// Ciphers.
+    /// Ciphers (OpenSSL only).
     pub ciphers: String,
+    /// The TLS library.
+    pub engine: crate::tls::Engine,
 }
 
 impl UpstreamConfig {
@@ -392,6 +446,7 @@ impl UpstreamConfig {
             sni: self.sni.clone(),
             min_version: self.min_version,
             ciphers: self.ciphers.clone(),
+            engine: crate::tls::Engine::OpenSsl,
         }
     }
 }
@@ -406,6 +461,7 @@ impl NewPathConfig {
             sni: self.sni.clone(),
             min_version: self.min_version,
             ciphers: self.ciphers.clone(),
+            engine: self.tls.engine(),
         }
     }
 }
@@ -1046,14 +1102,14 @@ pub fn insecure_tls_warnings(cfg: &Config) -> Vec<String> {
         );
     }
     let n = &cfg.new_path;
-    if !n.tls && !n.addresses.is_empty() {
+    if !n.tls.enabled() && !n.addresses.is_empty() {
         out.push(
-            "new_path.tls = false: the traffic to the new path is plaintext, readable and \
+            "new_path.tls = \"plain\": the traffic to the new path is plaintext, readable and \
              changeable by anyone on the path to the backend"
                 .to_owned(),
         );
     }
-    if n.tls && !n.verify && n.pin_sha256.is_empty() && !n.addresses.is_empty() {
+    if n.tls.enabled() && !n.verify && n.pin_sha256.is_empty() && !n.addresses.is_empty() {
         out.push(
             "new_path certificate verification is OFF (new_path.verify = false): anyone on the \
              path to the backend can read and change the traffic; set new_path.ca_file or \
@@ -1292,7 +1348,7 @@ impl Config {
             "new_path",
             &n.addresses,
             &n.client_tls(),
-            n.tls && !n.addresses.is_empty(),
+            n.tls.enabled() && !n.addresses.is_empty(),
         )?;
         let routes_new = matches!(
             r.mode,
@@ -1730,6 +1786,33 @@ mod tests {
     }
 
     #[test]
+    fn new_path_tls_modes_parse_names_and_booleans() {
+        for (text, want) in [
+            ("\"modern\"", NewPathTls::Modern),
+            ("\"legacy\"", NewPathTls::Legacy),
+            ("\"plain\"", NewPathTls::Plain),
+            ("true", NewPathTls::Modern),
+            ("false", NewPathTls::Plain),
+        ] {
+            let c = parse(&format!("[new_path]\ntls = {text}\n")).unwrap();
+            assert_eq!(c.new_path.tls, want, "{text}");
+        }
+        assert_eq!(Config::default().new_path.tls, NewPathTls::Modern);
+        assert_eq!(
+            NewPathTls::Modern.engine(),
+            crate::tls::Engine::Rustls,
+            "a new backend is modern"
+        );
+        assert_eq!(NewPathTls::Legacy.engine(), crate::tls::Engine::OpenSsl);
+        let e = parse("[new_path]\ntls = \"tls13\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown TLS mode \"tls13\""), "{e}");
+        assert!(parse("[new_path]\ntls = 3\n").is_err());
+        // Shown as its name.
+        let shown = toml::to_string(&Config::default()).unwrap();
+        assert!(shown.contains("tls = \"modern\""), "{shown}");
+    }
+
+    #[test]
     fn new_path_tls_is_verified_by_default() {
         let c = Config::default();
         assert!(c.new_path.verify);
@@ -1799,7 +1882,7 @@ mod tests {
         assert!(
             insecure_tls_warnings(&c)
                 .iter()
-                .any(|w| w.contains("new_path.tls = false")),
+                .any(|w| w.contains("new_path.tls = \"plain\"")),
         );
     }
 

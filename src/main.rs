@@ -447,7 +447,7 @@ fn load_config(file: Option<&Path>) -> Result<Config, ExitCode> {
 fn replay_tls(
     np: &cync_mitm::config::NewPathConfig,
 ) -> Result<Option<cync_mitm::tls::UpstreamConnector>, String> {
-    if !np.tls {
+    if !np.tls.enabled() {
         return Ok(None);
     }
     if let Some(s) = &np.sni
@@ -729,7 +729,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 np.verify = false;
             }
             if plain {
-                np.tls = false;
+                np.tls = cync_mitm::config::NewPathTls::Plain;
             }
             let tls = match replay_tls(&np) {
                 Ok(t) => t,

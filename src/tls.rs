@@ -358,19 +358,183 @@ pub fn describe_ssl_error(e: &openssl::ssl::Error) -> String {
     }
 }
 
-/// Connects to the cloud (or another upstream) over OpenSSL, with optional pinning.
+/// The TLS library of a client leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// OpenSSL, with a configurable cipher list (the cloud's legacy suites).
+    OpenSsl,
+    /// rustls: TLS 1.2/1.3, forward-secret AEAD suites only.
+    Rustls,
+}
+
+/// Connects to the cloud (or another upstream) over OpenSSL, or to a modern backend over
+/// rustls, with optional pinning.
 #[derive(Clone)]
 pub struct UpstreamConnector {
-    ctx: SslContext,
+    engine: EngineCtx,
     settings: ClientTlsSettings,
     pins: Vec<[u8; 32]>,
     ca_digest: Option<[u8; 32]>,
+}
+
+#[derive(Clone)]
+enum EngineCtx {
+    OpenSsl(SslContext),
+    Rustls(tokio_rustls::TlsConnector),
 }
 
 /// SHA-256 of the CA file `settings` names, when it is read for verification.
 pub fn ca_file_digest(settings: &ClientTlsSettings) -> Option<[u8; 32]> {
     let ca = settings.ca_file.as_ref().filter(|_| settings.verify)?;
     std::fs::read(ca).ok().map(|b| openssl::sha::sha256(&b))
+}
+
+/// Accepts any certificate but checks the handshake signatures: with pins, the pin is checked
+/// on the certificate once the handshake is done (before a byte of data is sent); without,
+/// `verify = false` asked for no check.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Writes rustls secrets to the key log, in NSS format.
+#[derive(Debug)]
+struct RustlsKeyLog;
+
+impl rustls::KeyLog for RustlsKeyLog {
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        if let Some(m) = KEYLOG.get() {
+            let mut f = m.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(
+                f,
+                "{label} {} {}",
+                crate::hexutil::to_hex(client_random),
+                crate::hexutil::to_hex(secret)
+            );
+        }
+    }
+}
+
+fn rustls_connector(cfg: &ClientTlsSettings) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = if cfg.min_version >= TlsVersion::Tls13 {
+        &[&rustls::version::TLS13]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
+    let b = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)?;
+    let mut c = match (&cfg.ca_file, cfg.verify) {
+        (Some(ca), true) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+                .map_err(|_| TlsError::Pem(ca.clone()))?
+                .collect::<Result<_, _>>()
+                .map_err(|_| TlsError::Pem(ca.clone()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(TlsError::Pem(ca.clone()));
+            }
+            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::Handshake(format!("{}: {e}", ca.display())))?;
+            b.with_webpki_verifier(v).with_no_client_auth()
+        }
+        _ => b
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+            .with_no_client_auth(),
+    };
+    if KEYLOG.get().is_some() {
+        c.key_log = Arc::new(RustlsKeyLog);
+    }
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(c)))
+}
+
+/// What a rustls handshake error says, in the words the OpenSSL leg uses where they apply.
+fn describe_rustls_error(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
+    let Some(r) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    let rustls::Error::InvalidCertificate(c) = r else {
+        return r.to_string();
+    };
+    let why = match c {
+        C::NotValidForNameContext {
+            expected,
+            presented,
+        } => {
+            let what = match expected {
+                rustls::pki_types::ServerName::IpAddress(_) => "IP address mismatch",
+                _ => "hostname mismatch",
+            };
+            format!(
+                "{what}: {} is not among the certificate's names ({})",
+                match expected {
+                    rustls::pki_types::ServerName::IpAddress(ip) =>
+                        std::net::IpAddr::from(*ip).to_string(),
+                    other => other.to_str().into_owned(),
+                },
+                presented.join(", ")
+            )
+        }
+        C::NotValidForName => "hostname mismatch".into(),
+        C::UnknownIssuer => "unknown issuer: not signed by a CA in ca_file".into(),
+        C::BadSignature => "certificate signature failure".into(),
+        C::Expired | C::ExpiredContext { .. } => "certificate has expired".into(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "certificate is not yet valid".into(),
+        other => format!("{other:?}"),
+    };
+    format!("certificate verify failed: {why}")
 }
 
 impl UpstreamConnector {
@@ -390,57 +554,93 @@ impl UpstreamConnector {
     /// With `verify` and a `ca_file`, the chain must lead to a CA in that file (the system store
     /// is not loaded: the cloud's certificate is self-signed, and a new backend has its own CA)
     /// and the name must match (`sni`, or else the address's host or IP). With `verify` and only
-    /// pins, the pin is the check. The security level is what the cipher list says (the
+    /// pins, the pin is the check. OpenSSL: the security level is what the cipher list says (the
     /// upstream's default list carries `@SECLEVEL=0` for the cloud's static-RSA suites; the new
     /// path's keeps OpenSSL's default), except that asking for TLS 1.0 or 1.1 (upstream only)
-    /// sets level 0, the only one at which OpenSSL 3 speaks them.
+    /// sets level 0, the only one at which OpenSSL 3 speaks them. rustls: its own suites (all
+    /// forward-secret AEAD), TLS 1.2 or 1.3; `ciphers` does not apply.
     pub fn new(cfg: &ClientTlsSettings) -> Result<Self, TlsError> {
-        let mut b = SslContextBuilder::new(SslMethod::tls_client())?;
-        if cfg.min_version < TlsVersion::Tls12 {
-            b.set_security_level(0);
-            b.clear_options(
-                openssl::ssl::SslOptions::NO_TLSV1 | openssl::ssl::SslOptions::NO_TLSV1_1,
-            );
-        }
-        b.set_cipher_list(&cfg.ciphers)?;
-        b.set_min_proto_version(Some(ssl_version(cfg.min_version)))?;
-        b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
-        attach_keylog(&mut b);
-        match (&cfg.ca_file, cfg.verify) {
-            (Some(ca), true) => {
-                b.set_ca_file(ca).map_err(|source| TlsError::Load {
-                    path: ca.clone(),
-                    source,
-                })?;
-                b.set_verify(SslVerifyMode::PEER);
-            }
-            _ => b.set_verify(SslVerifyMode::NONE),
-        }
+        let engine = match cfg.engine {
+            Engine::OpenSsl => EngineCtx::OpenSsl(openssl_context(cfg)?),
+            Engine::Rustls => EngineCtx::Rustls(rustls_connector(cfg)?),
+        };
         Ok(Self {
-            ctx: b.build(),
+            engine,
             settings: cfg.clone(),
             pins: cfg.pin_sha256.iter().filter_map(|p| parse_pin(p)).collect(),
             ca_digest: ca_file_digest(cfg),
         })
     }
 
+    fn check_pins(&self, der: Option<&[u8]>) -> Result<(), TlsError> {
+        if self.pins.is_empty() {
+            return Ok(());
+        }
+        let der = der.ok_or_else(|| TlsError::Handshake("no peer certificate".into()))?;
+        let got = openssl::sha::sha256(der);
+        if !self.pins.contains(&got) {
+            return Err(TlsError::PinMismatch {
+                got: crate::hexutil::to_hex(&got),
+            });
+        }
+        Ok(())
+    }
+
     /// Runs the client handshake on `stream` to `host` (the address's host part, the name or IP
     /// checked when verifying without `sni`) and checks the pins.
-    pub async fn connect<S>(&self, stream: S, host: &str) -> Result<SslStream<S>, TlsError>
+    pub async fn connect<S>(&self, stream: S, host: &str) -> Result<ClientStream<S>, TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let mut ssl = Ssl::new(&self.ctx)?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        match &self.engine {
+            EngineCtx::OpenSsl(ctx) => {
+                let s = self.connect_openssl(ctx, stream, host).await?;
+                Ok(ClientStream::OpenSsl(s))
+            }
+            EngineCtx::Rustls(c) => {
+                let name = self.settings.sni.as_deref().unwrap_or(host);
+                let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
+                    .map_err(|_| {
+                        TlsError::Handshake(format!(
+                            "{name:?} is neither a host name nor an IP address to verify"
+                        ))
+                    })?;
+                let s = c
+                    .connect(server_name, stream)
+                    .await
+                    .map_err(|e| TlsError::Handshake(describe_rustls_error(&e)))?;
+                let der = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.as_ref().to_vec());
+                self.check_pins(der.as_deref())?;
+                Ok(ClientStream::Rustls(Box::new(s)))
+            }
+        }
+    }
+
+    async fn connect_openssl<S>(
+        &self,
+        ctx: &SslContext,
+        stream: S,
+        host: &str,
+    ) -> Result<SslStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut ssl = Ssl::new(ctx)?;
         // `sni` was checked by config validation (a name or an IP, no NUL): these cannot panic.
         if let Some(name) = &self.settings.sni {
             ssl.set_hostname(name)?;
         }
         let verifying = self.settings.verify && self.settings.ca_file.is_some();
         if verifying {
-            let host = host
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(host);
             let name = self.settings.sni.as_deref().unwrap_or(host);
             match name.parse::<std::net::IpAddr>() {
                 Ok(ip) => ssl.param_mut().set_ip(ip)?,
@@ -473,21 +673,122 @@ impl UpstreamConnector {
             }
             return Err(TlsError::Handshake(describe_ssl_error(&e)));
         }
-        if !self.pins.is_empty() {
-            let der = s
-                .ssl()
-                .peer_certificate()
-                .ok_or_else(|| TlsError::Handshake("no peer certificate".into()))?
-                .to_der()?;
-            let got = openssl::sha::sha256(&der);
-            if !self.pins.contains(&got) {
-                return Err(TlsError::PinMismatch {
-                    got: crate::hexutil::to_hex(&got),
-                });
-            }
-        }
+        let der = match s.ssl().peer_certificate() {
+            Some(c) => Some(c.to_der()?),
+            None => None,
+        };
+        self.check_pins(der.as_deref())?;
         Ok(s)
     }
+}
+
+/// A client TLS stream of either engine.
+pub enum ClientStream<S> {
+    /// OpenSSL.
+    OpenSsl(SslStream<S>),
+    /// rustls.
+    Rustls(Box<tokio_rustls::client::TlsStream<S>>),
+}
+
+impl<S> ClientStream<S> {
+    /// The negotiated protocol version, such as `TLSv1.3`.
+    pub fn protocol(&self) -> String {
+        match self {
+            ClientStream::OpenSsl(s) => s.ssl().version_str().to_owned(),
+            ClientStream::Rustls(s) => match s.get_ref().1.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".into(),
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".into(),
+                Some(v) => format!("{v:?}"),
+                None => "?".into(),
+            },
+        }
+    }
+
+    /// The negotiated cipher suite (each library's own name for it).
+    pub fn cipher(&self) -> String {
+        match self {
+            ClientStream::OpenSsl(s) => s
+                .ssl()
+                .current_cipher()
+                .map(|c| c.name().to_owned())
+                .unwrap_or_else(|| "?".into()),
+            ClientStream::Rustls(s) => s
+                .get_ref()
+                .1
+                .negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_else(|| "?".into()),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::OpenSsl(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Rustls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::OpenSsl(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Rustls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::OpenSsl(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Rustls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::OpenSsl(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Rustls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+fn openssl_context(cfg: &ClientTlsSettings) -> Result<SslContext, TlsError> {
+    let mut b = SslContextBuilder::new(SslMethod::tls_client())?;
+    if cfg.min_version < TlsVersion::Tls12 {
+        b.set_security_level(0);
+        b.clear_options(openssl::ssl::SslOptions::NO_TLSV1 | openssl::ssl::SslOptions::NO_TLSV1_1);
+    }
+    b.set_cipher_list(&cfg.ciphers)?;
+    b.set_min_proto_version(Some(ssl_version(cfg.min_version)))?;
+    b.set_mode(openssl::ssl::SslMode::RELEASE_BUFFERS);
+    attach_keylog(&mut b);
+    match (&cfg.ca_file, cfg.verify) {
+        (Some(ca), true) => {
+            b.set_ca_file(ca).map_err(|source| TlsError::Load {
+                path: ca.clone(),
+                source,
+            })?;
+            b.set_verify(SslVerifyMode::PEER);
+        }
+        _ => b.set_verify(SslVerifyMode::NONE),
+    }
+    Ok(b.build())
 }
 
 /// Which suites a simulated or test client offers.

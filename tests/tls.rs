@@ -6,7 +6,7 @@
 mod common;
 
 use common::harness::certs;
-use cync_mitm::config::{ClientTlsSettings, Config, TlsConfig, TlsVersion};
+use cync_mitm::config::{ClientTlsSettings, Config, NewPathTls, TlsConfig, TlsVersion};
 use cync_mitm::tls::{DeviceAcceptor, TlsError, UpstreamConnector};
 use openssl::ssl::{SslConnector, SslMethod, SslOptions, SslVerifyMode, SslVersion};
 use std::net::SocketAddr;
@@ -156,29 +156,54 @@ fn new_path(f: impl FnOnce(&mut cync_mitm::config::NewPathConfig)) -> ClientTlsS
     n.client_tls()
 }
 
+fn new_path_in(
+    mode: NewPathTls,
+    f: impl FnOnce(&mut cync_mitm::config::NewPathConfig),
+) -> ClientTlsSettings {
+    new_path(|n| {
+        n.tls = mode;
+        f(n)
+    })
+}
+
+/// Both new-path engines: `modern` (rustls, the default) and `legacy` (OpenSSL).
+const MODES: [NewPathTls; 2] = [NewPathTls::Modern, NewPathTls::Legacy];
+
+/// A suite name, OpenSSL's (`ECDHE-RSA-AES256-GCM-SHA384`) or rustls's
+/// (`TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384`), reduced to its parts.
+fn suite(s: &str) -> String {
+    s.to_ascii_uppercase()
+        .replace("TLS_", "")
+        .replace("_WITH", "")
+        .replace("AES_", "AES")
+        .replace(['-', '_'], "")
+}
+
 async fn connect(s: &ClientTlsSettings, addr: SocketAddr, host: &str) -> Result<String, TlsError> {
     let c = UpstreamConnector::new(s)?;
     let tcp = TcpStream::connect(addr).await.unwrap();
     let s = c.connect(tcp, host).await?;
-    Ok(format!(
-        "{} {}",
-        s.ssl().version_str(),
-        s.ssl().current_cipher().map(|c| c.name()).unwrap_or("?")
-    ))
+    Ok(format!("{} {}", s.protocol(), s.cipher()))
 }
 
 #[tokio::test]
 async fn new_path_client_verifies_the_chain_and_the_name_or_the_pin() {
+    for mode in MODES {
+        verifies_chain_name_or_pin(mode).await;
+    }
+}
+
+async fn verifies_chain_name_or_pin(mode: NewPathTls) {
     let addr = serve(DeviceAcceptor::new(&TlsConfig::default(), certs()).unwrap()).await;
     let ca = certs().ca_cert.clone();
 
     // CA + SNI naming the certificate: verified, over a modern suite.
-    let ok = new_path(|n| {
+    let ok = new_path_in(mode, |n| {
         n.ca_file = Some(ca.clone());
         n.sni = Some("cm.gelighting.com".into());
     });
     let got = connect(&ok, addr, "127.0.0.1").await.unwrap();
-    assert!(got.starts_with("TLSv1.3 "), "{got}");
+    assert!(got.starts_with("TLSv1.3 "), "{mode:?}: {got}");
     // Capped at TLS 1.2 the server must pick a forward-secret suite.
     let mut ok12 = ok.clone();
     ok12.min_version = TlsVersion::Tls12;
@@ -189,31 +214,34 @@ async fn new_path_client_verifies_the_chain_and_the_name_or_the_pin() {
     )
     .await;
     let got = connect(&ok12, rsa_12, "cm.gelighting.com").await.unwrap();
-    assert!(got.contains("ECDHE-RSA-AES256-GCM"), "{got}");
+    assert!(suite(&got).contains("ECDHERSAAES256GCM"), "{mode:?}: {got}");
 
     // CA but no SNI: the address's host is checked; the certificate has no IP in its names.
-    let by_ip = new_path(|n| n.ca_file = Some(ca.clone()));
+    let by_ip = new_path_in(mode, |n| n.ca_file = Some(ca.clone()));
     let e = connect(&by_ip, addr, "127.0.0.1").await.unwrap_err();
     assert!(e.to_string().contains("certificate verify failed"), "{e}");
-    assert!(e.to_string().contains("IP address mismatch"), "{e}");
+    assert!(
+        e.to_string().contains("IP address mismatch"),
+        "{mode:?}: {e}"
+    );
     // ... and a host name it does cover passes.
     connect(&by_ip, addr, "cm-sec.gelighting.com")
         .await
         .unwrap();
     // A name it does not cover fails.
     let e = connect(&by_ip, addr, "evil.example").await.unwrap_err();
-    assert!(e.to_string().contains("hostname mismatch"), "{e}");
+    assert!(e.to_string().contains("hostname mismatch"), "{mode:?}: {e}");
 
     // Another CA: refused.
     let other = tempfile::tempdir().unwrap();
     let other = cync_mitm::tls::init_certs(other.path(), false).unwrap();
-    let wrong_ca = new_path(|n| {
+    let wrong_ca = new_path_in(mode, |n| {
         n.ca_file = Some(other.ca_cert.clone());
         n.sni = Some("cm.gelighting.com".into());
     });
     let e = connect(&wrong_ca, addr, "127.0.0.1").await.unwrap_err();
     assert!(e.to_string().contains("certificate verify failed"), "{e}");
-    eprintln!("wrong CA: {e}");
+    eprintln!("{mode:?} wrong CA: {e}");
 
     // Pin only (verify stays on): the pin is the check, with any name.
     let leaf = openssl::x509::X509::stack_from_pem(&std::fs::read(&certs().rsa_cert).unwrap())
@@ -226,9 +254,11 @@ async fn new_path_client_verifies_the_chain_and_the_name_or_the_pin() {
         .unwrap()
         .remove(0);
     let ecdsa_pin = cync_mitm::tls::cert_sha256_hex(&ecdsa.to_der().unwrap());
-    let both = new_path(|n| n.pin_sha256 = vec![pin.clone(), ecdsa_pin.clone()]);
+    let both = new_path_in(mode, |n| {
+        n.pin_sha256 = vec![pin.clone(), ecdsa_pin.clone()]
+    });
     connect(&both, addr, "127.0.0.1").await.unwrap();
-    let wrong_pin = new_path(|n| n.pin_sha256 = vec!["00".repeat(32)]);
+    let wrong_pin = new_path_in(mode, |n| n.pin_sha256 = vec!["00".repeat(32)]);
     let e = connect(&wrong_pin, addr, "127.0.0.1").await.unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, TlsError::PinMismatch { .. }), "{msg}");
@@ -246,9 +276,16 @@ async fn new_path_client_refuses_old_versions_and_static_rsa() {
     )
     .await;
     let insecure = new_path(|n| n.verify = false);
-    // The new path's defaults share nothing with a static-RSA-only TLS 1.2 server.
-    let e = connect(&insecure, rsa_only, "127.0.0.1").await.unwrap_err();
-    assert!(matches!(e, TlsError::Handshake(_)), "{e}");
+    // The new path's defaults, in either mode, share nothing with a static-RSA-only TLS 1.2
+    // server.
+    for mode in MODES {
+        let s = new_path(|n| {
+            n.verify = false;
+            n.tls = mode;
+        });
+        let e = connect(&s, rsa_only, "127.0.0.1").await.unwrap_err();
+        assert!(matches!(e, TlsError::Handshake(_)), "{mode:?}: {e}");
+    }
     // The upstream's (cloud-compatible) defaults still reach it.
     let upstream = Config::default().upstream.client_tls();
     let got = connect(&upstream, rsa_only, "127.0.0.1").await.unwrap();
@@ -263,6 +300,15 @@ async fn new_path_client_refuses_old_versions_and_static_rsa() {
     )
     .await;
     assert!(connect(&insecure, only11, "127.0.0.1").await.is_err());
+    let legacy_insecure = new_path(|n| {
+        n.verify = false;
+        n.tls = NewPathTls::Legacy;
+    });
+    assert!(
+        connect(&legacy_insecure, only11, "127.0.0.1")
+            .await
+            .is_err()
+    );
     assert!(connect(&upstream, only11, "127.0.0.1").await.is_err());
     let mut allow = upstream.clone();
     allow.min_version = TlsVersion::Tls11;
@@ -410,26 +456,31 @@ async fn verification_by_address_checks_ips_and_sends_dns_names_as_sni() {
     )
     .unwrap();
     let v4 = serve(acceptor.clone()).await;
-    let n = new_path(|n| n.ca_file = Some(paths.ca_cert.clone()));
-    // The IP of the address is what is checked (no sni).
-    connect(&n, v4, "127.0.0.1").await.unwrap();
-    let e = connect(&n, v4, "127.0.0.2").await.unwrap_err();
-    assert!(e.to_string().contains("IP address mismatch"), "{e}");
-    // IPv6 in brackets, as in "[::1]:port", through the proxy's own connect path.
-    if let Ok(l6) = TcpListener::bind("[::1]:0").await {
-        let a6 = serve_on(l6, acceptor.clone());
-        assert_eq!(
-            cync_mitm::proxy::upstream::host_of(&a6.to_string()),
-            "[::1]"
-        );
-        connect(&n, a6, cync_mitm::proxy::upstream::host_of(&a6.to_string()))
-            .await
-            .unwrap();
+    for mode in MODES {
+        let n = new_path(|n| {
+            n.ca_file = Some(paths.ca_cert.clone());
+            n.tls = mode;
+        });
+        // The IP of the address is what is checked (no sni).
+        connect(&n, v4, "127.0.0.1").await.unwrap();
+        let e = connect(&n, v4, "127.0.0.2").await.unwrap_err();
+        assert!(e.to_string().contains("IP address mismatch"), "{e}");
+        // IPv6 in brackets, as in "[::1]:port", through the proxy's own connect path.
+        if let Ok(l6) = TcpListener::bind("[::1]:0").await {
+            let a6 = serve_on(l6, acceptor.clone());
+            assert_eq!(
+                cync_mitm::proxy::upstream::host_of(&a6.to_string()),
+                "[::1]"
+            );
+            connect(&n, a6, cync_mitm::proxy::upstream::host_of(&a6.to_string()))
+                .await
+                .unwrap();
+        }
+        // A DNS name in the address is verified and sent as SNI: a server that answers only
+        // when asked for its name accepts it.
+        let sni_only = serve_requiring_sni("backend.test", &paths).await;
+        connect(&n, sni_only, "backend.test").await.unwrap();
     }
-    // A DNS name in the address is verified and sent as SNI: a server that answers only
-    // when asked for its name accepts it.
-    let sni_only = serve_requiring_sni("backend.test", &paths).await;
-    connect(&n, sni_only, "backend.test").await.unwrap();
 }
 
 /// An OpenSSL server that refuses handshakes whose SNI is not `name`.

@@ -276,7 +276,7 @@ impl Proxy {
             self.health.retain(Path::New, &cfg.new_path.addresses);
             self.health.track(Path::New, &cfg.new_path.addresses);
             for a in self.health.stale(Path::New, &cfg.new_path.addresses, every) {
-                let tls = cfg.new_path.tls.then(|| loaded.new_path.clone());
+                let tls = cfg.new_path.tls.enabled().then(|| loaded.new_path.clone());
                 jobs.push((Path::New, a, tls));
             }
             let timeout = cfg.timeouts.upstream_connect;

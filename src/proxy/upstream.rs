@@ -207,7 +207,7 @@ impl<'a> Target<'a> {
     pub fn new_path(cfg: &Config, connector: &'a UpstreamConnector) -> Self {
         Self {
             addresses: cfg.new_path.addresses.clone(),
-            tls: cfg.new_path.tls.then_some(connector),
+            tls: cfg.new_path.tls.enabled().then_some(connector),
             timeout: cfg.timeouts.upstream_connect,
         }
     }
