@@ -100,9 +100,7 @@ fn routing(proxy: &Proxy) -> Value {
         .snapshot()
         .into_iter()
         .map(|(id, s)| {
-            let now = loaded
-                .policy
-                .decide(crate::proxy::tap::PeerKind::Device(id));
+            let now = loaded.policy.decide(crate::route::PeerKind::Device(id));
             json!({
                 "device_id": id.to_string(),
                 // The path it is relayed on (legacy after a new_primary fallback).

@@ -1804,7 +1804,9 @@ mod tests {
             "a new backend is modern"
         );
         assert_eq!(NewPathTls::Legacy.engine(), crate::tls::Engine::OpenSsl);
-        let e = parse("[new_path]\ntls = \"tls13\"\n").unwrap_err().to_string();
+        let e = parse("[new_path]\ntls = \"tls13\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown TLS mode \"tls13\""), "{e}");
         assert!(parse("[new_path]\ntls = 3\n").is_err());
         // Shown as its name.

@@ -3,10 +3,18 @@
 //! once per label set, so counting a frame is one atomic add.
 
 use crate::codec::PacketType;
+use crate::route::Path;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+
+fn path_index(p: Path) -> usize {
+    match p {
+        Path::Legacy => 0,
+        Path::New => 1,
+    }
+}
 
 /// Which way bytes flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,16 +142,18 @@ pub struct Metrics {
     pub accept_errors: IntCounter,
     /// Open connections by peer kind.
     pub active: IntGaugeVec,
-    /// Connections closed, by reason.
+    /// Connections closed, by transport and reason.
     pub closed: IntCounterVec,
+    /// Sessions relayed now, by transport (after the upstream answered).
+    pub sessions_active: IntGaugeVec,
     /// Device TLS handshake failures, by reason.
     pub handshake_failures: IntCounterVec,
     /// Connections that never produced a first frame, by reason.
     pub first_frame_failures: IntCounterVec,
-    /// Upstream connection attempts, by result.
+    /// Upstream connection attempts, by transport and result.
     pub upstream_connects: IntCounterVec,
-    /// Upstream connect (TCP + TLS) time.
-    pub upstream_connect_seconds: Histogram,
+    /// Upstream connect (TCP + TLS) time, by transport.
+    pub upstream_connect_seconds: prometheus::HistogramVec,
     /// Session lifetime.
     pub session_seconds: Histogram,
     /// Config reloads, by result (`ok`, `unchanged`, `error`).
@@ -172,9 +182,10 @@ pub struct Metrics {
     pub capture_files: IntCounter,
     /// Capture files deleted by retention.
     pub capture_deleted: IntCounter,
-    bytes: [IntCounter; 2],
-    frames: [Vec<IntCounter>; 2],
-    decode_errors: [Vec<IntCounter>; 2],
+    /// By transport (legacy, new), then direction.
+    bytes: [[IntCounter; 2]; 2],
+    frames: [[Vec<IntCounter>; 2]; 2],
+    decode_errors: [[Vec<IntCounter>; 2]; 2],
     device_frames: Option<IntCounterVec>,
     devices: std::sync::Mutex<DeviceSeries>,
 }
@@ -248,9 +259,19 @@ impl Metrics {
         let closed = counter_vec(
             &r,
             "cync_mitm_connections_closed_total",
-            "Connections closed, by reason.",
-            &["reason"],
+            "Connections closed, by transport and reason.",
+            &["transport", "reason"],
         );
+        let sessions_active = IntGaugeVec::new(
+            Opts::new(
+                "cync_mitm_sessions_active",
+                "Sessions being relayed now, by transport.",
+            ),
+            &["transport"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(sessions_active.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
         let handshake_failures = counter_vec(
             &r,
             "cync_mitm_handshake_failures_total",
@@ -266,15 +287,22 @@ impl Metrics {
         let upstream_connects = counter_vec(
             &r,
             "cync_mitm_upstream_connects_total",
-            "Upstream connection attempts, by result.",
-            &["result"],
+            "Upstream connection attempts, by transport and result.",
+            &["transport", "result"],
         );
-        let upstream_connect_seconds = histogram(
-            &r,
-            "cync_mitm_upstream_connect_seconds",
-            "Upstream TCP+TLS connect time.",
-            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
-        );
+        let upstream_connect_seconds = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "cync_mitm_upstream_connect_seconds",
+                "Upstream TCP+TLS connect time, by transport.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["transport"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(upstream_connect_seconds.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
         let session_seconds = histogram(
             &r,
             "cync_mitm_session_duration_seconds",
@@ -369,20 +397,20 @@ impl Metrics {
         let bytes_v = counter_vec(
             &r,
             "cync_mitm_bytes_total",
-            "Bytes relayed, by direction.",
-            &["direction"],
+            "Bytes relayed, by transport and direction.",
+            &["transport", "direction"],
         );
         let frames_v = counter_vec(
             &r,
             "cync_mitm_frames_total",
-            "Frames decoded, by direction and packet type.",
-            &["direction", "type"],
+            "Frames decoded, by transport, direction and packet type.",
+            &["transport", "direction", "type"],
         );
         let dec_v = counter_vec(
             &r,
             "cync_mitm_decode_errors_total",
-            "Decode problems (the bytes are still relayed), by direction and kind.",
-            &["direction", "kind"],
+            "Decode problems (the bytes are still relayed), by transport, direction and kind.",
+            &["transport", "direction", "kind"],
         );
         let device_frames = per_device_labels.then(|| {
             counter_vec(
@@ -393,17 +421,25 @@ impl Metrics {
             )
         });
         let flows = [Flow::DeviceToCloud, Flow::CloudToDevice];
-        let bytes = flows.map(|f| bytes_v.with_label_values(&[f.label()]));
-        let frames = flows.map(|f| {
-            (0..=255u8)
-                .map(|t| frames_v.with_label_values(&[f.label(), PacketType(t).name()]))
-                .collect()
+        let paths = [Path::Legacy, Path::New];
+        let bytes =
+            paths.map(|t| flows.map(|f| bytes_v.with_label_values(&[t.label(), f.label()])));
+        let frames = paths.map(|t| {
+            flows.map(|f| {
+                (0..=255u8)
+                    .map(|p| {
+                        frames_v.with_label_values(&[t.label(), f.label(), PacketType(p).name()])
+                    })
+                    .collect()
+            })
         });
-        let decode_errors = flows.map(|f| {
-            DecodeProblem::ALL
-                .iter()
-                .map(|p| dec_v.with_label_values(&[f.label(), p.label()]))
-                .collect()
+        let decode_errors = paths.map(|t| {
+            flows.map(|f| {
+                DecodeProblem::ALL
+                    .iter()
+                    .map(|p| dec_v.with_label_values(&[t.label(), f.label(), p.label()]))
+                    .collect()
+            })
         });
         for peer in ["device", "app", "unknown", "pending"] {
             active.with_label_values(&[peer]).set(0);
@@ -414,17 +450,21 @@ impl Metrics {
             accepted.with_label_values(&[l]);
         }
         rejected.with_label_values(&["limit"]);
-        for reason in CLOSE_REASONS {
-            closed.with_label_values(&[reason]);
+        for t in paths {
+            for reason in CLOSE_REASONS {
+                closed.with_label_values(&[t.label(), reason]);
+            }
+            for result in UPSTREAM_RESULTS {
+                upstream_connects.with_label_values(&[t.label(), result]);
+            }
+            upstream_connect_seconds.with_label_values(&[t.label()]);
+            sessions_active.with_label_values(&[t.label()]).set(0);
         }
         for reason in HANDSHAKE_REASONS {
             handshake_failures.with_label_values(&[reason]);
         }
         for reason in ["timeout", "eof", "error"] {
             first_frame_failures.with_label_values(&[reason]);
-        }
-        for result in UPSTREAM_RESULTS {
-            upstream_connects.with_label_values(&[result]);
         }
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -451,6 +491,7 @@ impl Metrics {
             accept_errors,
             active,
             closed,
+            sessions_active,
             handshake_failures,
             first_frame_failures,
             upstream_connects,
@@ -501,13 +542,38 @@ impl Metrics {
     }
 
     /// Counts relayed bytes.
-    pub fn add_bytes(&self, flow: Flow, n: usize) {
-        self.bytes[flow.index()].inc_by(n as u64);
+    pub fn add_bytes(&self, path: Path, flow: Flow, n: usize) {
+        self.bytes[path_index(path)][flow.index()].inc_by(n as u64);
+    }
+
+    /// Counts a session that ended on `path` for `reason` (a `CLOSE_REASONS` label).
+    pub fn close(&self, path: Path, reason: &str) {
+        self.closed.with_label_values(&[path.label(), reason]).inc();
+    }
+
+    /// Sessions closed for `reason`, both transports.
+    pub fn closed_count(&self, reason: &str) -> u64 {
+        [Path::Legacy, Path::New]
+            .iter()
+            .map(|t| self.closed.with_label_values(&[t.label(), reason]).get())
+            .sum()
+    }
+
+    /// Upstream connects with `result`, both transports.
+    pub fn upstream_connect_count(&self, result: &str) -> u64 {
+        [Path::Legacy, Path::New]
+            .iter()
+            .map(|t| {
+                self.upstream_connects
+                    .with_label_values(&[t.label(), result])
+                    .get()
+            })
+            .sum()
     }
 
     /// Counts one decoded frame.
-    pub fn add_frame(&self, flow: Flow, ptype: PacketType, device: Option<&str>) {
-        if let Some(c) = self.frames[flow.index()].get(usize::from(ptype.0)) {
+    pub fn add_frame(&self, path: Path, flow: Flow, ptype: PacketType, device: Option<&str>) {
+        if let Some(c) = self.frames[path_index(path)][flow.index()].get(usize::from(ptype.0)) {
             c.inc();
         }
         if let (Some(v), Some(d)) = (&self.device_frames, device) {
@@ -566,29 +632,45 @@ impl Metrics {
     }
 
     /// Counts one decode problem.
-    pub fn add_decode_error(&self, flow: Flow, p: DecodeProblem) {
-        if let Some(c) = self.decode_errors[flow.index()].get(p.index()) {
+    pub fn add_decode_error(&self, path: Path, flow: Flow, p: DecodeProblem) {
+        if let Some(c) = self.decode_errors[path_index(path)][flow.index()].get(p.index()) {
             c.inc();
         }
     }
 
-    /// Current value of a decode-error counter (tests and reports).
+    /// Current value of a decode-error counter, both transports (tests and reports).
     pub fn decode_errors(&self, flow: Flow, p: DecodeProblem) -> u64 {
-        self.decode_errors[flow.index()]
-            .get(p.index())
-            .map_or(0, IntCounter::get)
+        self.decode_errors
+            .iter()
+            .map(|t| t[flow.index()].get(p.index()).map_or(0, IntCounter::get))
+            .sum()
     }
 
     /// Current frame count of a type and direction.
     pub fn frames(&self, flow: Flow, ptype: PacketType) -> u64 {
-        self.frames[flow.index()]
+        self.frames
+            .iter()
+            .map(|t| {
+                t[flow.index()]
+                    .get(usize::from(ptype.0))
+                    .map_or(0, IntCounter::get)
+            })
+            .sum()
+    }
+
+    /// Frames of a type and direction on one transport.
+    pub fn frames_on(&self, path: Path, flow: Flow, ptype: PacketType) -> u64 {
+        self.frames[path_index(path)][flow.index()]
             .get(usize::from(ptype.0))
             .map_or(0, IntCounter::get)
     }
 
     /// Bytes relayed in a direction.
     pub fn bytes(&self, flow: Flow) -> u64 {
-        self.bytes[flow.index()].get()
+        self.bytes
+            .iter()
+            .map(|t| t[flow.index()].get())
+            .sum::<u64>()
     }
 
     /// Gauge for a peer kind.
@@ -638,7 +720,7 @@ mod tests {
     fn per_device_series_are_capped_and_removed_after_the_device_left() {
         let m = Metrics::with_device_limit(true, 3);
         for d in ["a", "b", "c", "d"] {
-            m.add_frame(Flow::DeviceToCloud, PacketType::PING, Some(d));
+            m.add_frame(Path::Legacy, Flow::DeviceToCloud, PacketType::PING, Some(d));
         }
         assert_eq!(m.device_series(), 3);
         assert!(!m.render().contains("device_id=\"d\""));
@@ -654,30 +736,52 @@ mod tests {
         assert!(!m.render().contains("device_id=\"a\""));
         assert!(!m.render().contains("device_id=\"b\""));
         assert!(m.render().contains("device_id=\"c\""));
-        m.add_frame(Flow::DeviceToCloud, PacketType::PING, Some("d"));
+        m.add_frame(
+            Path::Legacy,
+            Flow::DeviceToCloud,
+            PacketType::PING,
+            Some("d"),
+        );
         assert!(m.render().contains("device_id=\"d\""));
     }
 
     #[test]
     fn registers_and_renders() {
         let m = Metrics::new(true);
-        m.add_frame(Flow::DeviceToCloud, PacketType::PING, Some("37962469"));
-        m.add_frame(Flow::DeviceToCloud, PacketType(0x33), None);
-        m.add_decode_error(Flow::CloudToDevice, DecodeProblem::Checksum);
-        m.add_bytes(Flow::DeviceToCloud, 5);
+        m.add_frame(
+            Path::Legacy,
+            Flow::DeviceToCloud,
+            PacketType::PING,
+            Some("37962469"),
+        );
+        m.add_frame(Path::Legacy, Flow::DeviceToCloud, PacketType(0x33), None);
+        m.add_decode_error(Path::New, Flow::CloudToDevice, DecodeProblem::Checksum);
+        m.add_bytes(Path::Legacy, Flow::DeviceToCloud, 5);
+        m.close(Path::New, "new_path_down");
         let text = m.render();
         assert!(
-            text.contains("cync_mitm_frames_total{direction=\"device_to_cloud\",type=\"ping\"} 1"),
+            text.contains("cync_mitm_frames_total{direction=\"device_to_cloud\",transport=\"legacy\",type=\"ping\"} 1"),
             "{text}"
         );
         assert!(
             text.contains(
-                "cync_mitm_frames_total{direction=\"device_to_cloud\",type=\"unknown\"} 1"
+                "cync_mitm_frames_total{direction=\"device_to_cloud\",transport=\"legacy\",type=\"unknown\"} 1"
             )
         );
         assert!(text.contains(
-            "cync_mitm_decode_errors_total{direction=\"cloud_to_device\",kind=\"checksum\"} 1"
+            "cync_mitm_frames_total{direction=\"device_to_cloud\",transport=\"new\",type=\"ping\"} 0"
         ));
+        assert!(text.contains(
+            "cync_mitm_decode_errors_total{direction=\"cloud_to_device\",kind=\"checksum\",transport=\"new\"} 1"
+        ));
+        assert!(text.contains(
+            "cync_mitm_connections_closed_total{reason=\"new_path_down\",transport=\"new\"} 1"
+        ));
+        assert_eq!(m.closed_count("new_path_down"), 1);
+        assert_eq!(
+            m.decode_errors(Flow::CloudToDevice, DecodeProblem::Checksum),
+            1
+        );
         assert!(text.contains(
             "cync_mitm_device_frames_total{device_id=\"37962469\",direction=\"device_to_cloud\"} 1"
         ));

@@ -8,12 +8,51 @@
 //!   percentage only ever adds devices, and every replica with the same seed decides the same.
 //! - Phone-app sessions and unidentified peers always take the legacy path.
 
-use crate::codec::DeviceId;
-use crate::proxy::tap::PeerKind;
+use crate::codec::{Body, DeviceId, Frame};
 use serde::{Deserialize, Serialize};
 use siphasher::sip::SipHasher13;
 use std::collections::HashSet;
 use std::hash::Hasher;
+
+/// Who is on the device side of a connection, learned from its first frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerKind {
+    /// A device (0x23 handshake) and its cloud id.
+    Device(DeviceId),
+    /// A phone app (0x13 login) and its user id.
+    App(u32),
+    /// The first frame was neither.
+    Unknown,
+}
+
+impl PeerKind {
+    /// Metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Device(_) => "device",
+            Self::App(_) => "app",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Identify the peer from its first frame.
+    pub fn from_first_frame(f: Option<&Frame>) -> Self {
+        match f.map(|f| &f.body) {
+            Some(Body::Handshake(h)) => Self::Device(h.device_id),
+            Some(Body::Login(l)) => Self::App(l.user_id),
+            _ => Self::Unknown,
+        }
+    }
+
+    /// A short id for logs, file names and labels: device id or user id in hex.
+    pub fn id_label(self) -> Option<String> {
+        match self {
+            Self::Device(d) => Some(d.to_string()),
+            Self::App(u) => Some(format!("app-{u:08x}")),
+            Self::Unknown => None,
+        }
+    }
+}
 
 /// Buckets of the sticky hash.
 pub const BUCKETS: u32 = 10_000;

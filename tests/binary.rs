@@ -78,7 +78,7 @@ async fn sigterm_drains_and_exits_cleanly() {
     );
     assert!(
         metrics
-            .contains("cync_mitm_frames_total{direction=\"device_to_cloud\",type=\"handshake\"} 3")
+            .contains("cync_mitm_frames_total{direction=\"device_to_cloud\",transport=\"legacy\",type=\"handshake\"} 3")
     );
 
     let pid = child.id().to_string();
@@ -714,11 +714,12 @@ async fn running_out_of_descriptors_is_not_blamed_on_the_upstream() {
             .unwrap_or(0.0)
     };
     assert!(
-        value("cync_mitm_connections_closed_total{reason=\"local_error\"} ") >= 1.0,
+        value("cync_mitm_connections_closed_total{reason=\"local_error\",transport=\"legacy\"} ")
+            >= 1.0,
         "{metrics}"
     );
     assert_eq!(
-        value("cync_mitm_connections_closed_total{reason=\"cloud_down\"} "),
+        value("cync_mitm_connections_closed_total{reason=\"cloud_down\",transport=\"legacy\"} "),
         0.0,
         "descriptor exhaustion blamed on the cloud"
     );

@@ -84,10 +84,7 @@ async fn two_thousand_short_connections_leave_no_descriptors_open() {
         peak = peak.max(open_fds());
     }
     assert!(wait_until(T, || proxy.sessions() == 0).await);
-    let closed = || {
-        metrics.closed.with_label_values(&["device_closed"]).get()
-            + metrics.closed.with_label_values(&["cloud_closed"]).get()
-    };
+    let closed = || metrics.closed_count("device_closed") + metrics.closed_count("cloud_closed");
     assert!(closed() >= u64::from(n), "{} sessions closed", closed());
     capture.flush();
     tokio::time::sleep(Duration::from_millis(1200)).await;

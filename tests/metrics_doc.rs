@@ -220,14 +220,16 @@ fn docs_and_a_fresh_proxy_export_the_same_families() {
             "{f}: unexpected prefix"
         );
     }
-    // Every close reason is there from the start.
+    // Every close reason is there from the start, on both transports.
     for r in cync_mitm::metrics::CLOSE_REASONS {
-        assert!(
-            text.contains(&format!(
-                "cync_mitm_connections_closed_total{{reason=\"{r}\"}} 0"
-            )),
-            "close reason {r} missing"
-        );
+        for t in ["legacy", "new"] {
+            assert!(
+                text.contains(&format!(
+                    "cync_mitm_connections_closed_total{{reason=\"{r}\",transport=\"{t}\"}} 0"
+                )),
+                "close reason {r} on {t} missing"
+            );
+        }
     }
     // The labels match the page: the same names, and where the page lists every value, the
     // same values (all present from the start, as zero series).

@@ -73,6 +73,31 @@ async fn devices_work_on_the_new_path_and_survive_a_backend_restart_within_the_g
         0,
         "all on the new path"
     );
+    // Frames, bytes and sessions are counted under transport="new".
+    use cync_mitm::codec::PacketType;
+    use cync_mitm::metrics::Flow;
+    use cync_mitm::route::Path;
+    assert_eq!(
+        p.metrics
+            .frames_on(Path::New, Flow::DeviceToCloud, PacketType::HANDSHAKE),
+        5
+    );
+    assert_eq!(
+        p.metrics
+            .frames_on(Path::Legacy, Flow::DeviceToCloud, PacketType::HANDSHAKE),
+        0
+    );
+    assert_eq!(
+        p.metrics.sessions_active.with_label_values(&["new"]).get(),
+        5
+    );
+    assert_eq!(
+        p.metrics
+            .sessions_active
+            .with_label_values(&["legacy"])
+            .get(),
+        0
+    );
     let answered = fleet.stats().answered.load(Ordering::Relaxed);
     assert!(answered > 0);
 
@@ -123,11 +148,24 @@ async fn devices_work_on_the_new_path_and_survive_a_backend_restart_within_the_g
         0,
         "nothing was repeated"
     );
+    assert_eq!(p.metrics.closed_count("new_path_down"), 0);
+    fleet.stop().await;
+    assert!(
+        wait_until(T, || p
+            .metrics
+            .closed
+            .with_label_values(&["new", "device_closed"])
+            .get()
+            == 5)
+        .await
+    );
     assert_eq!(
-        p.metrics.closed.with_label_values(&["new_path_down"]).get(),
+        p.metrics
+            .closed
+            .with_label_values(&["legacy", "device_closed"])
+            .get(),
         0
     );
-    fleet.stop().await;
     again.stop().await;
     legacy.stop().await;
 }
@@ -144,15 +182,7 @@ async fn beyond_the_grace_new_primary_devices_go_back_to_the_cloud() {
     assert_eq!(legacy.stats().handshakes.load(Ordering::Relaxed), 0);
     backend.stop().await;
     // Closed after the grace, they reconnect, the new path is down, they land on the cloud.
-    assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["new_path_down"])
-            .get()
-            == 4)
-        .await
-    );
+    assert!(wait_until(T, || p.metrics.closed_count("new_path_down") == 4).await);
     assert!(wait_until(T, || legacy.stats().handshakes.load(Ordering::Relaxed) == 4).await);
     assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 4).await);
     assert!(p.metrics.new_path_fallbacks.get() >= 4);
@@ -313,11 +343,7 @@ async fn an_open_circuit_sends_new_connections_straight_to_the_cloud() {
     let fleet = start_fleet(fc);
     assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 10).await);
     assert_eq!(p.metrics.new_path_fallbacks.get(), 10);
-    let tried = p
-        .metrics
-        .upstream_connects
-        .with_label_values(&["connect_error"])
-        .get();
+    let tried = p.metrics.upstream_connect_count("connect_error");
     assert!(
         (3..=5).contains(&tried),
         "{tried} connects to the dead backend: the circuit did not open after 3"
@@ -354,13 +380,7 @@ async fn a_backend_that_accepts_and_closes_is_retried_with_backoff_until_the_gra
     });
     let t0 = std::time::Instant::now();
     assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["new_path_down"])
-            .get()
-            == 1)
-        .await,
+        wait_until(T, || p.metrics.closed_count("new_path_down") == 1).await,
         "the grace did not end the session"
     );
     let took = t0.elapsed();

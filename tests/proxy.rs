@@ -253,18 +253,10 @@ async fn cloud_down_closes_devices_after_the_delay_and_recovers() {
         "closed after {:?}",
         t0.elapsed()
     );
-    assert_eq!(p.metrics.closed.with_label_values(&["cloud_down"]).get(), 1);
+    assert_eq!(p.metrics.closed_count("cloud_down"), 1);
 
     let fleet = start_fleet(fleet_config(p.addr, 3));
-    assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["cloud_down"])
-            .get()
-            >= 4)
-        .await
-    );
+    assert!(wait_until(T, || p.metrics.closed_count("cloud_down") >= 4).await);
     assert_eq!(fleet.stats().online.load(Ordering::Relaxed), 0);
 
     // The cloud comes back on the same address: devices reconnect and work.
@@ -417,16 +409,8 @@ async fn a_device_connecting_again_replaces_its_old_connection() {
         closed_within(&mut a, Duration::from_secs(3)).await,
         "old connection still open"
     );
-    assert_eq!(p.metrics.closed.with_label_values(&["replaced"]).get(), 1);
-    assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["replaced"])
-            .get()
-            == 1)
-        .await
-    );
+    assert_eq!(p.metrics.closed_count("replaced"), 1);
+    assert!(wait_until(T, || p.metrics.closed_count("replaced") == 1).await);
     b.write_all(&Frame::ping().encode().unwrap()).await.unwrap();
     assert!(read_until(&mut b, PacketType::PONG).await.is_some());
     assert_eq!(p.proxy.registry().len(), 1);
@@ -463,11 +447,7 @@ async fn idle_connections_are_closed_and_the_limit_is_enforced() {
     // Both go idle and are closed.
     assert!(closed_within(&mut a, Duration::from_secs(3)).await);
     assert!(closed_within(&mut b, Duration::from_secs(3)).await);
-    assert!(
-        wait_until(T, || p.metrics.closed.with_label_values(&["idle"]).get()
-            == 2)
-        .await
-    );
+    assert!(wait_until(T, || p.metrics.closed_count("idle") == 2).await);
     cloud.stop().await;
 }
 
@@ -486,13 +466,7 @@ async fn modern_upstream_and_certificate_pinning() {
     let mut s = tls_client(bad.addr, ClientProfile::DeviceFp2).await;
     s.write_all(&handshake(5)).await.unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(5)).await);
-    assert_eq!(
-        bad.metrics
-            .upstream_connects
-            .with_label_values(&["pin_mismatch"])
-            .get(),
-        1
-    );
+    assert_eq!(bad.metrics.upstream_connect_count("pin_mismatch"), 1);
 
     cfg.upstream.pin_sha256 = vec![good];
     let ok = start_proxy(cfg).await;
@@ -503,13 +477,7 @@ async fn modern_upstream_and_certificate_pinning() {
             .await
             .is_some()
     );
-    assert_eq!(
-        ok.metrics
-            .upstream_connects
-            .with_label_values(&["ok"])
-            .get(),
-        1
-    );
+    assert_eq!(ok.metrics.upstream_connect_count("ok"), 1);
     cloud.stop().await;
 }
 
@@ -551,15 +519,7 @@ async fn half_close_still_delivers_the_answers_in_flight() {
             PacketType::PONG
         ]
     );
-    assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["device_closed"])
-            .get()
-            == 1)
-        .await
-    );
+    assert!(wait_until(T, || p.metrics.closed_count("device_closed") == 1).await);
     cloud.stop().await;
 }
 
@@ -621,13 +581,7 @@ async fn upstream_verification_with_a_ca_file_and_sni() {
     let mut s = tls_client(bad.addr, ClientProfile::DeviceFp2).await;
     s.write_all(&handshake(12)).await.unwrap();
     assert!(closed_within(&mut s, Duration::from_secs(5)).await);
-    assert_eq!(
-        bad.metrics
-            .upstream_connects
-            .with_label_values(&["tls_error"])
-            .get(),
-        1
-    );
+    assert_eq!(bad.metrics.upstream_connect_count("tls_error"), 1);
     cloud.stop().await;
 }
 
@@ -691,7 +645,7 @@ async fn a_wrong_auth_impostor_cannot_take_over_a_device_and_a_right_auth_reconn
     assert!(closed_within(&mut imp, Duration::from_secs(3)).await);
     assert_eq!(cloud.stats().rejected.load(Ordering::Relaxed), 1);
     assert_eq!(p.proxy.registry().get(id).unwrap().conn, live);
-    assert_eq!(p.metrics.closed.with_label_values(&["replaced"]).get(), 0);
+    assert_eq!(p.metrics.closed_count("replaced"), 0);
     real.write_all(&Frame::ping().encode().unwrap())
         .await
         .unwrap();
@@ -704,15 +658,7 @@ async fn a_wrong_auth_impostor_cannot_take_over_a_device_and_a_right_auth_reconn
     let (_again, answered) = device_with(p.addr, id, &code).await;
     assert!(answered);
     assert!(closed_within(&mut real, Duration::from_secs(3)).await);
-    assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["replaced"])
-            .get()
-            == 1)
-        .await
-    );
+    assert!(wait_until(T, || p.metrics.closed_count("replaced") == 1).await);
     assert_ne!(p.proxy.registry().get(id).unwrap().conn, live);
     // The impostor's refusal was not charged to the upstream.
     let h = p.proxy.health().report();
@@ -721,13 +667,7 @@ async fn a_wrong_auth_impostor_cannot_take_over_a_device_and_a_right_auth_reconn
             .all(|r| r.consecutive_failures == 0 && r.up && r.last_error.is_none()),
         "{h:?}"
     );
-    assert_eq!(
-        p.metrics
-            .closed
-            .with_label_values(&["handshake_rejected"])
-            .get(),
-        1
-    );
+    assert_eq!(p.metrics.closed_count("handshake_rejected"), 1);
     cloud.stop().await;
 }
 
@@ -745,23 +685,9 @@ async fn a_different_code_the_upstream_accepts_replaces_the_live_connection() {
     let (mut new, answered) = device_with(p.addr, id, b"fedcba9876543210").await;
     assert!(answered);
     assert!(closed_within(&mut old, Duration::from_secs(3)).await);
-    assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["replaced"])
-            .get()
-            == 1)
-        .await
-    );
+    assert!(wait_until(T, || p.metrics.closed_count("replaced") == 1).await);
     assert_ne!(p.proxy.registry().get(id).unwrap().conn, live);
-    assert_eq!(
-        p.metrics
-            .closed
-            .with_label_values(&["handshake_rejected"])
-            .get(),
-        0
-    );
+    assert_eq!(p.metrics.closed_count("handshake_rejected"), 0);
     // The new connection works.
     new.write_all(&Frame::ping().encode().unwrap())
         .await
@@ -794,22 +720,14 @@ async fn refused_handshakes_do_not_mark_a_working_upstream_down() {
         assert!(!answered);
         assert!(closed_within(&mut bogus, Duration::from_secs(3)).await);
     }
-    assert!(
-        wait_until(T, || p
-            .metrics
-            .closed
-            .with_label_values(&["handshake_rejected"])
-            .get()
-            == 5)
-        .await
-    );
+    assert!(wait_until(T, || p.metrics.closed_count("handshake_rejected") == 5).await);
     assert!(p.proxy.upstream_ready(), "{:?}", p.proxy.health().report());
     let h = p.proxy.health().report();
     assert!(
         h.iter().all(|r| r.up && r.consecutive_failures == 0),
         "{h:?}"
     );
-    assert_eq!(p.metrics.closed.with_label_values(&["cloud_down"]).get(), 0);
+    assert_eq!(p.metrics.closed_count("cloud_down"), 0);
     // The real device never noticed.
     real.write_all(&Frame::ping().encode().unwrap())
         .await
@@ -848,5 +766,5 @@ async fn a_plaintext_upstream_is_named_as_such() {
         !e.contains(&addr.to_string()),
         "the address is the key, not the text: {e}"
     );
-    assert_eq!(p.metrics.closed.with_label_values(&["cloud_down"]).get(), 1);
+    assert_eq!(p.metrics.closed_count("cloud_down"), 1);
 }

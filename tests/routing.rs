@@ -178,10 +178,7 @@ async fn reload_moves_only_the_devices_whose_path_changed_and_loses_nothing() {
         "all moved devices reconnected on the new path after {:?}",
         t1.elapsed()
     );
-    assert_eq!(
-        metrics.closed.with_label_values(&["drained"]).get(),
-        moved.len() as u64
-    );
+    assert_eq!(metrics.closed_count("drained"), moved.len() as u64);
     assert_eq!(
         newp.stats().handshakes.load(Ordering::Relaxed),
         moved.len() as u64
@@ -394,15 +391,7 @@ async fn new_primary_falls_back_new_only_does_not_and_apps_stay_legacy() {
     cfg.routing.mode = cync_mitm::route::Mode::NewOnly;
     let q = start_proxy(cfg).await;
     let fleet = start_fleet(fleet_config(q.addr, 2));
-    assert!(
-        wait_until(T, || q
-            .metrics
-            .closed
-            .with_label_values(&["new_path_down"])
-            .get()
-            >= 2)
-        .await
-    );
+    assert!(wait_until(T, || q.metrics.closed_count("new_path_down") >= 2).await);
     assert_eq!(fleet.stats().online.load(Ordering::Relaxed), 0);
     assert_eq!(q.metrics.new_path_fallbacks.get(), 0);
     fleet.stop().await;
@@ -544,7 +533,7 @@ async fn mode_changes_that_keep_the_path_drain_nobody() {
     let p = start_proxy_live(live.clone(), metrics.clone()).await;
     let fleet = start_fleet(fleet_config(p.addr, 20));
     assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 20).await);
-    let drained = || metrics.closed.with_label_values(&["drained"]).get();
+    let drained = || metrics.closed_count("drained");
     let connects = || fleet.stats().connects.load(Ordering::Relaxed);
     let c0 = connects();
 
@@ -613,7 +602,7 @@ async fn fallen_back_devices_count_as_legacy() {
         assert_eq!(d["fell_back"], true, "{d}");
         assert_eq!(d["would_move"], false, "{d}");
     }
-    let drained = || metrics.closed.with_label_values(&["drained"]).get();
+    let drained = || metrics.closed_count("drained");
     // An unrelated change: nobody moves.
     write_config(
         &file,
@@ -751,7 +740,7 @@ async fn shadowing_on_and_off_attaches_and_detaches_mirrors_without_closing_devi
     let r = fleet.report();
     assert_eq!(r.connects, 20, "{r:?}");
     assert_eq!(r.disconnects, 0, "{r:?}");
-    assert_eq!(metrics.closed.with_label_values(&["drained"]).get(), 0);
+    assert_eq!(metrics.closed_count("drained"), 0);
     assert_eq!(
         metrics
             .parity
@@ -791,7 +780,7 @@ fn ids_under(live: &LiveConfig, fleet: &cync_mitm::sim::devices::Fleet) -> usize
         .into_iter()
         .filter(|id| {
             l.policy
-                .decide(cync_mitm::proxy::tap::PeerKind::Device(*id))
+                .decide(cync_mitm::route::PeerKind::Device(*id))
                 .mirror
         })
         .count()

@@ -217,9 +217,8 @@ mod tests {
         use crate::route::{Mode, Path, Policy};
         let root = CancellationToken::new();
         let id = DeviceId(7);
-        let decide = |mode| {
-            Policy::new(mode, 100.0, "s", [], []).decide(crate::proxy::tap::PeerKind::Device(id))
-        };
+        let decide =
+            |mode| Policy::new(mode, 100.0, "s", [], []).decide(crate::route::PeerKind::Device(id));
         let primary = decide(Mode::NewPrimary);
         let s = LiveSession {
             conn: Uuid::now_v7(),
@@ -253,7 +252,7 @@ mod tests {
         let (a, b) = (SessionControl::new(&root), SessionControl::new(&root));
         let (ca, cb) = (Uuid::now_v7(), Uuid::now_v7());
         let policy = crate::route::Policy::new(crate::route::Mode::LegacyOnly, 0.0, "s", [], []);
-        let decision = policy.decide(crate::proxy::tap::PeerKind::Device(DeviceId(1)));
+        let decision = policy.decide(crate::route::PeerKind::Device(DeviceId(1)));
         let s = |conn, control| LiveSession {
             conn,
             control,

@@ -6,52 +6,14 @@
 //! recorder of later milestones. A sink must return at once: it copies what it needs into a
 //! bounded channel and drops (and counts) when that channel is full.
 
-use crate::codec::{Body, DecodeError, Frame, Framer, FramerError, FramerEvent, RawFrame};
+use crate::codec::{DecodeError, Frame, Framer, FramerError, FramerEvent, RawFrame};
 use crate::metrics::{DecodeProblem, Flow, Metrics};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 use uuid::Uuid;
 
-/// Who is on the device side of a connection, learned from its first frame.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PeerKind {
-    /// A device (0x23 handshake) and its cloud id.
-    Device(crate::codec::DeviceId),
-    /// A phone app (0x13 login) and its user id.
-    App(u32),
-    /// The first frame was neither.
-    Unknown,
-}
-
-impl PeerKind {
-    /// Metrics label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Device(_) => "device",
-            Self::App(_) => "app",
-            Self::Unknown => "unknown",
-        }
-    }
-
-    /// Identify the peer from its first frame.
-    pub fn from_first_frame(f: Option<&Frame>) -> Self {
-        match f.map(|f| &f.body) {
-            Some(Body::Handshake(h)) => Self::Device(h.device_id),
-            Some(Body::Login(l)) => Self::App(l.user_id),
-            _ => Self::Unknown,
-        }
-    }
-
-    /// A short id for logs, file names and labels: device id or user id in hex.
-    pub fn id_label(self) -> Option<String> {
-        match self {
-            Self::Device(d) => Some(d.to_string()),
-            Self::App(u) => Some(format!("app-{u:08x}")),
-            Self::Unknown => None,
-        }
-    }
-}
+pub use crate::route::PeerKind;
 
 /// Facts about one connection that every tap may need (addresses of both legs for captures).
 #[derive(Debug)]
@@ -92,6 +54,8 @@ pub trait TapSink: Send + Sync {
 /// The tap of one direction of one session.
 pub struct DirectionTap {
     flow: Flow,
+    /// The transport the session is relayed on (metric label).
+    transport: crate::route::Path,
     framer: Framer,
     metrics: Arc<Metrics>,
     label: Option<String>,
@@ -177,6 +141,7 @@ impl DirectionTap {
     /// A tap for `flow` of the connection `meta`.
     pub fn new(
         flow: Flow,
+        transport: crate::route::Path,
         max_frame: usize,
         metrics: Arc<Metrics>,
         meta: Arc<ConnMeta>,
@@ -184,6 +149,7 @@ impl DirectionTap {
     ) -> Self {
         Self {
             flow,
+            transport,
             framer: Framer::new(max_frame),
             metrics,
             label: meta.peer.id_label(),
@@ -220,7 +186,7 @@ impl DirectionTap {
 
     fn problem(&mut self, p: DecodeProblem, what: &dyn std::fmt::Display) {
         self.problems += 1;
-        self.metrics.add_decode_error(self.flow, p);
+        self.metrics.add_decode_error(self.transport, self.flow, p);
         if self.logged {
             tracing::debug!(
                 direction = self.flow.label(),
@@ -249,7 +215,7 @@ impl DirectionTap {
         self.frames += 1;
         let ptype = raw.ptype();
         self.metrics
-            .add_frame(self.flow, ptype, self.label.as_deref());
+            .add_frame(self.transport, self.flow, ptype, self.label.as_deref());
         if !ptype.is_known() {
             self.problem(
                 DecodeProblem::UnknownType,
@@ -326,7 +292,8 @@ impl DirectionTap {
 
     /// Shows a relayed chunk to the tap. Call after the chunk was written to the other side.
     pub fn on_chunk(&mut self, chunk: &[u8]) {
-        self.metrics.add_bytes(self.flow, chunk.len());
+        self.metrics
+            .add_bytes(self.transport, self.flow, chunk.len());
         if !self.sinks.is_empty() {
             let now = SystemTime::now();
             for s in self.sinks.iter() {

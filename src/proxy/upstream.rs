@@ -252,16 +252,20 @@ pub async fn connect(
         };
         match r {
             Ok(up) => {
-                metrics.upstream_connects.with_label_values(&["ok"]).inc();
+                metrics
+                    .upstream_connects
+                    .with_label_values(&[path.label(), "ok"])
+                    .inc();
                 metrics
                     .upstream_connect_seconds
+                    .with_label_values(&[path.label()])
                     .observe(started.elapsed().as_secs_f64());
                 return Ok(up);
             }
             Err(e) => {
                 metrics
                     .upstream_connects
-                    .with_label_values(&[e.label()])
+                    .with_label_values(&[path.label(), e.label()])
                     .inc();
                 if e.is_local() {
                     // Not the upstream's fault: no health record, no other address would do
