@@ -321,6 +321,10 @@ enum SimCmd {
         /// Share of commands (0–1) sent twice in a row.
         #[arg(long, value_parser = share, default_value = "0")]
         duplicate_commands: f64,
+        /// Share of acked commands (0–1) sent again after their ack (a backend that missed
+        /// the ack).
+        #[arg(long, value_parser = share, default_value = "0")]
+        repeat_after_ack: f64,
         /// Close every connection at each multiple of this (a restart; e.g. 30s).
         #[arg(long, value_parser = positive_duration)]
         restart_every: Option<Duration>,
@@ -786,6 +790,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             command_interval,
             report_every,
             duplicate_commands,
+            repeat_after_ack,
             restart_every,
             drop_answers,
             answer_delay,
@@ -809,6 +814,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
                 CloudSimConfig {
                     command_interval,
                     duplicate_commands,
+                    repeat_after_ack,
                     restart_every,
                     drop_answers,
                     answer_delay: answer_delay.min(Duration::from_secs(60)),

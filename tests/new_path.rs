@@ -675,3 +675,71 @@ async fn a_stalled_mirror_backend_does_not_slow_the_primary_path() {
         "a stalled mirror slowed the primary path: {ratio}"
     );
 }
+
+/// A backend that missed an ack sends the command again after the device acked it: the
+/// device does not execute it twice, and the backend gets the device's ack again from the
+/// proxy's memory of acked commands. On the legacy path the repeats are executed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_repeated_after_its_ack_is_answered_from_memory_not_executed_twice() {
+    let repeats = CloudSimConfig {
+        command_interval: Some(Duration::from_millis(50)),
+        repeat_after_ack: 0.1,
+        ..CloudSimConfig::default()
+    };
+    let (legacy, legacy_addr) = start_cloud(repeats.clone()).await;
+    let (backend, new_addr) = start_cloud(repeats).await;
+    let mut cfg = new_primary(legacy_addr, new_addr);
+    let b_ids: Vec<String> = (0..5)
+        .map(|i| cync_mitm::sim::device_identity(2, i).0.to_string())
+        .collect();
+    cfg.routing.exclude = b_ids;
+    let p = start_proxy(cfg).await;
+    let a = start_fleet(fleet_config(p.addr, 5));
+    let mut fb = fleet_config(p.addr, 5);
+    fb.seed = 2;
+    let b = start_fleet(fb);
+    assert!(
+        wait_until(T, || a.stats().online.load(Ordering::Relaxed) == 5
+            && b.stats().online.load(Ordering::Relaxed) == 5)
+        .await
+    );
+    assert!(
+        wait_until(T, || backend.stats().repeats_sent.load(Ordering::Relaxed)
+            >= 20)
+        .await
+    );
+    legacy.set_commands(false);
+    backend.set_commands(false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = backend.stats();
+    let repeated = s.repeats_sent.load(Ordering::Relaxed);
+    assert_eq!(
+        s.repeat_acks.load(Ordering::Relaxed),
+        repeated,
+        "every repeat got the device's ack back, from the proxy"
+    );
+    assert_eq!(
+        a.stats().commands.load(Ordering::Relaxed),
+        s.command_acks.load(Ordering::Relaxed),
+        "new-path devices executed each command once"
+    );
+    assert_eq!(
+        p.metrics
+            .transport
+            .idempotent_drop
+            .with_label_values(&["new"])
+            .get(),
+        repeated
+    );
+    // Legacy devices executed the repeats as well.
+    let l = legacy.stats();
+    assert!(l.repeats_sent.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        b.stats().commands.load(Ordering::Relaxed),
+        l.command_acks.load(Ordering::Relaxed) + l.repeats_sent.load(Ordering::Relaxed)
+    );
+    a.stop().await;
+    b.stop().await;
+    legacy.stop().await;
+    backend.stop().await;
+}

@@ -35,6 +35,9 @@ const MAX_DEVICES: usize = 10_000;
 const RECENT: usize = 20;
 /// Lines queued for the log thread.
 const LOG_QUEUE: usize = 4096;
+/// Drift lines made per second at most (a burst of twice that); beyond it drifts are counted
+/// only, so a backend that stops answering costs the sessions little.
+const LINES_PER_SEC: f64 = 100.0;
 
 /// The parity metric families.
 #[derive(Clone)]
@@ -85,7 +88,7 @@ impl ParityMetrics {
                 m.drifts.with_label_values(&[t.name(), r.label()]);
             }
         }
-        for r in ["queue_full", "limit", "error"] {
+        for r in ["queue_full", "limit", "rate", "error"] {
             m.log_dropped.with_label_values(&[r]);
         }
         m
@@ -117,6 +120,25 @@ struct Stats {
     devices: HashMap<u32, DeviceStats>,
     other: DeviceStats,
     recent: VecDeque<Value>,
+    /// Token bucket of drift lines: tokens, and when it was last filled.
+    tokens: f64,
+    filled: Option<Instant>,
+}
+
+impl Stats {
+    fn take_token(&mut self, now: Instant) -> bool {
+        let since = self
+            .filled
+            .map_or(Duration::from_secs(2), |f| now.saturating_duration_since(f));
+        self.filled = Some(now);
+        self.tokens = (self.tokens + since.as_secs_f64() * LINES_PER_SEC).min(2.0 * LINES_PER_SEC);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// A line for the log thread, with where it goes.
@@ -175,16 +197,22 @@ impl Hub {
         match &o.verdict {
             Verdict::Match => self.metrics.matches.with_label_values(&[t]).inc(),
             Verdict::Unanswered => self.metrics.unanswered.with_label_values(&[t]).inc(),
-            Verdict::Drift { reason, detail } => {
+            Verdict::Drift { reason, .. } => {
                 self.metrics
                     .drifts
                     .with_label_values(&[t, reason.label()])
                     .inc();
-                line = Some(drift_json(device, o, *reason, detail));
             }
         }
         {
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            if let Verdict::Drift { reason, detail } = &o.verdict {
+                if s.take_token(Instant::now()) {
+                    line = Some(drift_json(device, o, *reason, detail));
+                } else {
+                    self.metrics.log_dropped.with_label_values(&["rate"]).inc();
+                }
+            }
             let ts = s.types.entry(t).or_default();
             match &o.verdict {
                 Verdict::Match => ts.matches += 1,

@@ -447,7 +447,6 @@ impl Proxy {
         parity: Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>,
         legacy_target: String,
     ) {
-        use tokio::io::AsyncWriteExt as _;
         let loaded = self.live.current();
         let cfg = &loaded.config;
         // An A/A run mirrors to a second connection to the session's own legacy upstream.
@@ -495,17 +494,6 @@ impl Proxy {
         };
         self.metrics.transport.mirrors.inc();
         let _gauge = GaugeGuard(self.metrics.transport.mirrors.clone());
-        // The copied frames, as a stream the driver reads like a device leg.
-        let (device_side, mut feed) = tokio::io::duplex(64 * 1024);
-        let feeder = async move {
-            let mut rx = rx;
-            while let Some(f) = rx.recv().await {
-                if feed.write_all(&f).await.is_err() {
-                    return;
-                }
-            }
-            let _ = feed.shutdown().await;
-        };
         let mut core = crate::transport::Core::new(
             cfg.new_path.transport(),
             crate::transport::Role::Shadow,
@@ -515,7 +503,8 @@ impl Proxy {
         let _ = core.on_backend_connected(std::time::Instant::now());
         let shadow_control = SessionControl::new(control.token());
         let driver = crate::transport::driver::run(crate::transport::driver::Session {
-            device: Box::new(device_side),
+            // The copied frames, taken only while the backend can take them.
+            device: crate::transport::driver::DeviceLeg::Copy(rx),
             backend,
             device_tail: Vec::new(),
             backend_tail: Vec::new(),
@@ -549,7 +538,7 @@ impl Proxy {
                 }) as crate::transport::driver::BackendHook<'_>
             }),
         });
-        let (_, end) = tokio::join!(feeder, driver);
+        let end = driver.await;
         tracing::debug!(end = end.label(), "mirror ended");
     }
 
@@ -616,7 +605,7 @@ impl Proxy {
         };
         let health = &self.health;
         let end = crate::transport::driver::run(crate::transport::driver::Session {
-            device: s.device,
+            device: crate::transport::driver::DeviceLeg::Stream(s.device),
             backend: s.backend,
             device_tail,
             backend_tail: s.answer_tail,

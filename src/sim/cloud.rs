@@ -51,6 +51,9 @@ pub struct CloudSimConfig {
     /// Share of commands (0–1) sent twice in a row, as a backend that lost track of an ack
     /// would.
     pub duplicate_commands: f64,
+    /// Share of acked commands (0–1) sent again, the same bytes, once their ack arrived (a
+    /// backend that missed the ack): the device must not execute them twice.
+    pub repeat_after_ack: f64,
     /// Close every connection at each multiple of this since the simulator started, as a
     /// restart would (it keeps accepting).
     pub restart_every: Option<Duration>,
@@ -74,6 +77,7 @@ impl Default for CloudSimConfig {
             utc_offset_minutes: -360,
             auth_codes: None,
             duplicate_commands: 0.0,
+            repeat_after_ack: 0.0,
             restart_every: None,
             drop_answers: 0.0,
             answer_delay: Duration::ZERO,
@@ -104,6 +108,10 @@ pub struct CloudStats {
     pub commands_sent: AtomicU64,
     /// 0x7b acks received for those commands.
     pub command_acks: AtomicU64,
+    /// Acked commands sent again on purpose (`repeat_after_ack`).
+    pub repeats_sent: AtomicU64,
+    /// Acks that came back for those repeats (the device, or a proxy that remembered its ack).
+    pub repeat_acks: AtomicU64,
     /// Commands sent a second time on purpose (`duplicate_commands`).
     pub duplicates_sent: AtomicU64,
     /// Answers left unsent on purpose (`drop_answers`).
@@ -137,6 +145,10 @@ pub struct CloudReport {
     pub command_acks: u64,
     /// Commands sent twice on purpose (`--duplicate-commands`).
     pub duplicates_sent: u64,
+    /// Acked commands sent again (`--repeat-after-ack`), and the acks that came back for them.
+    pub repeats_sent: u64,
+    /// Acks of those repeats.
+    pub repeat_acks: u64,
     /// Command → ack latency.
     pub command_latency: super::stats::LatencySummary,
 }
@@ -156,6 +168,8 @@ impl CloudStats {
             commands_sent: self.commands_sent.load(Ordering::Relaxed),
             command_acks: self.command_acks.load(Ordering::Relaxed),
             duplicates_sent: self.duplicates_sent.load(Ordering::Relaxed),
+            repeats_sent: self.repeats_sent.load(Ordering::Relaxed),
+            repeat_acks: self.repeat_acks.load(Ordering::Relaxed),
             command_latency: self.command_latency.summary(),
         }
     }
@@ -272,6 +286,8 @@ impl CloudSim {
             msg: 0x1500,
             seq: 0x100,
             pending: HashMap::new(),
+            repeated: std::collections::HashSet::new(),
+            acks: 0,
             record: self.cfg.record,
         };
         if c.record {
@@ -302,7 +318,11 @@ struct CloudConn<'a> {
     mesh_id: u16,
     msg: u16,
     seq: u32,
-    pending: HashMap<Msg, Instant>,
+    pending: HashMap<Msg, (Instant, Vec<u8>)>,
+    /// Repeated commands whose second ack is awaited.
+    repeated: std::collections::HashSet<Msg>,
+    /// Acks so far (picks which commands are repeated).
+    acks: u64,
     record: bool,
 }
 
@@ -456,7 +476,9 @@ impl CloudConn<'_> {
         };
         let msg = Msg::counter(self.msg);
         let frame = Frame::pipe(SIM_APP_ID, msg, cmd.to_inner(self.seq));
+        let start = out.len();
         Self::push(out, &frame);
+        let bytes = out[start..].to_vec();
         let p = self.sim.cfg.duplicate_commands;
         if p > 0.0 {
             // Deterministic per command: every 1/p-th one, spread by the counter.
@@ -469,7 +491,7 @@ impl CloudConn<'_> {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.pending.insert(msg, Instant::now());
+        self.pending.insert(msg, (Instant::now(), bytes));
         self.sim.stats.commands_sent.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -543,9 +565,23 @@ impl CloudConn<'_> {
                 }
             }
             (PacketType::PIPE_ACK, _) => {
-                if let Some(sent) = f.msg().and_then(|m| self.pending.remove(&m)) {
+                let m = f.msg();
+                if let Some((sent, bytes)) = m.and_then(|m| self.pending.remove(&m)) {
                     self.sim.stats.command_acks.fetch_add(1, Ordering::Relaxed);
                     self.sim.stats.command_latency.record(sent.elapsed());
+                    let k = self.acks;
+                    self.acks += 1;
+                    if let Some(m) = m
+                        && Self::picked(k, self.sim.cfg.repeat_after_ack)
+                    {
+                        out.extend_from_slice(&bytes);
+                        self.repeated.insert(m);
+                        self.sim.stats.repeats_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if let Some(m) = m
+                    && self.repeated.remove(&m)
+                {
+                    self.sim.stats.repeat_acks.fetch_add(1, Ordering::Relaxed);
                 }
             }
             (PacketType::TIME_REQUEST, _) => {

@@ -358,7 +358,12 @@ impl Core {
             // A request the backend is to answer (the hello is answered too, but replayed, so
             // it is tracked like any other).
             if let Some(key) = expected_answer(f) {
-                let msg_id = Uuid::now_v7();
+                // An observer's events are only counted: no id to follow in trace logs.
+                let msg_id = if self.role == Role::Observe {
+                    Uuid::nil()
+                } else {
+                    Uuid::now_v7()
+                };
                 self.requests.push_back(Request {
                     msg_id,
                     ptype: f.ptype,
@@ -447,7 +452,7 @@ impl Core {
                     self.commands.pop_front();
                 }
                 self.commands.push_back(Command {
-                    msg_id: Uuid::now_v7(),
+                    msg_id: Uuid::nil(),
                     ptype,
                     key,
                     dedup: 0,

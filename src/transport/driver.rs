@@ -60,10 +60,21 @@ pub type Reconnect<'a> = Pin<Box<dyn Future<Output = Result<Box<dyn Io>, String>
 /// Sees each whole backend frame, decoded if it decodes.
 pub type BackendHook<'a> = Box<dyn FnMut(&bytes::Bytes, Option<&crate::codec::Frame>) + Send + 'a>;
 
+/// Where a session's device frames come from.
+pub enum DeviceLeg {
+    /// The device's own connection (read and written).
+    Stream(Box<dyn Io>),
+    /// Whole frames copied from a relayed session (a dark-launch mirror): nothing is written
+    /// back, and while the backend cannot take more (its write queue full, or it is away)
+    /// none are taken, so the copies back up to the tap, which drops them at no cost to the
+    /// relay.
+    Copy(mpsc::Receiver<Bytes>),
+}
+
 /// Everything a session needs.
 pub struct Session<'a> {
     /// The device leg.
-    pub device: Box<dyn Io>,
+    pub device: DeviceLeg,
     /// The first backend connection (its handshake is answered).
     pub backend: Box<dyn Io>,
     /// Device bytes read but not yet a whole frame (nothing of them was sent).
@@ -102,21 +113,71 @@ pub struct Session<'a> {
     pub on_backend: Option<BackendHook<'a>>,
 }
 
-/// A writer task: writes what arrives on its queue, ends at the first error.
+/// Frames a writer coalesces into one write (and one TLS record) when they queue up.
+const COALESCE: usize = 16 * 1024;
+
+/// A writer task: writes what arrives on its queue, ends at the first error. Frames that
+/// queued up meanwhile go out in one write.
 fn writer(
     mut w: tokio::io::WriteHalf<Box<dyn Io>>,
     cap: usize,
 ) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(cap.max(1));
     let task = tokio::spawn(async move {
+        let mut buf: Vec<u8> = Vec::new();
         while let Some(b) = rx.recv().await {
-            if w.write_all(&b).await.is_err() || w.flush().await.is_err() {
+            let r = if let Ok(next) = rx.try_recv() {
+                buf.clear();
+                buf.extend_from_slice(&b);
+                buf.extend_from_slice(&next);
+                while buf.len() < COALESCE {
+                    match rx.try_recv() {
+                        Ok(more) => buf.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                w.write_all(&buf).await
+            } else {
+                w.write_all(&b).await
+            };
+            if r.is_err() || w.flush().await.is_err() {
                 return;
+            }
+            if buf.capacity() > 4 * COALESCE {
+                buf = Vec::new();
             }
         }
         let _ = w.shutdown().await;
     });
     (tx, task)
+}
+
+/// Resolves once `tx` has room again.
+async fn room(tx: &Option<mpsc::Sender<Bytes>>) {
+    match tx {
+        Some(t) => {
+            // The permit is dropped at once: this only waits.
+            let _ = t.reserve().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_dev(
+    rd: &mut Option<ReadHalf<Box<dyn Io>>>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    match rd {
+        Some(r) => r.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_copy(rx: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn read_opt(
@@ -194,8 +255,14 @@ pub async fn run(s: Session<'_>) -> End {
 async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
     let m = s.metrics.clone();
     let t = s.transport;
-    let (mut dev_rd, dev_wr) = tokio::io::split(s.device);
-    let (dev_tx, dev_task) = writer(dev_wr, s.queue);
+    let (mut dev_rd, dev_tx, dev_task, mut copy_rx) = match s.device {
+        DeviceLeg::Stream(io) => {
+            let (rd, wr) = tokio::io::split(io);
+            let (tx, task) = writer(wr, s.queue);
+            (Some(rd), Some(tx), Some(task), None)
+        }
+        DeviceLeg::Copy(rx) => (None, None, None, Some(rx)),
+    };
     let (be_rd, be_wr) = tokio::io::split(s.backend);
     let mut be_rd = Some(be_rd);
     let (tx, task) = writer(be_wr, s.queue);
@@ -242,10 +309,14 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                             }
                         }
                     }
+                    // A copied session writes nothing back (the core's shadow role sends
+                    // nothing to it either).
+                    Output::ToDevice(_) if dev_tx.is_none() => {}
                     Output::ToDevice(b) => {
                         let len = b.len();
                         let copy = b.clone();
-                        match dev_tx.try_send(b) {
+                        let Some(dtx) = &dev_tx else { continue };
+                        match dtx.try_send(b) {
                             Ok(()) => {
                                 // Counted and captured only once it is on its way.
                                 if let Some(tap) = s.c2d.as_deref_mut() {
@@ -328,6 +399,8 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
         } else {
             now + far
         };
+        // A copied session takes no frame while the backend cannot take it.
+        let paused = copy_rx.is_some() && be_tx.as_ref().is_none_or(|t| t.capacity() == 0);
         let grace_at = match (s.grace, lost_at) {
             (Some(g), Some(at)) => at + g,
             _ => now + far,
@@ -335,7 +408,17 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
         tokio::select! {
             _ = s.control.token().cancelled() => break End::External(s.control.cause()),
             _ = tokio::time::sleep_until(grace_at) => break End::BackendLost,
-            r = dev_rd.read(&mut dbuf), if !device_eof => match r {
+            f = recv_copy(&mut copy_rx), if copy_rx.is_some() && !paused => match f {
+                Some(bytes) => {
+                    last = Instant::now();
+                    let outs = core.on_device_frame(last.into_std(), bytes);
+                    apply!(outs);
+                }
+                // The relayed session ended, or detached its mirror.
+                None => break End::DeviceClosed,
+            },
+            () = room(&be_tx), if paused && be_tx.is_some() => {},
+            r = read_dev(&mut dev_rd, &mut dbuf), if !device_eof && dev_rd.is_some() => match r {
                 Ok(0) if be_tx.is_some() => {
                     device_eof = true;
                     // Dropping the sender lets the writer finish its queue, then shut down.
@@ -438,9 +521,12 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
 
 /// Lets the writers finish what is queued for a moment, then stops them: nothing outlives
 /// the session (a device that stopped reading would otherwise keep its socket and queue).
-async fn finish(dev: tokio::task::JoinHandle<()>, backends: Vec<tokio::task::JoinHandle<()>>) {
+async fn finish(
+    dev: Option<tokio::task::JoinHandle<()>>,
+    backends: Vec<tokio::task::JoinHandle<()>>,
+) {
     let mut all = backends;
-    all.push(dev);
+    all.extend(dev);
     for mut h in all {
         if tokio::time::timeout(WRITE_GRACE, &mut h).await.is_err() {
             h.abort();
