@@ -377,14 +377,14 @@ impl Core {
                     sent_at: now,
                     sent: self.connected,
                 });
-                // Bounded like the queues: the oldest unanswered request is given up.
+                // Bounded like the queues: the oldest unanswered request is given up, as if it
+                // had timed out (it was sent; only its answer is no longer awaited).
                 if self.requests.len() > self.settings.send_queue_max.max(1)
-                    && self.requests.pop_front().is_some()
-                    && self.role != Role::Observe
+                    && let Some(r) = self.requests.pop_front()
                 {
-                    out.push(Output::Event(Event::QueueFull {
-                        queue: Queue::Send,
-                        rejected: false,
+                    out.push(Output::Event(Event::RequestTimedOut {
+                        msg_id: r.msg_id,
+                        ptype: r.ptype,
                     }));
                 }
                 out.push(Output::Event(Event::RequestSent {
@@ -836,6 +836,45 @@ mod tests {
         let out = c.poll(t0 + Duration::from_secs(10));
         assert!(matches!(events(&out)[0], Event::RequestTimedOut { .. }));
         assert_eq!(c.requests_pending(), 0);
+    }
+
+    #[test]
+    fn requests_beyond_the_bound_are_given_up_as_timed_out_and_still_sent() {
+        for role in [Role::Primary, Role::Shadow, Role::Observe] {
+            let mut c = Core::new(
+                Settings {
+                    send_queue_max: 2,
+                    ..Settings::default()
+                },
+                role,
+                1,
+            );
+            let t0 = Instant::now();
+            c.on_backend_connected(t0);
+            let mut timed_out = 0;
+            let mut sent = 0;
+            for _ in 0..5 {
+                let out = c.on_device_frame(t0, b(Frame::ping()));
+                timed_out += events(&out)
+                    .iter()
+                    .filter(|e| matches!(e, Event::RequestTimedOut { .. }))
+                    .count();
+                sent += out
+                    .iter()
+                    .filter(|o| matches!(o, Output::ToBackend(_)))
+                    .count();
+                assert!(
+                    !events(&out)
+                        .iter()
+                        .any(|e| matches!(e, Event::QueueFull { .. })),
+                    "{role:?}: a tracked request is not a dropped frame"
+                );
+            }
+            assert_eq!(timed_out, 3, "{role:?}");
+            assert_eq!(c.requests_pending(), 2, "{role:?}");
+            let want = if role == Role::Observe { 0 } else { 5 };
+            assert_eq!(sent, want, "{role:?}: every frame still goes out");
+        }
     }
 
     #[test]

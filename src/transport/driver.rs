@@ -533,3 +533,108 @@ async fn finish(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Frame, InnerFrame, Msg};
+    use crate::transport::{Role, Settings};
+    use tokio_util::sync::CancellationToken;
+
+    fn command(n: u16) -> Vec<u8> {
+        let inner = InnerFrame::decode(&Bytes::from_static(&[
+            0x7e, 0x01, 0x00, 0x00, 0x00, 0xf8, 0xd0, 0x0d, 0x00, 0x01, 0x01, 0x00, 0x00, 0x00,
+            0x05, 0x00, 0xd0, 0x11, 0x02, 0x01, 0x00, 0x00, 0xe9, 0x7e,
+        ]))
+        .unwrap();
+        Frame::pipe(7, Msg::counter(n), inner).encode().unwrap()
+    }
+
+    fn session<'a>(
+        device: Box<dyn Io>,
+        backend: Box<dyn Io>,
+        control: &'a SessionControl,
+        metrics: TransportMetrics,
+    ) -> Session<'a> {
+        let mut core = Core::new(Settings::default(), Role::Primary, 1);
+        core.resume(Bytes::from(
+            Frame::handshake(crate::codec::DeviceId(7), b"0123456789abcdef", 60)
+                .encode()
+                .unwrap(),
+        ));
+        Session {
+            device: DeviceLeg::Stream(device),
+            backend,
+            device_tail: Vec::new(),
+            backend_tail: Vec::new(),
+            core,
+            reconnect: Box::new(|| Box::pin(async { Err("no backend in this test".to_owned()) })),
+            grace: None,
+            idle: Duration::from_secs(60),
+            max_frame: 4096,
+            queue: 100,
+            control,
+            d2c: None,
+            c2d: None,
+            events: Box::new(|_| {}),
+            metrics,
+            transport: "new",
+            shadow: false,
+            backend_state: Box::new(|_| {}),
+            on_backend: None,
+        }
+    }
+
+    /// A device that stops reading: the backend's commands keep being read (they are dropped
+    /// and counted once the device's queue is full), every queue stays bounded, and closing
+    /// the session from outside ends it at once.
+    #[tokio::test]
+    async fn a_device_that_stops_reading_blocks_nothing_and_grows_nothing() {
+        let metrics = TransportMetrics::register(&prometheus::Registry::new());
+        // The device's end holds 1 KiB and is never read.
+        let (device, _stuck) = tokio::io::duplex(1024);
+        let (backend, mut cloud) = tokio::io::duplex(64 * 1024);
+        let control = SessionControl::new(&CancellationToken::new());
+        let run = run(session(
+            Box::new(device),
+            Box::new(backend),
+            &control,
+            metrics.clone(),
+        ));
+        tokio::pin!(run);
+        // 20,000 commands (720 KB) from the backend, far beyond what the device takes.
+        let mut all = Vec::new();
+        for n in 0..20_000u16 {
+            all.extend_from_slice(&command(n));
+        }
+        let write = async {
+            cloud.write_all(&all).await.unwrap();
+            cloud.flush().await.unwrap();
+        };
+        tokio::select! {
+            _ = &mut run => panic!("the session ended"),
+            r = tokio::time::timeout(Duration::from_secs(10), write) => {
+                r.expect("the backend's writes stalled: the driver stopped reading it")
+            }
+        }
+        // Let the driver take the rest of what it was sent.
+        let settle = tokio::time::sleep(Duration::from_millis(300));
+        tokio::select! {
+            _ = &mut run => panic!("the session ended"),
+            _ = settle => {}
+        }
+        let full = metrics.queue_full.with_label_values(&["new", "recv"]).get();
+        assert!(full > 10_000, "dropped and counted: {full}");
+        let tracked = metrics.recv_queue.with_label_values(&["new"]).get();
+        assert!(
+            tracked <= 100,
+            "commands awaiting the device stay bounded: {tracked}"
+        );
+        control.close(Cause::Drained);
+        let end = tokio::time::timeout(Duration::from_secs(3), run)
+            .await
+            .expect("the session did not end when closed");
+        assert_eq!(end, End::External(Cause::Drained));
+        assert_eq!(metrics.recv_queue.with_label_values(&["new"]).get(), 0);
+    }
+}
