@@ -252,7 +252,7 @@ fn main() {
             get("legacy", "tcp_comm_ack_timeout_total"),
             get("new", "tcp_comm_ack_timeout_total"),
         );
-        let retx = get("new", "tcp_comm_packet_retransmit_total");
+        let retx = p.metric("tcp_comm_packet_retransmit_total{reason=\"ack_timeout\",transport=\"new\"}");
         let new_sessions = p.metric("cync_mitm_sessions_active{transport=\"new\"}");
         let report = f.report();
         f.stop().await;

@@ -7,6 +7,8 @@
 #   scripts/idle-watch.sh [DEVICES] [DURATION_S]      # defaults: 100 devices, 60 s
 #   NEW_PATH=1 scripts/idle-watch.sh                  # devices on the new path (new_primary,
 #                                                     # a second simulated cloud as backend)
+#   SHADOW=1 scripts/idle-watch.sh                    # devices on the cloud, each mirrored to
+#                                                     # the backend, with parity
 #
 # Nothing leaves the machine: every address is loopback. Needs curl and python3 (for free ports).
 set -euo pipefail
@@ -43,11 +45,17 @@ cert_dir = "$work/certs"
 enabled = true
 dir = "$work/captures"
 EOF
-if [ "${NEW_PATH:-0}" = 1 ]; then
+backend=0
+if [ "${NEW_PATH:-0}" = 1 ] || [ "${SHADOW:-0}" = 1 ]; then backend=1; fi
+if [ "$backend" = 1 ]; then
+  mode=new_primary
+  [ "${SHADOW:-0}" = 1 ] && mode=shadow
   cat >>"$work/proxy.toml" <<EOF
 [routing]
-mode = "new_primary"
+mode = "$mode"
 canary_percent = 100
+[parity]
+dir = "$work/parity"
 [new_path]
 addresses = ["127.0.0.1:$new_port"]
 ca_file = "$work/certs/ca.pem"
@@ -59,7 +67,7 @@ fi
 "$bin" sim cloud --listen "127.0.0.1:$cloud_port" --cert-dir "$work/certs" --report-every 1h \
   >"$work/cloud.log" 2>&1 &
 pids+=($!)
-if [ "${NEW_PATH:-0}" = 1 ]; then
+if [ "$backend" = 1 ]; then
   "$bin" sim cloud --listen "127.0.0.1:$new_port" --cert-dir "$work/certs" --report-every 1h \
     >"$work/backend.log" 2>&1 &
   pids+=($!)
@@ -127,6 +135,15 @@ if [ "${NEW_PATH:-0}" = 1 ]; then
     awk '/^tcp_comm_routing_decision_total\{transport="new"\}/ {print $2}')
   echo "routed to the new path: ${on_new:-0}"
   if [ "${on_new:-0}" -lt "$devices" ]; then echo "FAIL: devices not on the new path"; fail=1; fi
+fi
+if [ "${SHADOW:-0}" = 1 ]; then
+  m=$(curl -fs "http://127.0.0.1:$admin_port/metrics")
+  mirrors=$(awk '/^cync_mitm_mirrors_active / {print $2}' <<<"$m")
+  drifts=$(awk '/^tcp_comm_parity_drifts_total/ {s += $2} END {print s + 0}' <<<"$m")
+  matches=$(awk '/^tcp_comm_parity_matches_total/ {s += $2} END {print s + 0}' <<<"$m")
+  echo "mirrors: ${mirrors:-0}; parity: $matches matches, $drifts drifts"
+  if [ "${mirrors:-0}" != "$devices" ]; then echo "FAIL: ${mirrors:-0} mirrors for $devices devices"; fail=1; fi
+  if [ "$drifts" != 0 ]; then echo "FAIL: $drifts parity drifts against an identical backend"; fail=1; fi
 fi
 [ "$fail" = 0 ] && echo "ok: flat"
 exit "$fail"
