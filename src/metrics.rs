@@ -559,6 +559,13 @@ impl Metrics {
             .sum()
     }
 
+    /// Counts an upstream connect attempt of `path` with `result` (an `UPSTREAM_RESULTS` label).
+    pub fn upstream_connect(&self, path: Path, result: &str) {
+        self.upstream_connects
+            .with_label_values(&[path.label(), result])
+            .inc();
+    }
+
     /// Upstream connects with `result`, both transports.
     pub fn upstream_connect_count(&self, result: &str) -> u64 {
         [Path::Legacy, Path::New]

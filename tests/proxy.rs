@@ -768,3 +768,22 @@ async fn a_plaintext_upstream_is_named_as_such() {
     );
     assert_eq!(p.metrics.closed_count("cloud_down"), 1);
 }
+
+/// Transparent mode, a client that connects to the listener directly (no REDIRECT, so no
+/// original destination): counted as `no_original_dst`, held, closed as `cloud_down`, and its
+/// registry entry is gone (no task panics on the way).
+#[tokio::test]
+async fn transparent_mode_without_an_original_destination_is_counted_and_closed() {
+    let (cloud, addr) = start_cloud(CloudSimConfig::default()).await;
+    let mut cfg = proxy_config(addr);
+    cfg.upstream.mode = cync_mitm::config::UpstreamMode::Transparent;
+    let p = start_proxy(cfg).await;
+    let mut s = tls_client(p.addr, ClientProfile::DeviceFp2).await;
+    s.write_all(&handshake(77)).await.unwrap();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert!(wait_until(T, || p.metrics.closed_count("cloud_down") == 1).await);
+    assert_eq!(p.metrics.upstream_connect_count("no_original_dst"), 1);
+    assert!(wait_until(T, || p.proxy.registry().is_empty()).await);
+    assert_eq!(cloud.stats().connections.load(Ordering::Relaxed), 0);
+    cloud.stop().await;
+}

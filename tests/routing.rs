@@ -790,3 +790,54 @@ fn ids_under(live: &LiveConfig, fleet: &cync_mitm::sim::devices::Fleet) -> usize
 fn newp_open(sim: &cync_mitm::sim::cloud::CloudSim) -> usize {
     sim.stats().connected.lock().unwrap().len()
 }
+
+/// Shadow mode with no new-path address yet: nothing to mirror to. A reload that adds the
+/// backend attaches every live device's mirror, without a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_the_backend_by_reload_attaches_the_mirrors_of_live_devices() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (newp, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cync-mitm.toml");
+    let text = |addresses: &str| {
+        format!(
+            "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{legacy_addr}\"]\n\
+             [new_path]\naddresses = [{addresses}]\nca_file = \"{}\"\nsni = \"cm.gelighting.com\"\n\
+             [tls]\ncert_dir = \"{}\"\n[routing]\nmode = \"shadow\"\ncanary_percent = 100\n\
+             [parity]\ndir = \"{}\"\n",
+            certs().ca_cert.display(),
+            certs().ca_cert.parent().unwrap().display(),
+            dir.path().join("parity").display()
+        )
+    };
+    std::fs::write(&file, text("")).unwrap();
+    let metrics = Arc::new(Metrics::new(false));
+    let live = LiveConfig::new(
+        Config::load(&file).unwrap(),
+        Some(file.clone()),
+        metrics.clone(),
+        |_| None,
+    )
+    .unwrap();
+    let p = start_proxy_live(live.clone(), metrics.clone()).await;
+    let fleet = start_fleet(fleet_config(p.addr, 10));
+    assert!(wait_until(T, || fleet.stats().online.load(Ordering::Relaxed) == 10).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metrics.transport.mirrors.get(),
+        0,
+        "nowhere to mirror to yet"
+    );
+    std::fs::write(&file, text(&format!("\"{new_addr}\""))).unwrap();
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert!(
+        wait_until(T, || metrics.transport.mirrors.get() == 10).await,
+        "{} mirrors",
+        metrics.transport.mirrors.get()
+    );
+    assert!(wait_until(T, || newp.stats().handshakes.load(Ordering::Relaxed) == 10).await);
+    assert_eq!(fleet.report().connects, 10, "nobody reconnected");
+    fleet.stop().await;
+    legacy.stop().await;
+    newp.stop().await;
+}

@@ -14,6 +14,12 @@ pub mod read;
 pub mod tcp;
 mod writer;
 
+/// Masks the auth code of a 0x23 handshake or the auth string of a 0x13 login in place (same
+/// length, `*`), as captures do with `redact_auth`. Whether the frame had one.
+pub fn redact_auth(frame: &mut [u8]) -> bool {
+    writer::redact(frame)
+}
+
 use crate::metrics::{Flow, Metrics};
 use crate::proxy::tap::{ConnMeta, PeerKind, TapSink};
 use crate::reload::LiveConfig;

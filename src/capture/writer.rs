@@ -109,7 +109,7 @@ impl Segmenter {
 
 /// Masks the authorize code of a 0x23 or the auth string of a 0x13 (both at body offset 7,
 /// after a u16 length), keeping every length.
-fn redact(frame: &mut [u8]) -> bool {
+pub(super) fn redact(frame: &mut [u8]) -> bool {
     let t = frame.first().copied().map(PacketType);
     if t != Some(PacketType::HANDSHAKE) && t != Some(PacketType::LOGIN) {
         return false;

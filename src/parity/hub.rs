@@ -34,7 +34,7 @@ const MAX_DEVICES: usize = 10_000;
 /// Drifts kept for `/parity`.
 const RECENT: usize = 20;
 /// Lines queued for the log thread.
-const LOG_QUEUE: usize = 4096;
+const LOG_QUEUE: usize = 1024;
 /// Drift lines made per second at most (a burst of twice that); beyond it drifts are counted
 /// only, so a backend that stops answering costs the sessions little.
 const LINES_PER_SEC: f64 = 100.0;
@@ -50,6 +50,8 @@ pub struct ParityMetrics {
     pub unanswered: IntCounterVec,
     /// Drift lines not written: `queue_full`, `limit` (the day's `max_log_bytes`), `error`.
     pub log_dropped: IntCounterVec,
+    /// Requests given up unjudged because too many waited in one session.
+    pub evicted: prometheus::IntCounter,
 }
 
 impl ParityMetrics {
@@ -74,6 +76,16 @@ impl ParityMetrics {
                 "Mirrored device requests neither path answered within parity.timeout, by request type.",
                 &["type"],
             ),
+            evicted: {
+                let c = prometheus::IntCounter::new(
+                    "cync_mitm_parity_evicted_total",
+                    "Mirrored requests given up unjudged because 64 already waited in their session.",
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(c.clone()))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                c
+            },
             log_dropped: crate::metrics::counter_vec(
                 r,
                 "cync_mitm_parity_log_dropped_total",
@@ -119,7 +131,7 @@ struct Stats {
     types: BTreeMap<&'static str, TypeStats>,
     devices: HashMap<u32, DeviceStats>,
     other: DeviceStats,
-    recent: VecDeque<Value>,
+    recent: VecDeque<Arc<Value>>,
     /// Token bucket of drift lines: tokens, and when it was last filled.
     tokens: f64,
     filled: Option<Instant>,
@@ -204,12 +216,12 @@ impl Hub {
                     .inc();
             }
         }
+        let mut token = false;
         {
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-            if let Verdict::Drift { reason, detail } = &o.verdict {
-                if s.take_token(Instant::now()) {
-                    line = Some(drift_json(device, o, *reason, detail));
-                } else {
+            if matches!(o.verdict, Verdict::Drift { .. }) {
+                token = s.take_token(Instant::now());
+                if !token {
                     self.metrics.log_dropped.with_label_values(&["rate"]).inc();
                 }
             }
@@ -242,12 +254,18 @@ impl Hub {
                     entry.matches += 1;
                 }
             }
-            if let Some(l) = &line {
+        }
+        // The line is made outside the lock (other sessions and /parity never wait for it).
+        if let (true, Verdict::Drift { reason, detail }) = (token, &o.verdict) {
+            let l = Arc::new(drift_json(device, o, *reason, detail));
+            {
+                let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                 if s.recent.len() >= RECENT {
                     s.recent.pop_front();
                 }
                 s.recent.push_back(l.clone());
             }
+            line = Some(l);
         }
         if let Some(l) = line
             && log.enabled
@@ -320,7 +338,7 @@ impl Hub {
             "other_devices": (s.other.drifts + s.other.matches > 0).then(|| json!({
                 "drifts": s.other.drifts, "matches": s.other.matches,
             })),
-            "recent_drifts": s.recent.iter().rev().cloned().collect::<Vec<_>>(),
+            "recent_drifts": s.recent.iter().rev().map(|v| v.as_ref().clone()).collect::<Vec<_>>(),
             "log_lines_written": self.written.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -335,18 +353,33 @@ fn ratio(matches: u64, drifts: u64) -> Option<f64> {
     (n > 0).then(|| matches as f64 / n as f64)
 }
 
-fn frame_json(bytes: &Bytes) -> Value {
-    json!({
-        "hex": crate::hexutil::to_hex(bytes),
-        "decoded": crate::codec::view::frame_json(bytes),
-    })
+/// A frame for a drift line: auth codes masked (as captures do), at most
+/// [`super::KEEP`] bytes (a longer one says so and keeps its length).
+fn frame_json(bytes: &Bytes, len: usize) -> Value {
+    let mut b = bytes.to_vec();
+    crate::capture::redact_auth(&mut b);
+    let b = Bytes::from(b);
+    if b.len() == len {
+        json!({
+            "hex": crate::hexutil::to_hex(&b),
+            "decoded": crate::codec::view::frame_json(&b),
+        })
+    } else {
+        let t = crate::codec::PacketType(b.first().copied().unwrap_or(0));
+        json!({
+            "hex": crate::hexutil::to_hex(&b),
+            "truncated": true,
+            "len": len,
+            "decoded": {"type": t.to_string(), "name": t.name()},
+        })
+    }
 }
 
 fn answer_json(a: &Option<Answer>) -> Value {
     match a {
         None => Value::Null,
         Some(a) => {
-            let mut v = frame_json(&a.bytes);
+            let mut v = frame_json(&a.bytes, a.len);
             if let Value::Object(o) = &mut v {
                 o.insert("latency_ms".into(), json!(ms(a.latency)));
             }
@@ -363,7 +396,7 @@ pub fn drift_json(device: Option<DeviceId>, o: &Outcome, reason: Reason, detail:
         "type": o.request_type.name(),
         "reason": reason.label(),
         "detail": detail,
-        "request": frame_json(&o.request),
+        "request": frame_json(&o.request, o.request.len()),
         "legacy": answer_json(&o.legacy),
         "new": answer_json(&o.new),
     })
@@ -493,7 +526,11 @@ impl SessionParity {
     pub fn request(&mut self, frame: &Frame, bytes: Bytes) {
         let now = Instant::now();
         self.expire(now);
+        let before = self.tracker.evicted();
         let o = self.tracker.on_request(now, frame, bytes);
+        if self.tracker.evicted() > before {
+            self.hub.metrics.evicted.inc();
+        }
         self.emit(o);
     }
 
@@ -527,10 +564,10 @@ mod tests {
         Outcome {
             request_type: PacketType::PING,
             request: ping.clone(),
-            legacy: Some(Answer {
-                bytes: Bytes::from(Frame::pong().encode().unwrap()),
-                latency: Duration::from_millis(3),
-            }),
+            legacy: Some(Answer::new(
+                Bytes::from(Frame::pong().encode().unwrap()),
+                Duration::from_millis(3),
+            )),
             new: None,
             verdict: Verdict::Drift {
                 reason: Reason::MissingNew,
@@ -595,6 +632,49 @@ mod tests {
         assert_eq!(r["drifts"], 3);
         assert_eq!(r["top_devices"][0]["device"], "00000007");
         assert_eq!(r["types"]["ping"]["by_reason"]["missing_new"], 3);
+    }
+
+    #[test]
+    fn drift_lines_mask_auth_codes_and_truncate_large_frames() {
+        let hello = Bytes::from(
+            Frame::handshake(DeviceId(9), b"secretsecret1234", 60)
+                .encode()
+                .unwrap(),
+        );
+        let o = Outcome {
+            request_type: PacketType::HANDSHAKE,
+            request: hello,
+            legacy: Some(Answer::new(
+                Bytes::from(vec![0x28, 0, 0, 0, 2, 0, 0]),
+                Duration::ZERO,
+            )),
+            new: Some(Answer::new(
+                Bytes::from({
+                    let mut v = vec![0x28, 0, 0, 0x10, 0];
+                    v.extend(std::iter::repeat_n(7u8, 0x1000));
+                    v
+                }),
+                Duration::ZERO,
+            )),
+            verdict: Verdict::Drift {
+                reason: Reason::Content,
+                detail: "x".into(),
+            },
+        };
+        let v = drift_json(Some(DeviceId(9)), &o, Reason::Content, "x");
+        let text = v.to_string();
+        assert!(!text.contains("secretsecret1234"), "{text}");
+        assert!(
+            !text.contains(&crate::hexutil::to_hex(b"secretsecret1234")),
+            "{text}"
+        );
+        assert_eq!(v["request"]["decoded"]["auth_code"], "****************");
+        assert_eq!(v["new"]["truncated"], true);
+        assert_eq!(v["new"]["len"], 0x1005);
+        assert_eq!(
+            v["new"]["hex"].as_str().unwrap().len(),
+            crate::hexutil::to_hex(&[0u8; super::super::KEEP]).len()
+        );
     }
 
     #[test]

@@ -51,13 +51,68 @@ impl Reason {
     }
 }
 
+/// Bytes of a frame a tracker keeps (a larger one is compared by length and digest).
+pub const KEEP: usize = 1024;
+
 /// One side's answer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Answer {
-    /// The whole answer frame.
+    /// The answer frame, or its first [`KEEP`] bytes.
     pub bytes: Bytes,
+    /// Its whole length.
+    pub len: usize,
+    /// SipHash of the whole frame.
+    pub digest: u64,
     /// From the request to this answer.
     pub latency: Duration,
+}
+
+impl Answer {
+    /// `bytes` answered after `latency`; kept whole up to [`KEEP`] bytes.
+    pub fn new(bytes: Bytes, latency: Duration) -> Self {
+        let len = bytes.len();
+        let digest = digest(&bytes);
+        let bytes = if len > KEEP {
+            Bytes::copy_from_slice(&bytes[..KEEP])
+        } else {
+            bytes
+        };
+        Self {
+            bytes,
+            len,
+            digest,
+            latency,
+        }
+    }
+
+    /// Whether `bytes` is the whole frame.
+    pub fn whole(&self) -> bool {
+        self.bytes.len() == self.len
+    }
+}
+
+fn digest(b: &[u8]) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x7061_7269, 0x7479_0001);
+    h.write(b);
+    h.finish()
+}
+
+/// Compares two kept answers: whole ones under [`compare`], larger ones by length and digest.
+pub fn compare_answers(legacy: &Answer, new: &Answer) -> Result<(), String> {
+    if legacy.whole() && new.whole() {
+        return compare(&legacy.bytes, &new.bytes);
+    }
+    if legacy.len != new.len {
+        return Err(format!("length {} vs {}", legacy.len, new.len));
+    }
+    if legacy.digest != new.digest {
+        return Err(format!(
+            "content differs ({} bytes, compared by digest)",
+            legacy.len
+        ));
+    }
+    Ok(())
 }
 
 /// The judgement of one request.
@@ -104,7 +159,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(5),
-            max_pending: 256,
+            max_pending: 64,
         }
     }
 }
@@ -121,7 +176,7 @@ struct Pending {
 impl Pending {
     fn judge(self) -> Outcome {
         let verdict = match (&self.legacy, &self.new) {
-            (Some(l), Some(n)) => match compare(&l.bytes, &n.bytes) {
+            (Some(l), Some(n)) => match compare_answers(l, n) {
                 Ok(()) => Verdict::Match,
                 Err(detail) => Verdict::Drift {
                     reason: Reason::Content,
@@ -152,6 +207,7 @@ impl Pending {
 pub struct Tracker {
     settings: Settings,
     pending: VecDeque<Pending>,
+    evicted: u64,
 }
 
 impl Tracker {
@@ -160,7 +216,13 @@ impl Tracker {
         Self {
             settings,
             pending: VecDeque::new(),
+            evicted: 0,
         }
+    }
+
+    /// Requests given up unjudged because `max_pending` were waiting (a burst, not a drift).
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     /// Requests awaiting answers.
@@ -168,20 +230,28 @@ impl Tracker {
         self.pending.len()
     }
 
-    /// A device frame that both paths received. Returns the request judged early to make
-    /// room, if the session already had `max_pending` waiting.
+    /// A device frame that both paths received (its first [`KEEP`] bytes are kept, for the
+    /// drift log). When `max_pending` already wait, the oldest is given up unjudged (see
+    /// [`Tracker::evicted`]). Returns what timed out meanwhile.
     pub fn on_request(&mut self, now: Instant, frame: &Frame, bytes: Bytes) -> Option<Outcome> {
         let key = expected_answer(frame)?;
+        let request = if bytes.len() > KEEP {
+            Bytes::copy_from_slice(&bytes[..KEEP])
+        } else {
+            bytes
+        };
         self.pending.push_back(Pending {
             key,
             ptype: frame.ptype,
-            request: bytes,
+            request,
             at: now,
             legacy: None,
             new: None,
         });
-        if self.pending.len() > self.settings.max_pending.max(1) {
-            return self.pending.pop_front().map(Pending::judge);
+        if self.pending.len() > self.settings.max_pending.max(1)
+            && self.pending.pop_front().is_some()
+        {
+            self.evicted += 1;
         }
         None
     }
@@ -204,10 +274,7 @@ impl Tracker {
                 }
         })?;
         let p = self.pending.get_mut(i)?;
-        let answer = Answer {
-            bytes,
-            latency: now.saturating_duration_since(p.at),
-        };
+        let answer = Answer::new(bytes, now.saturating_duration_since(p.at));
         match side {
             Side::Legacy => p.legacy = Some(answer),
             Side::New => p.new = Some(answer),
@@ -522,6 +589,28 @@ mod tests {
     }
 
     #[test]
+    fn large_answers_are_kept_short_and_compared_by_digest() {
+        let big = |last: u8| {
+            let mut v = vec![0x88, 0, 0, 0x08, 0x00];
+            v.extend(std::iter::repeat_n(0u8, 0x800 - 1));
+            v.push(last);
+            Bytes::from(v)
+        };
+        let (a, b, c) = (
+            Answer::new(big(1), Duration::ZERO),
+            Answer::new(big(1), Duration::ZERO),
+            Answer::new(big(2), Duration::ZERO),
+        );
+        assert_eq!(a.bytes.len(), KEEP);
+        assert_eq!(a.len, 0x805);
+        assert!(!a.whole());
+        assert_eq!(compare_answers(&a, &b), Ok(()));
+        assert!(compare_answers(&a, &c).unwrap_err().contains("by digest"));
+        let small = Answer::new(Bytes::from_static(&[0xd8, 0, 0, 0, 0]), Duration::ZERO);
+        assert!(compare_answers(&a, &small).unwrap_err().contains("length"));
+    }
+
+    #[test]
     fn neither_answering_is_not_a_drift_and_the_session_end_judges_only_the_expired() {
         let s = Settings {
             timeout: Duration::from_secs(1),
@@ -532,11 +621,12 @@ mod tests {
         let ping = b(Frame::ping());
         t.on_request(now, &d(&ping), ping.clone());
         t.on_request(now, &d(&ping), ping.clone());
-        // A third one makes room: the oldest is judged early.
-        let early = t
-            .on_request(now + Duration::from_secs(2), &d(&ping), ping.clone())
-            .unwrap();
-        assert_eq!(early.verdict, Verdict::Unanswered);
+        // A third one makes room: the oldest is given up, not judged.
+        assert!(
+            t.on_request(now + Duration::from_secs(2), &d(&ping), ping.clone())
+                .is_none()
+        );
+        assert_eq!(t.evicted(), 1);
         let out = t.finish(now + Duration::from_secs(2));
         assert_eq!(out.len(), 1, "the second expired; the third had time left");
         assert_eq!(t.pending(), 0);

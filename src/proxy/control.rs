@@ -70,6 +70,13 @@ impl SessionControl {
             .send_if_modified(|m| std::mem::replace(m, on) != on);
     }
 
+    /// Like [`SessionControl::set_mirror`], but wakes the session even when nothing changed
+    /// (a reload: a mirror that could not attach before, say for want of a backend address,
+    /// tries again).
+    pub fn refresh_mirror(&self, on: bool) {
+        self.mirror.send_replace(on);
+    }
+
     /// Whether the session should mirror now.
     pub fn mirror_wanted(&self) -> bool {
         *self.mirror.borrow()

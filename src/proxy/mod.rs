@@ -79,14 +79,14 @@ pub struct Proxy {
 
 struct GaugeGuard(prometheus::IntGauge);
 
+/// A mirror's idle timeout: none of its own (it ends with its session).
+const MAX_DURATION_IDLE: Duration = Duration::from_secs(366 * 86_400);
+
 /// A mirror's queue and its session's parity, as attached.
 type MirrorStart = (
     tokio::sync::mpsc::Receiver<bytes::Bytes>,
     Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>,
 );
-
-/// A running mirror.
-type MirrorFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
@@ -184,7 +184,7 @@ impl Proxy {
                         }
                         // A device that stays on the cloud gains or loses its mirror in place
                         // (shadow mode, or the share changing in it).
-                        s.control.set_mirror(
+                        s.control.refresh_mirror(
                             s.path == Path::Legacy && now.path == Path::Legacy && now.mirror,
                         );
                     }
@@ -392,6 +392,7 @@ impl Proxy {
         let span = tracing::info_span!("conn", id = %conn, %peer, device = tracing::field::Empty);
         session::Session {
             proxy: &self,
+            arc: self.clone(),
             conn,
             peer,
             kind,
@@ -455,22 +456,21 @@ impl Proxy {
             let legacy_target = legacy_target.clone();
             async move {
                 let l = self.live.current();
-                let (t, path) = if a_a {
-                    (
-                        upstream::Target {
-                            addresses: vec![legacy_target],
-                            tls: l.config.upstream.tls.then_some(&l.upstream),
-                            timeout: l.config.timeouts.upstream_connect,
-                        },
-                        Path::Legacy,
-                    )
-                } else {
-                    (
-                        upstream::Target::new_path(&l.config, &l.new_path),
-                        Path::New,
-                    )
-                };
-                upstream::connect(&t, &self.metrics, &self.health, path)
+                if a_a {
+                    // Not counted in the cloud's health or connect metrics: a second
+                    // connection that fails says nothing the session's own does not.
+                    let tls = l.config.upstream.tls.then_some(&l.upstream);
+                    let limit = l.config.timeouts.upstream_connect;
+                    return match tokio::time::timeout(limit, upstream::attempt(&legacy_target, tls))
+                        .await
+                    {
+                        Ok(Ok(u)) => Ok(u.io),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("{legacy_target}: no connection within {limit:?}")),
+                    };
+                }
+                let t = upstream::Target::new_path(&l.config, &l.new_path);
+                upstream::connect(&t, &self.metrics, &self.health, Path::New)
                     .await
                     .map(|u| u.io)
                     .map_err(|e| e.to_string())
@@ -513,7 +513,9 @@ impl Proxy {
                 Box::pin(connect())
             }),
             grace: None,
-            idle: cfg.timeouts.idle,
+            reconnect_max: crate::transport::driver::MIRROR_RECONNECT_MAX,
+            // The relayed session has its own idle timeout; the copy waits while paused.
+            idle: MAX_DURATION_IDLE,
             max_frame: cfg.limits.max_frame,
             queue: cfg.new_path.send_queue_max.max(cfg.new_path.recv_queue_max),
             control: &shadow_control,
@@ -612,6 +614,7 @@ impl Proxy {
             core,
             reconnect: Box::new(reconnect),
             grace: s.decision.fallback.then_some(cfg.new_path.reconnect_grace),
+            reconnect_max: crate::transport::driver::RECONNECT_MAX,
             idle: cfg.timeouts.idle,
             max_frame: max,
             queue: cfg.new_path.send_queue_max.max(cfg.new_path.recv_queue_max),
@@ -660,12 +663,7 @@ impl Proxy {
                 }
                 Path::Legacy => {
                     let target = upstream::Target::legacy(cfg, &loaded.upstream, orig_dst)
-                        .inspect_err(|e| {
-                            self.metrics
-                                .upstream_connects
-                                .with_label_values(&[e.label()])
-                                .inc();
-                        })?;
+                        .inspect_err(|e| self.metrics.upstream_connect(Path::Legacy, e.label()))?;
                     upstream::connect(&target, &self.metrics, &self.health, Path::Legacy).await
                 }
             }

@@ -10,6 +10,8 @@ use super::*;
 /// One accepted connection.
 pub(super) struct Session<'p> {
     pub(super) proxy: &'p Proxy,
+    /// The same proxy, for tasks of the session's own (its mirror).
+    pub(super) arc: Arc<Proxy>,
     pub(super) conn: Uuid,
     pub(super) peer: SocketAddr,
     pub(super) kind: ListenerKind,
@@ -244,6 +246,9 @@ impl Session<'_> {
             .with_label_values(&[decision.path.label()])
             .inc();
         let control = SessionControl::new(&p.shutdown);
+        // Set before the session is registered, so a reload's drainer that changes it later
+        // is never overwritten by this (older) decision.
+        control.set_mirror(decision.path == Path::Legacy && decision.mirror);
         let mut deferred = None;
         if let (PeerKind::Device(id), Some(Body::Handshake(h))) =
             (meta.peer, first.map(|f| &f.body))
@@ -513,12 +518,11 @@ impl Session<'_> {
             c2d.set_mirror(slot.clone());
             slot
         });
-        if slot.is_some() {
-            control.set_mirror(decision.mirror);
-        }
+        // Watch first, then read: a change after this point wakes the loop below.
+        let mut want = control.mirror_watch();
         let mut mirror_rx = None;
         if let Some(slot) = &slot
-            && decision.mirror
+            && *want.borrow_and_update()
         {
             mirror_rx = p.attach_mirror(slot, device_id, None);
         }
@@ -579,22 +583,26 @@ impl Session<'_> {
         let reason = match slot {
             None => relay.await,
             Some(slot) => {
-                // The mirror runs beside the relay in this task and never holds it up; it
-                // ends with the session, or when a reload detaches it.
-                let mut want = control.mirror_watch();
+                // The mirror is a task of its own: it never holds up the relay. It ends with
+                // the session or when a reload detaches it; one that ends by itself while still
+                // wanted (its backend gone for long) is attached again after a backoff.
                 let mut watching = true;
                 let hello = frames_of(&initial[..whole], cfg.limits.max_frame)
                     .into_iter()
                     .next();
-                let mut mirror: Option<MirrorFuture<'_>> = None;
+                let mut mirror: Option<tokio_util::task::AbortOnDropHandle<()>> = None;
                 let mut parity = None;
+                let spawn =
+                    |rx, par: Option<Arc<std::sync::Mutex<crate::parity::hub::SessionParity>>>| {
+                        let px = self.arc.clone();
+                        let ctl = control.clone();
+                        let target = target.clone();
+                        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                            px.run_mirror(rx, &ctl, par, target).await
+                        }))
+                    };
                 if let Some((rx, par)) = mirror_rx {
-                    mirror = Some(Box::pin(p.run_mirror(
-                        rx,
-                        control,
-                        par.clone(),
-                        target.clone(),
-                    )));
+                    mirror = Some(spawn(rx, par.clone()));
                     parity = par;
                 }
                 let detach = |parity: &mut Option<
@@ -612,17 +620,40 @@ impl Session<'_> {
                 let mut tick =
                     tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut retry_at: Option<tokio::time::Instant> = None;
+                let mut retry_wait = Duration::from_secs(1);
+                let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
                 let r = loop {
+                    // Wanted but not running: attach (at once after a routing change, after the
+                    // backoff when it ended by itself).
+                    let attach_now = |retry_at: Option<tokio::time::Instant>| {
+                        retry_at.is_none_or(|t| t <= tokio::time::Instant::now())
+                    };
                     tokio::select! {
                         r = &mut relay => break r,
-                        () = async {
+                        _ = async {
                             match mirror.as_mut() {
-                                Some(m) => m.await,
+                                Some(m) => { let _ = m.await; }
                                 None => std::future::pending().await,
                             }
                         }, if mirror.is_some() => {
                             mirror = None;
                             detach(&mut parity);
+                            if control.mirror_wanted() {
+                                tracing::info!(retry_in = ?retry_wait, "mirror ended; attaching it again later");
+                                retry_at = Some(tokio::time::Instant::now() + retry_wait);
+                                retry_wait = (retry_wait * 2).min(Duration::from_secs(60));
+                            }
+                        }
+                        _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() && mirror.is_none() => {
+                            retry_at = None;
+                            if control.mirror_wanted()
+                                && let Some((rx, par)) = p.attach_mirror(&slot, device_id, hello.clone())
+                            {
+                                tracing::info!("mirror attached again");
+                                mirror = Some(spawn(rx, par.clone()));
+                                parity = par;
+                            }
                         }
                         _ = tick.tick(), if parity.is_some() => {
                             if let Some(p) = &parity {
@@ -635,23 +666,22 @@ impl Session<'_> {
                                 continue;
                             }
                             let on = *want.borrow_and_update();
-                            if on && mirror.is_none() {
+                            if on && mirror.is_none() && attach_now(retry_at) {
+                                retry_at = None;
+                                retry_wait = Duration::from_secs(1);
                                 if let Some((rx, par)) =
                                     p.attach_mirror(&slot, device_id, hello.clone())
                                 {
                                     tracing::info!("mirror attached (routing change)");
-                                    mirror = Some(Box::pin(p.run_mirror(
-                                        rx,
-                                        control,
-                                        par.clone(),
-                                        target.clone(),
-                                    )));
+                                    mirror = Some(spawn(rx, par.clone()));
                                     parity = par;
                                 }
                             } else if !on && mirror.is_some() {
                                 tracing::info!("mirror detached (routing change)");
                                 mirror = None;
                                 detach(&mut parity);
+                            } else if !on {
+                                retry_at = None;
                             }
                         }
                     }

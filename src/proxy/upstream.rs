@@ -252,10 +252,7 @@ pub async fn connect(
         };
         match r {
             Ok(up) => {
-                metrics
-                    .upstream_connects
-                    .with_label_values(&[path.label(), "ok"])
-                    .inc();
+                metrics.upstream_connect(path, "ok");
                 metrics
                     .upstream_connect_seconds
                     .with_label_values(&[path.label()])
@@ -263,10 +260,7 @@ pub async fn connect(
                 return Ok(up);
             }
             Err(e) => {
-                metrics
-                    .upstream_connects
-                    .with_label_values(&[path.label(), e.label()])
-                    .inc();
+                metrics.upstream_connect(path, e.label());
                 if e.is_local() {
                     // Not the upstream's fault: no health record, no other address would do
                     // better. Say what to do about it.

@@ -19,10 +19,14 @@ use tokio::time::Instant;
 
 /// Size of one read.
 const CHUNK: usize = 4 * 1024;
-/// First wait between backend reconnect attempts; doubles up to [`RECONNECT_MAX`].
+/// First wait between backend reconnect attempts; doubles up to the session's
+/// `reconnect_max`.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-/// Longest wait between backend reconnect attempts.
-const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// `reconnect_max` of a session whose device waits for the backend (within its grace).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// `reconnect_max` of a dark-launch mirror (nobody waits for it; a backend that keeps
+/// failing is not hammered by every shadowed session).
+pub const MIRROR_RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// How long the writers may take to finish their queues when the session ends.
 const WRITE_GRACE: Duration = Duration::from_secs(1);
 
@@ -87,6 +91,8 @@ pub struct Session<'a> {
     pub reconnect: Box<dyn FnMut() -> Reconnect<'a> + Send + 'a>,
     /// How long the backend may stay away; `None`: keep trying.
     pub grace: Option<Duration>,
+    /// Longest wait between reconnect attempts (they start at once, then 100 ms doubling).
+    pub reconnect_max: Duration,
     /// Idle timeout.
     pub idle: Duration,
     /// Largest frame.
@@ -118,10 +124,7 @@ const COALESCE: usize = 16 * 1024;
 
 /// A writer task: writes what arrives on its queue, ends at the first error. Frames that
 /// queued up meanwhile go out in one write.
-fn writer(
-    mut w: tokio::io::WriteHalf<Box<dyn Io>>,
-    cap: usize,
-) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
+fn writer(mut w: tokio::io::WriteHalf<Box<dyn Io>>, cap: usize) -> (mpsc::Sender<Bytes>, Writer) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(cap.max(1));
     let task = tokio::spawn(async move {
         let mut buf: Vec<u8> = Vec::new();
@@ -149,8 +152,12 @@ fn writer(
         }
         let _ = w.shutdown().await;
     });
-    (tx, task)
+    (tx, tokio_util::task::AbortOnDropHandle::new(task))
 }
+
+/// A writer task, stopped if the session is dropped mid-way (a detached mirror, say): nothing
+/// it holds (a socket, its queue) outlives the session.
+type Writer = tokio_util::task::AbortOnDropHandle<()>;
 
 /// Resolves once `tx` has room again.
 async fn room(tx: &Option<mpsc::Sender<Bytes>>) {
@@ -373,8 +380,8 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                 Duration::ZERO
             } else {
                 RECONNECT_MIN
-                    .saturating_mul(1 << (attempt - 1).min(5))
-                    .min(RECONNECT_MAX)
+                    .saturating_mul(1 << (attempt - 1).min(10))
+                    .min(s.reconnect_max)
             };
             attempt = attempt.saturating_add(1);
             next_attempt = Instant::now() + wait;
@@ -521,10 +528,7 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
 
 /// Lets the writers finish what is queued for a moment, then stops them: nothing outlives
 /// the session (a device that stopped reading would otherwise keep its socket and queue).
-async fn finish(
-    dev: Option<tokio::task::JoinHandle<()>>,
-    backends: Vec<tokio::task::JoinHandle<()>>,
-) {
+async fn finish(dev: Option<Writer>, backends: Vec<Writer>) {
     let mut all = backends;
     all.extend(dev);
     for mut h in all {
@@ -570,6 +574,7 @@ mod tests {
             core,
             reconnect: Box::new(|| Box::pin(async { Err("no backend in this test".to_owned()) })),
             grace: None,
+            reconnect_max: RECONNECT_MAX,
             idle: Duration::from_secs(60),
             max_frame: 4096,
             queue: 100,
@@ -636,5 +641,65 @@ mod tests {
             .expect("the session did not end when closed");
         assert_eq!(end, End::External(Cause::Drained));
         assert_eq!(metrics.recv_queue.with_label_values(&["new"]).get(), 0);
+    }
+
+    /// A mirror whose backend stops reading: the copies back up to the tap's queue (its
+    /// `try_send` fails, the relay's only cost), nothing inside grows, and dropping the mirror
+    /// (a detach) stops its writer and closes the backend connection.
+    #[tokio::test]
+    async fn a_stalled_mirror_backs_up_to_the_tap_and_a_dropped_one_leaves_nothing() {
+        let metrics = TransportMetrics::register(&prometheus::Registry::new());
+        let (backend, mut cloud) = tokio::io::duplex(1024);
+        let (tap, copies) = mpsc::channel::<Bytes>(100);
+        let control = SessionControl::new(&CancellationToken::new());
+        let mut core = Core::new(Settings::default(), Role::Shadow, 1);
+        let _ = core.on_backend_connected(std::time::Instant::now());
+        let mut s = session(
+            Box::new(tokio::io::empty()),
+            Box::new(backend),
+            &control,
+            metrics.clone(),
+        );
+        s.device = DeviceLeg::Copy(copies);
+        s.core = core;
+        s.shadow = true;
+        let mut run = Box::pin(run(s));
+        let ping = Bytes::from(Frame::ping().encode().unwrap());
+        let (mut taken, mut refused) = (0u32, 0u32);
+        for _ in 0..50 {
+            for _ in 0..1000 {
+                match tap.try_send(ping.clone()) {
+                    Ok(()) => taken += 1,
+                    Err(_) => refused += 1,
+                }
+            }
+            // Let the mirror run a little between bursts.
+            let pause = tokio::time::sleep(Duration::from_millis(5));
+            tokio::select! {
+                _ = &mut run => panic!("the mirror ended"),
+                _ = pause => {}
+            }
+        }
+        // The backend holds 1 KiB; the mirror's queues hold a few hundred frames; the rest
+        // were refused at the tap.
+        assert!(taken < 2_000, "the mirror kept taking copies: {taken}");
+        assert!(refused > 45_000, "{refused}");
+        assert!(metrics.send_queue.with_label_values(&["new"]).get() <= 100);
+        // Detach: drop the mirror mid-way.
+        drop(run);
+        let mut buf = vec![0u8; 4096];
+        let eof = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match cloud.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            eof.is_ok(),
+            "the backend connection outlived the dropped mirror"
+        );
     }
 }
