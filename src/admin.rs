@@ -8,6 +8,7 @@
 //! | `GET /upstreams` | health of each upstream address (up, failures, last error, backoff) |
 //! | `GET /routing` | each connected device: path, reason, since |
 //! | `GET /config` | generation, source, pending restarts, the config (secrets masked) |
+//! | `GET /parity` | the shadow comparison: ratios per request type, top drifting devices, latest drifts |
 //! | `POST /reload` | re-read the config file (from loopback only) |
 
 use crate::metrics::Metrics;

@@ -95,7 +95,8 @@ impl Signals {
 /// connections, the capture files, and some for listeners, probes and the watcher.
 pub fn descriptors_needed(cfg: &Config) -> u64 {
     let c = cfg.limits.max_connections as u64;
-    c * 2 + cfg.admin.max_connections as u64 + cfg.capture.max_open_files as u64 + 64
+    // The device, its upstream, and (shadow) its mirror.
+    c * 3 + cfg.admin.max_connections as u64 + cfg.capture.max_open_files as u64 + 64
 }
 
 /// Raises the soft descriptor limit towards what the configuration needs (at most to the hard

@@ -367,9 +367,14 @@ pub struct NewPathConfig {
     #[serde(with = "humantime_serde")]
     pub reconnect_grace: Duration,
     /// Consecutive failures of every new-path address after which `new_primary` connections
-    /// go straight to the cloud (the circuit is open) until an address's backoff (1 s doubling
-    /// to 30 s) runs out and one connection tries again. Default 3.
+    /// go straight to the cloud (the circuit is open) until the cool-down
+    /// (`circuit_cooldown`) runs out and one connection tries again. Default 3.
     pub circuit_failures: u32,
+    /// How long an open circuit stays open after the last failure at most (it waits 1 s after
+    /// the first, doubling with each further failure, up to this); then one connection tries
+    /// again. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub circuit_cooldown: Duration,
 }
 
 impl NewPathConfig {
@@ -413,6 +418,7 @@ impl Default for NewPathConfig {
             overflow: crate::transport::Overflow::DropOldest,
             reconnect_grace: Duration::from_secs(10),
             circuit_failures: 3,
+            circuit_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -1168,8 +1174,9 @@ impl Config {
     }
 
     /// Every duration option with its dotted name (checked against [`MAX_DURATION`]).
-    pub fn durations(&self) -> [(&'static str, Duration); 21] {
+    pub fn durations(&self) -> [(&'static str, Duration); 22] {
         [
+            ("new_path.circuit_cooldown", self.new_path.circuit_cooldown),
             ("parity.timeout", self.parity.timeout),
             ("new_path.ack_timeout", self.new_path.ack_timeout),
             ("new_path.backoff_initial", self.new_path.backoff_initial),
@@ -1251,6 +1258,9 @@ impl Config {
         }
         if n.max_retries > 20 {
             return Err(invalid("new_path.max_retries", "must be at most 20"));
+        }
+        if n.circuit_cooldown > Duration::from_secs(3600) {
+            return Err(invalid("new_path.circuit_cooldown", "must be at most 1h"));
         }
         for (name, v) in [
             ("new_path.dedup_size", n.dedup_size),

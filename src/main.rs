@@ -117,7 +117,7 @@ enum Cmd {
         #[arg(required = true)]
         captures: Vec<PathBuf>,
         /// The backend, `host:port`.
-        #[arg(long)]
+        #[arg(long, value_parser = host_port)]
         to: String,
         /// Take the backend's TLS settings (`tls`, `verify`, `ca_file`, `pin_sha256`, `sni`,
         /// `min_version`, `ciphers`) from this file's `[new_path]`; the flags below override.
@@ -138,11 +138,12 @@ enum Cmd {
         /// Plain TCP, no TLS.
         #[arg(long)]
         plain: bool,
-        /// Pace: 1 = as recorded, 10 = ten times faster, 0 = as fast as the backend answers.
+        /// Pace: 1 = as recorded, 10 = ten times faster, 0 = no pacing (every frame at once);
+        /// a recorded gap waits at most 60 s.
         #[arg(long, default_value = "1", value_parser = speed)]
         speed: f64,
-        /// How long each answer is awaited.
-        #[arg(long, value_parser = positive_duration, default_value = "5s")]
+        /// How long each answer is awaited (at most 10m).
+        #[arg(long, value_parser = replay_timeout, default_value = "5s")]
         timeout: Duration,
         /// Tolerated drift: a count (`0`) or a share of the compared requests (`0.1%`).
         #[arg(long, default_value = "0")]
@@ -325,8 +326,8 @@ enum SimCmd {
         /// the ack).
         #[arg(long, value_parser = share, default_value = "0")]
         repeat_after_ack: f64,
-        /// Close every connection at each multiple of this (a restart; e.g. 30s).
-        #[arg(long, value_parser = positive_duration)]
+        /// Close every connection at each multiple of this (a restart; e.g. 30s; 10ms to 1d).
+        #[arg(long, value_parser = restart_period)]
         restart_every: Option<Duration>,
         /// Share of answers to device requests (0–1) left unsent.
         #[arg(long, value_parser = share, default_value = "0")]
@@ -337,8 +338,9 @@ enum SimCmd {
         /// Share of answers (0–1) altered in content (sync acks, time answers).
         #[arg(long, value_parser = share, default_value = "0")]
         drift: f64,
-        /// Stop reading each connection this long after accepting it (a stalled backend).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Stop reading each connection this long after accepting it (a stalled backend; at
+        /// most 1d).
+        #[arg(long, value_parser = sim_period)]
         stop_reading_after: Option<Duration>,
     },
     /// Run a fleet of simulated devices.
@@ -402,10 +404,43 @@ fn period_10ms(s: &str) -> Result<Duration, String> {
 /// A duration that must be greater than zero (a zero period would spin or panic a timer).
 fn speed(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if !v.is_finite() || !(0.0..=1e6).contains(&v) {
-        return Err("must be between 0 (as fast as possible) and 1000000".into());
+    if !v.is_finite() || !(v == 0.0 || (0.001..=1e6).contains(&v)) {
+        return Err("must be 0 (no pacing) or between 0.001 and 1000000".into());
     }
     Ok(v)
+}
+
+fn sim_period(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(86_400) {
+        return Err("must be at most 1d".into());
+    }
+    Ok(d)
+}
+
+fn restart_period(s: &str) -> Result<Duration, String> {
+    let d = sim_period(s)?;
+    if d < Duration::from_millis(10) {
+        return Err("must be at least 10ms".into());
+    }
+    Ok(d)
+}
+
+fn replay_timeout(s: &str) -> Result<Duration, String> {
+    let d = positive_duration(s)?;
+    if d > cync_mitm::cmd::replay::MAX_TIMEOUT {
+        return Err("must be at most 10m".into());
+    }
+    Ok(d)
+}
+
+fn host_port(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.to_owned())
+        }
+        _ => Err(format!("{s:?} is not host:port (e.g. 127.0.0.1:23779)")),
+    }
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {

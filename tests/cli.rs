@@ -129,6 +129,22 @@ fn zero_periods_in_the_simulators_are_refused_not_panics() {
     }
 }
 
+#[test]
+fn absurd_chaos_periods_in_the_simulator_are_refused_not_panics() {
+    for args in [
+        vec!["sim", "cloud", "--restart-every", "0s"],
+        vec!["sim", "cloud", "--restart-every", "1ns"],
+        vec!["sim", "cloud", "--restart-every", "500000000000y"],
+        vec!["sim", "cloud", "--stop-reading-after", "500000000000y"],
+        vec!["sim", "cloud", "--drift", "2"],
+    ] {
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 const HANDSHAKE: &str =
     "23 00 00 00 1a 03 38 e8 cf 46 00 10 31 65 30 37 64 38 63 65 30 61 36 31 37 61 33 37 00 00 3c";
 

@@ -168,6 +168,9 @@ async fn bad_input_and_dead_backends_are_refused_clearly() {
         &["--max-drift", "lots"],
         &["--timeout", "0s"],
         &["--concurrency", "0"],
+        &["--speed", "1e-300"],
+        &["--timeout", "500000000000y"],
+        &["--timeout", "11m"],
         &["--pin-sha256", "abc"],
         &["--sni", "bad name!", "--ca-file", "x.pem"],
     ] {
@@ -176,6 +179,32 @@ async fn bad_input_and_dead_backends_are_refused_clearly() {
         let o = replay(&a).await;
         assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", text(&o));
     }
+    // No port.
+    let o = replay(&[s, "--to", "backend.lan", "--insecure"]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    // A capture cut short (still being written): replayed up to the cut, and said so.
+    let cut = dir.path().join("cut.pcapng");
+    let whole = std::fs::read(sample()).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() - 10]).unwrap();
+    let (cloud, addr) = start_cloud(CloudSimConfig::default()).await;
+    let to = addr.to_string();
+    let o = replay(&[
+        cut.to_str().unwrap(),
+        "--to",
+        &to,
+        "--insecure",
+        "--speed",
+        "0",
+    ])
+    .await;
+    assert!(text(&o).contains("ends inside a block"), "{}", text(&o));
+    assert!(text(&o).contains("auth code is redacted"), "{}", text(&o));
+    assert!(cloud.stats().handshakes.load(Ordering::Relaxed) >= 1);
+    cloud.stop().await;
+    // Not a regular file.
+    let o = replay(&["/dev/zero", "--to", "127.0.0.1:1", "--insecure"]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not a regular file"), "{}", text(&o));
     // A backend that is not there: the session cannot run, the replay fails (exit 1).
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = l.local_addr().unwrap().to_string();

@@ -308,22 +308,75 @@ fn scale(raw: Duration, tsresol: u8) -> Duration {
     Duration::from_nanos(n.saturating_mul(10u64.pow(u32::from(9 - tsresol))))
 }
 
+/// Largest capture file read (a capture rotates at `capture.max_file_bytes`, 64 MiB by default).
+pub const MAX_CAPTURE_BYTES: u64 = 2 << 30;
+
+/// A capture read back.
+#[derive(Debug)]
+pub struct Capture {
+    /// Its frames, in capture order.
+    pub frames: Vec<CapturedFrame>,
+    /// It ended in the middle of a block (a file still being written, or cut short): the
+    /// frames before that point are all there.
+    pub truncated: bool,
+}
+
 /// Reads every frame of a pcapng or pcap file, in capture order.
 pub fn read_frames(path: &Path) -> Result<Vec<CapturedFrame>, ReadError> {
+    read_capture(path).map(|c| c.frames)
+}
+
+/// Reads a pcapng or pcap file: only a regular file of at most [`MAX_CAPTURE_BYTES`] (not a
+/// device or a pipe that never ends); one cut short in its last block is read up to there.
+pub fn read_capture(path: &Path) -> Result<Capture, ReadError> {
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(ReadError::Format("not a regular file".into()));
+    }
+    if meta.len() > MAX_CAPTURE_BYTES {
+        return Err(ReadError::Format(format!(
+            "{} bytes: larger than the {} bytes a capture may have here (split it, e.g. with editcap -c)",
+            meta.len(),
+            MAX_CAPTURE_BYTES
+        )));
+    }
     let mut data = Vec::new();
-    std::fs::File::open(path)?.read_to_end(&mut data)?;
-    read_frames_from(&data)
+    f.take(MAX_CAPTURE_BYTES).read_to_end(&mut data)?;
+    read_capture_from(&data)
 }
 
 /// Reads every frame of a pcapng or pcap capture held in memory.
 pub fn read_frames_from(data: &[u8]) -> Result<Vec<CapturedFrame>, ReadError> {
+    read_capture_from(data).map(|c| c.frames)
+}
+
+/// Whether a reader error means the data ended inside a block.
+fn incomplete(e: &pcap_file::PcapError) -> bool {
+    match e {
+        pcap_file::PcapError::IncompleteBuffer => true,
+        pcap_file::PcapError::IoError(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
+        _ => false,
+    }
+}
+
+/// [`read_capture`] of bytes held in memory.
+pub fn read_capture_from(data: &[u8]) -> Result<Capture, ReadError> {
+    let mut truncated = false;
     let mut r = Reassembler::default();
     if data.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
         let mut rd = pcap_file::pcapng::PcapNgReader::new(data)
             .map_err(|e| ReadError::Format(e.to_string()))?;
         let mut ifaces: Vec<(DataLink, Option<String>, u8)> = Vec::new();
         while let Some(block) = rd.next_block() {
-            let block = block.map_err(|e| ReadError::Format(e.to_string()))?;
+            let block = match block {
+                Ok(b) => b,
+                Err(e) if incomplete(&e) => {
+                    truncated = true;
+                    break;
+                }
+                Err(e) => return Err(ReadError::Format(e.to_string())),
+            };
             use pcap_file::pcapng::Block;
             use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption as O;
             match block {
@@ -363,13 +416,23 @@ pub fn read_frames_from(data: &[u8]) -> Result<Vec<CapturedFrame>, ReadError> {
             pcap_file::pcap::PcapReader::new(data).map_err(|e| ReadError::Format(e.to_string()))?;
         let link = rd.header().datalink;
         while let Some(p) = rd.next_packet() {
-            let p = p.map_err(|e| ReadError::Format(e.to_string()))?;
+            let p = match p {
+                Ok(p) => p,
+                Err(e) if incomplete(&e) => {
+                    truncated = true;
+                    break;
+                }
+                Err(e) => return Err(ReadError::Format(e.to_string())),
+            };
             if let Some(seg) = ip_payload(link, &p.data).and_then(parse_tcp) {
                 r.segment(None, p.timestamp, seg);
             }
         }
     }
-    Ok(r.finish())
+    Ok(Capture {
+        frames: r.finish(),
+        truncated,
+    })
 }
 
 #[cfg(test)]
@@ -390,6 +453,29 @@ mod tests {
             }
             let _ = r.finish();
         }
+    }
+
+    #[test]
+    fn a_capture_cut_short_reads_up_to_the_cut_and_devices_are_refused() {
+        let sample = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/captures/sample-device.pcapng"
+        ))
+        .unwrap();
+        let whole = read_capture_from(&sample).unwrap();
+        assert!(!whole.truncated);
+        let cut = read_capture_from(&sample[..sample.len() - 10]).unwrap();
+        assert!(cut.truncated);
+        assert!(!cut.frames.is_empty());
+        assert!(cut.frames.len() <= whole.frames.len());
+        // Garbage in the middle is still an error.
+        let mut bad = sample.clone();
+        for b in &mut bad[200..260] {
+            *b = 0xff;
+        }
+        assert!(read_capture_from(&bad).is_err() || read_capture_from(&bad).unwrap().truncated);
+        let e = read_capture(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `cync-mitm capture read FILE` (the decoded frames of a capture, per stream and direction) and
 //! `cync-mitm fixtures extract FILE --out DIR` (fixtures the codec tests load).
 
-use crate::capture::read::{CapturedFrame, ReadError, read_frames};
+use crate::capture::read::{CapturedFrame, ReadError};
 use crate::codec::view::{frame_json, summarize};
 use crate::hexutil::to_hex;
 use serde_json::{Value, json};
@@ -65,10 +65,17 @@ fn frame_line(f: &CapturedFrame) -> Value {
 }
 
 fn load(path: &Path) -> Result<Vec<CapturedFrame>, Error> {
-    read_frames(path).map_err(|source| Error::Read {
+    let c = crate::capture::read::read_capture(path).map_err(|source| Error::Read {
         path: path.display().to_string(),
         source,
-    })
+    })?;
+    if c.truncated {
+        eprintln!(
+            "{}: the capture ends inside a block (still being written, or cut short); read up to there",
+            path.display()
+        );
+    }
+    Ok(c.frames)
 }
 
 /// `capture read`.

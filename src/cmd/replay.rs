@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::capture::read::{CapturedFrame, read_frames};
+use crate::capture::read::{CapturedFrame, read_capture};
 use crate::codec::answer::{answer_key, expected_answer};
 use crate::codec::{Frame, Framer, FramerEvent, PacketType};
 use crate::parity::{Outcome, Reason, Settings, Side, Tracker, Verdict};
@@ -184,6 +184,8 @@ pub struct Report {
     pub drifts: Vec<DriftLine>,
     /// Sessions that could not run (a backend that refuses the connection, say).
     pub errors: Vec<SessionError>,
+    /// Things to know about the input (a capture cut short, redacted auth codes).
+    pub notes: Vec<String>,
 }
 
 /// A device session found in a capture.
@@ -198,11 +200,18 @@ struct Recorded {
 /// The device sessions of `path`: streams that start with a handshake. In our own captures,
 /// where each session appears twice (device leg and cloud leg), the cloud leg is used: it holds
 /// what the cloud really answered.
-fn sessions_of(path: &Path) -> Result<Vec<Recorded>, Error> {
-    let frames = read_frames(path).map_err(|e| Error::Read {
+fn sessions_of(path: &Path, notes: &mut Vec<String>) -> Result<Vec<Recorded>, Error> {
+    let capture = read_capture(path).map_err(|e| Error::Read {
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
+    if capture.truncated {
+        notes.push(format!(
+            "{}: the capture ends inside a block (still being written, or cut short); replayed up to there",
+            path.display()
+        ));
+    }
+    let frames = capture.frames;
     let cloud_legs = frames.iter().any(is_cloud_leg);
     let mut by_stream: BTreeMap<usize, Vec<&CapturedFrame>> = BTreeMap::new();
     for f in &frames {
@@ -220,6 +229,15 @@ fn sessions_of(path: &Path) -> Result<Vec<Recorded>, Error> {
             continue;
         }
         let device = hello.device_id().map(|d| d.to_string());
+        if let crate::codec::Body::Handshake(h) = &hello.body
+            && !h.auth_code.is_empty()
+            && h.auth_code.iter().all(|b| *b == b'*')
+        {
+            notes.push(format!(
+                "{} stream {stream}: the auth code is redacted (capture.redact_auth): a backend that checks codes will refuse this handshake",
+                path.display()
+            ));
+        }
         out.push(Recorded {
             capture: path.display().to_string(),
             stream,
@@ -250,8 +268,9 @@ struct SessionResult {
 /// Replays every device session of `opts.captures` and compares.
 pub async fn run(opts: &Options) -> Result<Report, Error> {
     let mut sessions = Vec::new();
+    let mut notes = Vec::new();
     for c in &opts.captures {
-        sessions.extend(sessions_of(c)?);
+        sessions.extend(sessions_of(c, &mut notes)?);
     }
     if sessions.is_empty() {
         let names: Vec<String> = opts
@@ -300,6 +319,7 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
         ok: false,
         drifts: Vec::new(),
         errors: Vec::new(),
+        notes,
     };
     for (s, r) in sessions.iter().zip(results) {
         let Some(r) = r else {
@@ -388,8 +408,9 @@ async fn replay_one(
         timeout,
         max_pending: 100_000,
     });
-    let t0 = events.first().map(|e| e.0).unwrap_or_default();
+    let mut prev_t = events.first().map(|e| e.0).unwrap_or_default();
     let base = tokio::time::Instant::now();
+    let mut prev_due = base;
     // Commands the recorded cloud sent: the device's answers to them are not replayed.
     let mut cloud_commands: HashSet<crate::codec::answer::AnswerKey> = HashSet::new();
     let mut framer = Framer::new(crate::config::Limits::default().max_frame);
@@ -398,9 +419,12 @@ async fn replay_one(
     let mut backend_open = true;
     let mut last_sent = tokio::time::Instant::now();
     loop {
+        // The recorded pace, each gap at most MAX_GAP (a capture may hold hours of quiet, or a
+        // clock jump).
         let due = events.get(next).map(|(t, _, _)| {
             if speed > 0.0 {
-                base + t.saturating_sub(t0).div_f64(speed)
+                let gap = t.saturating_sub(prev_t).as_secs_f64() / speed;
+                prev_due + Duration::from_secs_f64(gap.min(MAX_GAP.as_secs_f64()))
             } else {
                 base
             }
@@ -412,8 +436,10 @@ async fn replay_one(
         let wait_until = last_sent + timeout;
         tokio::select! {
             _ = tokio::time::sleep_until(due.unwrap_or(wait_until)), if !done_sending => {
-                let (_, from_device, bytes) = &events[next];
+                let Some((t, from_device, bytes)) = events.get(next) else { break };
                 next += 1;
+                prev_t = *t;
+                prev_due = due.unwrap_or(base);
                 let Ok(f) = Frame::decode(bytes) else {
                     // Undecodable device bytes are still the device's: send them.
                     if *from_device && write(&mut wr, bytes, timeout).await.is_ok() {
@@ -477,6 +503,12 @@ async fn replay_one(
     res
 }
 
+/// The longest wait between two replayed frames, whatever the recording says.
+pub const MAX_GAP: Duration = Duration::from_secs(60);
+
+/// The longest `--timeout`.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Writes `bytes` within `limit` (a backend that stops reading cannot hold the replay).
 async fn write<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
@@ -538,6 +570,9 @@ pub fn render(r: &Report) -> String {
     }
     for e in &r.errors {
         let _ = writeln!(s, "error: {} stream {}: {}", e.capture, e.stream, e.error);
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "note: {n}");
     }
     let limit = match r.max_drift {
         MaxDrift::Count(n) => n.to_string(),

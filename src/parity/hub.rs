@@ -430,6 +430,9 @@ fn open_log(dir: &Path, day: &str) -> std::io::Result<Open> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
+    // A file that existed with wider permissions is narrowed (0600, like captures).
+    use std::os::unix::fs::PermissionsExt as _;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
     Ok(Open { path, file, bytes })
 }

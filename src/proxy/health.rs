@@ -298,10 +298,17 @@ impl Health {
         v.into_iter().map(|(_, _, a)| a.clone()).collect()
     }
 
-    /// Whether every address of `path` has failed at least `failures` times in a row and is
-    /// still in its backoff: the circuit is open, and connections should not wait on it. When
-    /// a backoff runs out the next connection tries again (half-open); an answer closes it.
-    pub fn circuit_open(&self, path: Path, addresses: &[String], failures: u32) -> bool {
+    /// Whether every address of `path` has failed at least `failures` times in a row, the last
+    /// time less than its cool-down ago (1 s after the first failure, doubling with each one, up
+    /// to `cooldown`): the circuit is open, and connections should not wait on it. When the
+    /// cool-down runs out the next connection tries again (half-open); an answer closes it.
+    pub fn circuit_open(
+        &self,
+        path: Path,
+        addresses: &[String],
+        failures: u32,
+        cooldown: Duration,
+    ) -> bool {
         if addresses.is_empty() {
             return false;
         }
@@ -309,7 +316,14 @@ impl Health {
         let m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         addresses.iter().all(|a| {
             m.get(&(path, a.clone())).is_some_and(|s| {
-                s.consecutive_failures >= failures.max(1) && s.retry_at().is_some_and(|t| t > now)
+                let n = s.consecutive_failures;
+                let wait = Duration::from_secs(1)
+                    .saturating_mul(1 << n.saturating_sub(1).min(20))
+                    .min(cooldown);
+                n >= failures.max(1)
+                    && s.last_failure
+                        .max(s.last_refusal)
+                        .is_some_and(|t| t + wait > now)
             })
         })
     }
@@ -425,20 +439,25 @@ mod tests {
         let h = health();
         let addrs = vec!["n:1".to_string()];
         h.track(Path::New, &addrs);
-        assert!(!h.circuit_open(Path::New, &addrs, 3));
+        assert!(!h.circuit_open(Path::New, &addrs, 3, Duration::from_secs(30)));
         for _ in 0..2 {
             h.record(Path::New, "n:1", Check::Failed("refused".into()));
         }
-        assert!(!h.circuit_open(Path::New, &addrs, 3), "two failures");
+        assert!(
+            !h.circuit_open(Path::New, &addrs, 3, Duration::from_secs(30)),
+            "two failures"
+        );
         h.record(Path::New, "n:1", Check::Failed("refused".into()));
-        assert!(h.circuit_open(Path::New, &addrs, 3));
+        assert!(h.circuit_open(Path::New, &addrs, 3, Duration::from_secs(30)));
         // Another address still healthy keeps it closed.
         let two = vec!["n:1".to_string(), "n:2".to_string()];
         h.track(Path::New, &two);
-        assert!(!h.circuit_open(Path::New, &two, 3));
+        assert!(!h.circuit_open(Path::New, &two, 3, Duration::from_secs(30)));
+        // A zero cool-down is never open (every connection tries).
+        assert!(!h.circuit_open(Path::New, &addrs, 3, Duration::ZERO));
         // An answer closes it.
         h.record(Path::New, "n:1", Check::Answered);
-        assert!(!h.circuit_open(Path::New, &addrs, 3));
+        assert!(!h.circuit_open(Path::New, &addrs, 3, Duration::from_secs(30)));
     }
 
     #[test]

@@ -325,6 +325,7 @@ impl Session<'_> {
                 Path::New,
                 &cfg.new_path.addresses,
                 cfg.new_path.circuit_failures,
+                cfg.new_path.circuit_cooldown,
             );
         if circuit_open {
             tracing::info!(

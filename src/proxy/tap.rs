@@ -272,8 +272,10 @@ impl DirectionTap {
                         Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                             self.metrics.transport.mirror_dropped.inc();
                         }
-                        // The mirror ended: its session detaches it.
-                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
+                        // The mirror ended; its session detaches it (or attaches a new one).
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                            self.metrics.transport.mirror_dropped.inc();
+                        }
                     }
                 }
                 if let (Some(p), Ok(f)) = (&link.parity, &decoded) {
