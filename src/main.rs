@@ -374,6 +374,10 @@ enum SimCmd {
         /// Share of received commands (0–1) ignored, as if lost.
         #[arg(long, value_parser = share, default_value = "0")]
         ignore_commands: f64,
+        /// The proxy's admin address (e.g. 127.0.0.1:9400): each report asks its `/routing`
+        /// which path each device is on and reports the devices' numbers per path.
+        #[arg(long, value_parser = host_port)]
+        admin: Option<String>,
     },
 }
 
@@ -813,6 +817,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Asks the proxy's `/routing` which path each device is on (a failure is reported, not
+/// fatal: the paths stay as they were).
+async fn learn_paths(fleet: &cync_mitm::sim::devices::Fleet, admin: &str) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        s.write_all(b"GET /routing HTTP/1.0\r\nHost: cync-mitm\r\n\r\n")
+            .await?;
+        let mut body = Vec::new();
+        s.take(64 << 20).read_to_end(&mut body).await?;
+        Ok::<_, std::io::Error>(body)
+    };
+    let body = match tokio::time::timeout(Duration::from_secs(5), fetch).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return eprintln!("sim devices: {admin}/routing: {e}"),
+        Err(_) => return eprintln!("sim devices: {admin}/routing: no answer within 5 s"),
+    };
+    let json = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .and_then(|i| serde_json::from_slice::<serde_json::Value>(&body[i + 4..]).ok());
+    let Some(v) = json else {
+        return eprintln!("sim devices: {admin}/routing did not answer JSON");
+    };
+    let paths: Vec<(cync_mitm::codec::DeviceId, String)> = v["devices"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| {
+                    let id = u32::from_str_radix(d["device_id"].as_str()?, 16).ok()?;
+                    Some((
+                        cync_mitm::codec::DeviceId(id),
+                        d["path"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    fleet.set_paths(paths.iter().map(|(d, p)| (*d, p.as_str())));
+}
+
 async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
     use cync_mitm::sim::cloud::{CloudSim, CloudSimConfig, ServerTls};
     use cync_mitm::sim::devices::{ClientTls, Fleet, FleetConfig};
@@ -882,6 +927,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             ramp,
             report_every,
             ignore_commands,
+            admin,
         } => {
             let client = match tls {
                 SimClientTls::Fp2 => ClientTls::Tls(LegacyClient::new(ClientProfile::DeviceFp2)?),
@@ -913,8 +959,16 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,
                     _ = &mut until => break,
-                    _ = every.tick() => println!("{}", serde_json::to_string(&fleet.report())?),
+                    _ = every.tick() => {
+                        if let Some(a) = &admin {
+                            learn_paths(&fleet, a).await;
+                        }
+                        println!("{}", serde_json::to_string(&fleet.report())?)
+                    }
                 }
+            }
+            if let Some(a) = &admin {
+                learn_paths(&fleet, a).await;
             }
             let fleet: Arc<Fleet> = fleet;
             fleet.stop().await;

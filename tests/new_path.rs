@@ -707,6 +707,34 @@ async fn a_command_repeated_after_its_ack_is_answered_from_memory_not_executed_t
             && b.stats().online.load(Ordering::Relaxed) == 5)
         .await
     );
+    // The devices learn their paths from /routing, as `sim devices --admin` does.
+    let admin = cync_mitm::admin::AdminState::new(p.metrics.clone(), Some(p.proxy.clone()));
+    let r = cync_mitm::admin::route(
+        &admin,
+        &hyper::Method::GET,
+        "/routing",
+        "127.0.0.1:1".parse().unwrap(),
+    )
+    .await;
+    use http_body_util::BodyExt as _;
+    let routing: serde_json::Value =
+        serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let paths: Vec<(cync_mitm::codec::DeviceId, String)> = routing["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                cync_mitm::codec::DeviceId(
+                    u32::from_str_radix(d["device_id"].as_str().unwrap(), 16).unwrap(),
+                ),
+                d["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for f in [&a, &b] {
+        f.set_paths(paths.iter().map(|(d, p)| (*d, p.as_str())));
+    }
     assert!(
         wait_until(T, || backend.stats().repeats_sent.load(Ordering::Relaxed)
             >= 20)
@@ -742,6 +770,20 @@ async fn a_command_repeated_after_its_ack_is_answered_from_memory_not_executed_t
         b.stats().commands.load(Ordering::Relaxed),
         l.command_acks.load(Ordering::Relaxed) + l.repeats_sent.load(Ordering::Relaxed)
     );
+    // The devices saw it too: repeats reached the legacy ones only.
+    let (ra, rb) = (a.report(), b.report());
+    assert_eq!(ra.repeats, 0, "{ra:?}");
+    assert_eq!(rb.repeats, l.repeats_sent.load(Ordering::Relaxed), "{rb:?}");
+    assert_eq!(ra.by_path["new"].devices, 5, "{ra:?}");
+    assert_eq!(ra.by_path["new"].repeats, 0);
+    assert!(ra.by_path["new"].commands > 0);
+    assert_eq!(rb.by_path["legacy"].devices, 5, "{rb:?}");
+    assert!(
+        !rb.by_path.contains_key("new"),
+        "only the fleet's own devices: {rb:?}"
+    );
+    assert!(rb.by_path["legacy"].repeats > 0);
+    assert!(rb.by_path["legacy"].request_success.unwrap() > 0.9);
     a.stop().await;
     b.stop().await;
     legacy.stop().await;

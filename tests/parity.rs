@@ -145,8 +145,30 @@ async fn a_backend_that_alters_or_drops_one_percent_of_answers_is_caught_and_log
         assert!(l["new"].is_null(), "{l}");
         assert!(l["legacy"]["hex"].is_string(), "{l}");
     }
-    // GET /parity: ratios per type, the most drifting devices, the latest drifts.
-    let r = p.proxy.parity_report();
+    // GET /parity (through the admin server's router): ratios per type, the most drifting
+    // devices, the latest drifts.
+    let admin = cync_mitm::admin::AdminState::new(p.metrics.clone(), Some(p.proxy.clone()));
+    let resp = cync_mitm::admin::route(
+        &admin,
+        &hyper::Method::GET,
+        "/parity",
+        "127.0.0.1:1".parse().unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt as _;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(r["settings"]["mode"], "shadow");
+    assert_eq!(r["settings"]["timeout_ms"], 1000);
+    let post = cync_mitm::admin::route(
+        &admin,
+        &hyper::Method::POST,
+        "/parity",
+        "127.0.0.1:1".parse().unwrap(),
+    )
+    .await;
+    assert_eq!(post.status(), 405);
     assert_eq!(r["drifts"].as_u64().unwrap(), altered + dropped);
     assert_eq!(r["matches"].as_u64().unwrap(), m);
     assert!(r["parity_ratio"].as_f64().unwrap() < 1.0);

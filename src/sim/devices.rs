@@ -108,6 +108,68 @@ pub struct FleetStats {
     pub transcripts: Mutex<HashMap<DeviceId, Vec<Transcript>>>,
     /// Commands ignored on purpose (`ignore_commands`).
     pub ignored: AtomicU64,
+    /// Commands a device got again after executing them (the same sender and message field),
+    /// executed again as a device would.
+    pub repeats: AtomicU64,
+    /// The same counts by the path each device is on (`legacy`, `new`, `unknown`), once the
+    /// paths are known ([`Fleet::set_paths`], e.g. from the proxy's `/routing`).
+    pub by_path: [PathStats; 3],
+    paths: std::sync::RwLock<HashMap<DeviceId, usize>>,
+}
+
+/// Path names of [`FleetStats::by_path`].
+pub const PATHS: [&str; 3] = ["legacy", "new", "unknown"];
+
+/// What the devices on one path saw.
+#[derive(Default)]
+pub struct PathStats {
+    /// Requests sent that expect an answer.
+    pub requests: AtomicU64,
+    /// Answers matched to a request.
+    pub answered: AtomicU64,
+    /// Commands executed.
+    pub commands: AtomicU64,
+    /// Commands executed a second time (a repeat reached the device).
+    pub repeats: AtomicU64,
+    /// Commands ignored on purpose.
+    pub ignored: AtomicU64,
+    /// Request → answer latency.
+    pub latency: Latency,
+}
+
+/// [`PathStats`] for reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathReport {
+    /// Devices on this path when the paths were last learned.
+    pub devices: usize,
+    /// Requests sent.
+    pub requests: u64,
+    /// Requests answered.
+    pub answered: u64,
+    /// answered ÷ requests.
+    pub request_success: Option<f64>,
+    /// Commands executed.
+    pub commands: u64,
+    /// Commands executed twice.
+    pub repeats: u64,
+    /// Commands ignored on purpose.
+    pub ignored: u64,
+    /// Request → answer latency.
+    pub latency: LatencySummary,
+}
+
+impl FleetStats {
+    /// The per-path counters of `device`.
+    pub fn path_of(&self, device: DeviceId) -> &PathStats {
+        let i = self
+            .paths
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&device)
+            .copied()
+            .unwrap_or(2);
+        &self.by_path[i.min(2)]
+    }
 }
 
 /// A summary for reports.
@@ -135,6 +197,10 @@ pub struct FleetReport {
     pub frames_in: u64,
     /// Request → answer latency.
     pub latency: LatencySummary,
+    /// Commands executed a second time.
+    pub repeats: u64,
+    /// By the path of each device, when known.
+    pub by_path: std::collections::BTreeMap<&'static str, PathReport>,
 }
 
 /// A running fleet.
@@ -198,7 +264,56 @@ impl Fleet {
             ignored: s.ignored.load(Ordering::Relaxed),
             frames_in: s.frames_in.load(Ordering::Relaxed),
             latency: s.latency.summary(),
+            repeats: s.repeats.load(Ordering::Relaxed),
+            by_path: {
+                let counts = {
+                    let m = s.paths.read().unwrap_or_else(|p| p.into_inner());
+                    let mut c = [0usize; 3];
+                    for i in m.values() {
+                        c[(*i).min(2)] += 1;
+                    }
+                    c
+                };
+                PATHS
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, name)| {
+                        let p = &s.by_path[i];
+                        let requests = p.requests.load(Ordering::Relaxed);
+                        let answered = p.answered.load(Ordering::Relaxed);
+                        (counts[i] > 0 || requests > 0).then(|| {
+                            (
+                                *name,
+                                PathReport {
+                                    devices: counts[i],
+                                    requests,
+                                    answered,
+                                    request_success: (requests > 0)
+                                        .then(|| answered as f64 / requests as f64),
+                                    commands: p.commands.load(Ordering::Relaxed),
+                                    repeats: p.repeats.load(Ordering::Relaxed),
+                                    ignored: p.ignored.load(Ordering::Relaxed),
+                                    latency: p.latency.summary(),
+                                },
+                            )
+                        })
+                    })
+                    .collect()
+            },
         }
+    }
+
+    /// Which path each device is on (names as `/routing` gives them: `legacy`, `new`); the
+    /// per-path counts follow from now on. Devices not listed count as `unknown`; devices of
+    /// other fleets are left out.
+    pub fn set_paths<'a>(&self, paths: impl IntoIterator<Item = (DeviceId, &'a str)>) {
+        let mine: std::collections::HashSet<DeviceId> = self.ids().into_iter().collect();
+        let m: HashMap<DeviceId, usize> = paths
+            .into_iter()
+            .filter(|(d, _)| mine.contains(d))
+            .map(|(d, p)| (d, PATHS.iter().position(|n| *n == p).unwrap_or(2)))
+            .collect();
+        *self.stats.paths.write().unwrap_or_else(|p| p.into_inner()) = m;
     }
 
     /// Disconnects every device and waits for them.
@@ -245,6 +360,7 @@ impl Fleet {
             pending: HashMap::new(),
             transcript: None,
             rng: (u64::from(id.0) << 1) | 1,
+            executed: VecDeque::new(),
         };
         let mut backoff = self.cfg.reconnect_min;
         loop {
@@ -292,6 +408,8 @@ struct SimDevice<'a> {
     pending: HashMap<AnswerKey, VecDeque<Instant>>,
     transcript: Option<Transcript>,
     rng: u64,
+    /// The latest commands executed on this connection (sender, message field).
+    executed: VecDeque<(u32, Msg)>,
 }
 
 impl SimDevice<'_> {
@@ -305,6 +423,10 @@ impl SimDevice<'_> {
         out.extend_from_slice(&b);
         if let Some(key) = expected_answer(f) {
             self.stats().requests.fetch_add(1, Ordering::Relaxed);
+            self.stats()
+                .path_of(self.id)
+                .requests
+                .fetch_add(1, Ordering::Relaxed);
             self.pending
                 .entry(key)
                 .or_default()
@@ -389,6 +511,9 @@ impl SimDevice<'_> {
         {
             self.stats().answered.fetch_add(1, Ordering::Relaxed);
             self.stats().latency.record(sent.elapsed());
+            let p = self.stats().path_of(self.id);
+            p.answered.fetch_add(1, Ordering::Relaxed);
+            p.latency.record(sent.elapsed());
         }
         match f.ptype {
             PacketType::HANDSHAKE_ACK if !*online => {
@@ -437,9 +562,24 @@ impl SimDevice<'_> {
         match decode_payload(inner) {
             Payload::Command(_) if self.ignores() => {
                 self.stats().ignored.fetch_add(1, Ordering::Relaxed);
+                self.stats()
+                    .path_of(self.id)
+                    .ignored
+                    .fetch_add(1, Ordering::Relaxed);
             }
             Payload::Command(c) => {
                 self.stats().commands.fetch_add(1, Ordering::Relaxed);
+                let p = self.stats().path_of(self.id);
+                p.commands.fetch_add(1, Ordering::Relaxed);
+                if self.executed.contains(&(app, msg)) {
+                    self.stats().repeats.fetch_add(1, Ordering::Relaxed);
+                    p.repeats.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    if self.executed.len() >= 64 {
+                        self.executed.pop_front();
+                    }
+                    self.executed.push_back((app, msg));
+                }
                 self.apply(&c.action);
                 let resp = InnerFrame::new(inner.seq, Direction::Response, inner.opcode, vec![0]);
                 let m = self.next73();
