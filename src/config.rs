@@ -1398,8 +1398,11 @@ impl Config {
                 ),
             ));
         }
-        if c.max_file_bytes < 4096 {
-            return Err(invalid("capture.max_file_bytes", "must be at least 4096"));
+        if !(4096..=crate::capture::read::MAX_CAPTURE_BYTES).contains(&c.max_file_bytes) {
+            return Err(invalid(
+                "capture.max_file_bytes",
+                "must be between 4096 and 2147483648 (2 GiB, the most capture read and replay read)",
+            ));
         }
         if c.max_file_age.is_zero() {
             return Err(invalid("capture.max_file_age", "must be greater than zero"));

@@ -313,11 +313,12 @@ enum SimCmd {
         /// Certificates folder (created when missing).
         #[arg(long, default_value = "certs")]
         cert_dir: PathBuf,
-        /// Send each connected device a command this often (e.g. 5s); none by default.
-        #[arg(long, value_parser = positive_duration)]
+        /// Send each connected device a command this often (e.g. 5s; at most 1d); none by
+        /// default.
+        #[arg(long, value_parser = sim_positive_period)]
         command_interval: Option<Duration>,
-        /// Print a JSON report this often.
-        #[arg(long, value_parser = positive_duration, default_value = "10s")]
+        /// Print a JSON report this often (at most 1d).
+        #[arg(long, value_parser = sim_positive_period, default_value = "10s")]
         report_every: Duration,
         /// Share of commands (0–1) sent twice in a row.
         #[arg(long, value_parser = share, default_value = "0")]
@@ -368,8 +369,8 @@ enum SimCmd {
         /// Spread the first connects over this long.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
         ramp: Duration,
-        /// Print a JSON report this often.
-        #[arg(long, value_parser = positive_duration, default_value = "10s")]
+        /// Print a JSON report this often (at most 1d).
+        #[arg(long, value_parser = sim_positive_period, default_value = "10s")]
         report_every: Duration,
         /// Share of received commands (0–1) ignored, as if lost.
         #[arg(long, value_parser = share, default_value = "0")]
@@ -416,6 +417,14 @@ fn speed(s: &str) -> Result<f64, String> {
 
 fn sim_period(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(86_400) {
+        return Err("must be at most 1d".into());
+    }
+    Ok(d)
+}
+
+fn sim_positive_period(s: &str) -> Result<Duration, String> {
+    let d = positive_duration(s)?;
     if d > Duration::from_secs(86_400) {
         return Err("must be at most 1d".into());
     }

@@ -137,6 +137,9 @@ fn absurd_chaos_periods_in_the_simulator_are_refused_not_panics() {
         vec!["sim", "cloud", "--restart-every", "500000000000y"],
         vec!["sim", "cloud", "--stop-reading-after", "500000000000y"],
         vec!["sim", "cloud", "--drift", "2"],
+        vec!["sim", "cloud", "--command-interval", "500000000000y"],
+        vec!["sim", "cloud", "--report-every", "500000000000y"],
+        vec!["sim", "devices", "--report-every", "500000000000y"],
     ] {
         let out = bin().args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -329,6 +329,10 @@ pub fn read_frames(path: &Path) -> Result<Vec<CapturedFrame>, ReadError> {
 /// Reads a pcapng or pcap file: only a regular file of at most [`MAX_CAPTURE_BYTES`] (not a
 /// device or a pipe that never ends); one cut short in its last block is read up to there.
 pub fn read_capture(path: &Path) -> Result<Capture, ReadError> {
+    // Checked before opening: opening a pipe with no writer would block.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(ReadError::Format("not a regular file".into()));
+    }
     let f = std::fs::File::open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() {
@@ -351,31 +355,50 @@ pub fn read_frames_from(data: &[u8]) -> Result<Vec<CapturedFrame>, ReadError> {
     read_capture_from(data).map(|c| c.frames)
 }
 
-/// Whether a reader error means the data ended inside a block.
-fn incomplete(e: &pcap_file::PcapError) -> bool {
-    match e {
-        pcap_file::PcapError::IncompleteBuffer => true,
-        pcap_file::PcapError::IoError(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
-        _ => false,
-    }
+/// Largest block (or packet) a capture cut short may have been in the middle of; a larger
+/// declared length is damage, not a cut.
+const MAX_BLOCK: usize = 16 << 20;
+
+/// Whether the data at `rest` is a block cut short by the end of the data: its header is
+/// incomplete, or the length it declares (at `len_at`, plus `extra`) is plausible and runs
+/// past the end. Anything else that fails to parse is damage.
+fn cut_short(rest: &[u8], len_at: usize, extra: usize, big: bool) -> bool {
+    let Some(b) = rest.get(len_at..len_at + 4) else {
+        return true;
+    };
+    let b = [b[0], b[1], b[2], b[3]];
+    let declared = if big {
+        u32::from_be_bytes(b)
+    } else {
+        u32::from_le_bytes(b)
+    } as usize;
+    let total = declared.saturating_add(extra);
+    total <= MAX_BLOCK && total > rest.len()
 }
 
 /// [`read_capture`] of bytes held in memory.
 pub fn read_capture_from(data: &[u8]) -> Result<Capture, ReadError> {
+    use pcap_file::Endianness;
     let mut truncated = false;
     let mut r = Reassembler::default();
+    let fmt = |e: pcap_file::PcapError| ReadError::Format(e.to_string());
     if data.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
-        let mut rd = pcap_file::pcapng::PcapNgReader::new(data)
-            .map_err(|e| ReadError::Format(e.to_string()))?;
+        let (mut rest, mut parser) = pcap_file::pcapng::PcapNgParser::new(data).map_err(fmt)?;
         let mut ifaces: Vec<(DataLink, Option<String>, u8)> = Vec::new();
-        while let Some(block) = rd.next_block() {
-            let block = match block {
-                Ok(b) => b,
-                Err(e) if incomplete(&e) => {
-                    truncated = true;
-                    break;
+        while !rest.is_empty() {
+            let block = match parser.next_block(rest) {
+                Ok((more, block)) => {
+                    rest = more;
+                    block
                 }
-                Err(e) => return Err(ReadError::Format(e.to_string())),
+                Err(e) => {
+                    let big = parser.section().endianness == Endianness::Big;
+                    if cut_short(rest, 4, 0, big) {
+                        truncated = true;
+                        break;
+                    }
+                    return Err(fmt(e));
+                }
             };
             use pcap_file::pcapng::Block;
             use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption as O;
@@ -412,20 +435,24 @@ pub fn read_capture_from(data: &[u8]) -> Result<Capture, ReadError> {
             }
         }
     } else {
-        let mut rd =
-            pcap_file::pcap::PcapReader::new(data).map_err(|e| ReadError::Format(e.to_string()))?;
-        let link = rd.header().datalink;
-        while let Some(p) = rd.next_packet() {
-            let p = match p {
-                Ok(p) => p,
-                Err(e) if incomplete(&e) => {
+        let (mut rest, parser) = pcap_file::pcap::PcapParser::new(data).map_err(fmt)?;
+        let header = parser.header();
+        let link = header.datalink;
+        let big = header.endianness == Endianness::Big;
+        while !rest.is_empty() {
+            match parser.next_packet(rest) {
+                Ok((more, p)) => {
+                    rest = more;
+                    if let Some(seg) = ip_payload(link, &p.data).and_then(parse_tcp) {
+                        r.segment(None, p.timestamp, seg);
+                    }
+                }
+                // A packet record: 16-byte header, captured length at byte 8.
+                Err(_) if cut_short(rest, 8, 16, big) => {
                     truncated = true;
                     break;
                 }
-                Err(e) => return Err(ReadError::Format(e.to_string())),
-            };
-            if let Some(seg) = ip_payload(link, &p.data).and_then(parse_tcp) {
-                r.segment(None, p.timestamp, seg);
+                Err(e) => return Err(fmt(e)),
             }
         }
     }
@@ -468,12 +495,37 @@ mod tests {
         assert!(cut.truncated);
         assert!(!cut.frames.is_empty());
         assert!(cut.frames.len() <= whole.frames.len());
-        // Garbage in the middle is still an error.
+        // Damage in the middle (an absurd block length) is an error, not a cut.
+        let shb = u32::from_le_bytes([sample[4], sample[5], sample[6], sample[7]]) as usize;
         let mut bad = sample.clone();
-        for b in &mut bad[200..260] {
-            *b = 0xff;
+        bad[shb + 4..shb + 8].copy_from_slice(&[0xff, 0xff, 0xff, 0x7f]);
+        assert!(read_capture_from(&bad).is_err());
+        // A classic pcap cut in a packet record reads up to it, too.
+        let mut pcap = Vec::new();
+        {
+            let mut w = pcap_file::pcap::PcapWriter::with_header(
+                &mut pcap,
+                pcap_file::pcap::PcapHeader {
+                    datalink: DataLink::RAW,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            for _ in 0..3 {
+                w.write_packet(&pcap_file::pcap::PcapPacket::new(
+                    Duration::ZERO,
+                    40,
+                    &[0x45u8; 40],
+                ))
+                .unwrap();
+            }
         }
-        assert!(read_capture_from(&bad).is_err() || read_capture_from(&bad).unwrap().truncated);
+        assert!(!read_capture_from(&pcap).unwrap().truncated);
+        assert!(
+            read_capture_from(&pcap[..pcap.len() - 5])
+                .unwrap()
+                .truncated
+        );
         let e = read_capture(Path::new("/dev/zero")).unwrap_err();
         assert!(e.to_string().contains("not a regular file"), "{e}");
     }

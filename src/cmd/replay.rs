@@ -135,8 +135,10 @@ pub struct DriftLine {
     pub reason: &'static str,
     /// What differs.
     pub detail: String,
-    /// The request, hex.
+    /// The request, hex (auth codes masked).
     pub request: String,
+    /// Some frame was longer than 1 KiB: its hex holds the first 1 KiB.
+    pub truncated: bool,
     /// The cloud's recorded answer, hex.
     pub legacy: Option<String>,
     /// The backend's answer, hex.
@@ -355,7 +357,14 @@ pub async fn run(opts: &Options) -> Result<Report, Error> {
                     r#type: o.request_type.name(),
                     reason: reason.label(),
                     detail: detail.clone(),
-                    request: crate::hexutil::to_hex(&o.request),
+                    request: {
+                        let mut r = o.request.to_vec();
+                        crate::capture::redact_auth(&mut r);
+                        crate::hexutil::to_hex(&r)
+                    },
+                    truncated: o.request_len > o.request.len()
+                        || o.legacy.as_ref().is_some_and(|a| !a.whole())
+                        || o.new.as_ref().is_some_and(|a| !a.whole()),
                     legacy: o.legacy.as_ref().map(|a| crate::hexutil::to_hex(&a.bytes)),
                     new: o.new.as_ref().map(|a| crate::hexutil::to_hex(&a.bytes)),
                 });

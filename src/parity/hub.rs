@@ -396,7 +396,7 @@ pub fn drift_json(device: Option<DeviceId>, o: &Outcome, reason: Reason, detail:
         "type": o.request_type.name(),
         "reason": reason.label(),
         "detail": detail,
-        "request": frame_json(&o.request, o.request.len()),
+        "request": frame_json(&o.request, o.request_len),
         "legacy": answer_json(&o.legacy),
         "new": answer_json(&o.new),
     })
@@ -566,6 +566,7 @@ mod tests {
         let ping = Bytes::from(Frame::ping().encode().unwrap());
         Outcome {
             request_type: PacketType::PING,
+            request_len: ping.len(),
             request: ping.clone(),
             legacy: Some(Answer::new(
                 Bytes::from(Frame::pong().encode().unwrap()),
@@ -646,6 +647,7 @@ mod tests {
         );
         let o = Outcome {
             request_type: PacketType::HANDSHAKE,
+            request_len: hello.len(),
             request: hello,
             legacy: Some(Answer::new(
                 Bytes::from(vec![0x28, 0, 0, 0, 2, 0, 0]),

@@ -103,6 +103,14 @@ pub fn compare_answers(legacy: &Answer, new: &Answer) -> Result<(), String> {
     if legacy.whole() && new.whole() {
         return compare(&legacy.bytes, &new.bytes);
     }
+    let (lt, nt) = (legacy.bytes.first().copied(), new.bytes.first().copied());
+    if lt != nt {
+        return Err(format!(
+            "answer type {} vs {}",
+            type_name(lt),
+            type_name(nt)
+        ));
+    }
     if legacy.len != new.len {
         return Err(format!("length {} vs {}", legacy.len, new.len));
     }
@@ -136,8 +144,10 @@ pub enum Verdict {
 pub struct Outcome {
     /// The request's type.
     pub request_type: PacketType,
-    /// The request frame.
+    /// The request frame (its first [`KEEP`] bytes).
     pub request: Bytes,
+    /// The request's whole length.
+    pub request_len: usize,
     /// The cloud's answer, if any.
     pub legacy: Option<Answer>,
     /// The new backend's answer, if any.
@@ -168,6 +178,7 @@ struct Pending {
     key: AnswerKey,
     ptype: PacketType,
     request: Bytes,
+    request_len: usize,
     at: Instant,
     legacy: Option<Answer>,
     new: Option<Answer>,
@@ -196,6 +207,7 @@ impl Pending {
         Outcome {
             request_type: self.ptype,
             request: self.request,
+            request_len: self.request_len,
             legacy: self.legacy,
             new: self.new,
             verdict,
@@ -235,6 +247,7 @@ impl Tracker {
     /// [`Tracker::evicted`]). Returns what timed out meanwhile.
     pub fn on_request(&mut self, now: Instant, frame: &Frame, bytes: Bytes) -> Option<Outcome> {
         let key = expected_answer(frame)?;
+        let request_len = bytes.len();
         let request = if bytes.len() > KEEP {
             Bytes::copy_from_slice(&bytes[..KEEP])
         } else {
@@ -244,6 +257,7 @@ impl Tracker {
             key,
             ptype: frame.ptype,
             request,
+            request_len,
             at: now,
             legacy: None,
             new: None,
@@ -607,7 +621,13 @@ mod tests {
         assert_eq!(compare_answers(&a, &b), Ok(()));
         assert!(compare_answers(&a, &c).unwrap_err().contains("by digest"));
         let small = Answer::new(Bytes::from_static(&[0xd8, 0, 0, 0, 0]), Duration::ZERO);
-        assert!(compare_answers(&a, &small).unwrap_err().contains("length"));
+        assert!(
+            compare_answers(&a, &small)
+                .unwrap_err()
+                .contains("answer type 0x88 (pipe_sync_ack) vs 0xd8 (pong)")
+        );
+        let short = Answer::new(Bytes::from_static(&[0x88, 0, 0, 0, 0]), Duration::ZERO);
+        assert!(compare_answers(&a, &short).unwrap_err().contains("length"));
     }
 
     #[test]

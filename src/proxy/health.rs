@@ -301,7 +301,7 @@ impl Health {
     /// Whether every address of `path` has failed at least `failures` times in a row, the last
     /// time less than its cool-down ago (1 s after the first failure, doubling with each one, up
     /// to `cooldown`): the circuit is open, and connections should not wait on it. When the
-    /// cool-down runs out the next connection tries again (half-open); an answer closes it.
+    /// cool-down runs out connections try again (half-open); an answer closes it.
     pub fn circuit_open(
         &self,
         path: Path,

@@ -270,6 +270,16 @@ impl Session<'_> {
                     }
                 }
             }
+            // A reload between reading the configuration and registering was not seen by its
+            // drainer: follow the mirror setting in force now (a path change is drained at the
+            // next reload, or when the device reconnects).
+            let now = p.live.current();
+            if now.generation != loaded.generation {
+                let d = now.policy.decide(meta.peer);
+                control.set_mirror(
+                    d.path == Path::Legacy && d.mirror && decision.path == Path::Legacy,
+                );
+            }
         }
         Routed {
             loaded,
@@ -602,6 +612,9 @@ impl Session<'_> {
                             px.run_mirror(rx, &ctl, par, target).await
                         }))
                     };
+                // When the running mirror was attached (its backoff starts over once it ran a
+                // while).
+                let mut attached_at = tokio::time::Instant::now();
                 if let Some((rx, par)) = mirror_rx {
                     mirror = Some(spawn(rx, par.clone()));
                     parity = par;
@@ -640,6 +653,9 @@ impl Session<'_> {
                         }, if mirror.is_some() => {
                             mirror = None;
                             detach(&mut parity);
+                            if attached_at.elapsed() >= Duration::from_secs(60) {
+                                retry_wait = Duration::from_secs(1);
+                            }
                             if control.mirror_wanted() {
                                 tracing::info!(retry_in = ?retry_wait, "mirror ended; attaching it again later");
                                 retry_at = Some(tokio::time::Instant::now() + retry_wait);
@@ -652,6 +668,7 @@ impl Session<'_> {
                                 && let Some((rx, par)) = p.attach_mirror(&slot, device_id, hello.clone())
                             {
                                 tracing::info!("mirror attached again");
+                                attached_at = tokio::time::Instant::now();
                                 mirror = Some(spawn(rx, par.clone()));
                                 parity = par;
                             }
@@ -674,6 +691,7 @@ impl Session<'_> {
                                     p.attach_mirror(&slot, device_id, hello.clone())
                                 {
                                     tracing::info!("mirror attached (routing change)");
+                                    attached_at = tokio::time::Instant::now();
                                     mirror = Some(spawn(rx, par.clone()));
                                     parity = par;
                                 }

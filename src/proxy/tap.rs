@@ -264,29 +264,33 @@ impl DirectionTap {
             let link = slot.load();
             if let Some(link) = link.as_ref() {
                 // Compared only when both paths got it: a frame the mirror's queue dropped
-                // is not.
-                let mut mirrored = false;
+                // is not. The request is registered before the copy goes out (the mirror is
+                // another task: its backend's answer may come back at once); this tap is the
+                // queue's only sender, so room now means the send succeeds.
+                let parity = match (&link.parity, &decoded) {
+                    (Some(p), Ok(f)) => Some((p, f)),
+                    _ => None,
+                };
                 if self.flow == Flow::DeviceToCloud {
-                    match link.tx.try_send(raw.bytes().clone()) {
-                        Ok(()) => mirrored = true,
-                        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                            self.metrics.transport.mirror_dropped.inc();
+                    if link.tx.capacity() == 0 {
+                        self.metrics.transport.mirror_dropped.inc();
+                    } else {
+                        if let Some((p, f)) = parity {
+                            p.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .request(f, raw.bytes().clone());
                         }
-                        // The mirror ended; its session detaches it (or attaches a new one).
-                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                        if link.tx.try_send(raw.bytes().clone()).is_err() {
+                            // The mirror ended; its session detaches it (or attaches anew).
                             self.metrics.transport.mirror_dropped.inc();
                         }
                     }
-                }
-                if let (Some(p), Ok(f)) = (&link.parity, &decoded) {
-                    let mut p = p.lock().unwrap_or_else(|p| p.into_inner());
-                    match self.flow {
-                        Flow::DeviceToCloud if mirrored => p.request(f, raw.bytes().clone()),
-                        Flow::DeviceToCloud => {}
-                        Flow::CloudToDevice => {
-                            p.answer(crate::parity::Side::Legacy, f, raw.bytes().clone())
-                        }
-                    }
+                } else if let Some((p, f)) = parity {
+                    p.lock().unwrap_or_else(|p| p.into_inner()).answer(
+                        crate::parity::Side::Legacy,
+                        f,
+                        raw.bytes().clone(),
+                    );
                 }
             }
         }

@@ -272,6 +272,8 @@ impl Fleet {
                     for i in m.values() {
                         c[(*i).min(2)] += 1;
                     }
+                    // This fleet's devices the paths did not list.
+                    c[2] += (self.cfg.count as usize).saturating_sub(m.len());
                     c
                 };
                 PATHS
@@ -633,6 +635,8 @@ impl SimDevice<'_> {
 
     async fn run(&mut self, io: Box<dyn Io>) {
         self.pending.clear();
+        // Repeats are counted per connection (a new connection's sender counts anew).
+        self.executed.clear();
         if self.fleet.cfg.record {
             self.transcript = Some(Transcript {
                 device: Some(self.id),

@@ -34,7 +34,7 @@ pub struct TransportMetrics {
     pub latency: HistogramVec,
     /// Device requests the backend never answered.
     pub request_timeout: IntCounterVec,
-    /// Device frames not copied to the mirror because its queue was full.
+    /// Device frames not copied to the mirror: its queue full, or the mirror just ended.
     pub mirror_dropped: prometheus::IntCounter,
     /// Backend frames of a mirror kept from the device, by packet type.
     pub shadow_suppressed: IntCounterVec,
@@ -133,7 +133,7 @@ impl TransportMetrics {
             mirror_dropped: {
                 let c = prometheus::IntCounter::new(
                     "tcp_comm_mirror_dropped_total",
-                    "Device frames not copied to the dark-launch mirror (its queue was full).",
+                    "Device frames not copied to the dark-launch mirror (its queue full, or the mirror just ended).",
                 )
                 .unwrap_or_else(|e| panic!("tcp_comm_mirror_dropped_total: {e}"));
                 r.register(Box::new(c.clone()))
