@@ -27,5 +27,6 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod sim;
+pub mod slo;
 pub mod tls;
 pub mod transport;
