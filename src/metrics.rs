@@ -665,6 +665,24 @@ impl Metrics {
             .sum()
     }
 
+    /// Frames (both directions, every type) and decode problems (every kind) on one transport.
+    pub fn frames_and_decode_errors(&self, path: Path) -> (u64, u64) {
+        let t = path_index(path);
+        let mut frames = 0;
+        for f in &self.frames[t] {
+            // Unknown types share one series: count it once.
+            for p in PacketType::ALL_KNOWN.iter().map(|p| p.0).chain([0u8]) {
+                frames += f.get(usize::from(p)).map_or(0, IntCounter::get);
+            }
+        }
+        let errors = self.decode_errors[t]
+            .iter()
+            .flat_map(|f| f.iter())
+            .map(IntCounter::get)
+            .sum();
+        (frames, errors)
+    }
+
     /// Frames of a type and direction on one transport.
     pub fn frames_on(&self, path: Path, flow: Flow, ptype: PacketType) -> u64 {
         self.frames[path_index(path)][flow.index()]

@@ -12,6 +12,8 @@
 //!
 //! A `Series` serialises (serde) so its state survives a restart.
 
+pub mod sli;
+
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
