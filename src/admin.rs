@@ -8,6 +8,7 @@
 //! | `GET /upstreams` | health of each upstream address (up, failures, last error, backoff) |
 //! | `GET /routing` | each connected device: path, reason, since |
 //! | `GET /config` | generation, source, pending restarts, the config (secrets masked) |
+//! | `GET /slo` | the latest SLO evaluation of every SLI on both transports |
 //! | `GET /parity` | the shadow comparison: ratios per request type, top drifting devices, latest drifts |
 //! | `POST /reload` | re-read the config file (from loopback only) |
 
@@ -202,6 +203,7 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
         ),
         ("/routing", true, Some(p)) => json_resp(StatusCode::OK, &routing(p)),
         ("/parity", true, Some(p)) => json_resp(StatusCode::OK, &p.parity_report()),
+        ("/slo", true, Some(p)) => json_resp(StatusCode::OK, &p.slo_report()),
         ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
         ("/reload", false, Some(p)) if method == Method::POST => {
             if !remote.ip().is_loopback() {
@@ -223,7 +225,7 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
         }
         (
             "/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload" | "/upstreams"
-            | "/parity",
+            | "/parity" | "/slo",
             _,
             _,
         ) => text(

@@ -74,6 +74,67 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// Comparing the mirrored new backend's answers with the cloud's (reloads live).
     pub parity: ParityConfig,
+    /// The SLO engine (reloads live).
+    pub slo: SloConfig,
+}
+
+/// One objective of `[slo.objectives]`.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectiveConfig {
+    /// Share of good events required (0–1, below 1).
+    pub target: f64,
+    /// Compliance window (5 min to 31 days).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+/// `[slo]`: service level objectives per transport, evaluated inside the proxy.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SloConfig {
+    /// Evaluate at all (default true).
+    pub enabled: bool,
+    /// Evaluate this often. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub eval_interval: Duration,
+    /// Fewer events than this in a window say nothing (`inconclusive`). Default 100.
+    pub min_events: u64,
+    /// A command acked within this is on time (`command_latency`; rounded down to a bucket of
+    /// `tcp_comm_packet_latency_seconds`). Default 1.5 s.
+    #[serde(with = "humantime_serde")]
+    pub latency_threshold: Duration,
+    /// Where the rolling series are kept across restarts (written atomically, 0600).
+    pub state_file: PathBuf,
+    /// Objectives by SLI name, replacing the defaults (`command_success`, `request_success`,
+    /// `command_latency`, `packet_loss`, `decode_errors`, `queue_full`, `parity_drift`).
+    pub objectives: std::collections::BTreeMap<String, ObjectiveConfig>,
+}
+
+impl Default for SloConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            eval_interval: Duration::from_secs(10),
+            min_events: 100,
+            latency_threshold: Duration::from_millis(1500),
+            state_file: PathBuf::from("captures/slo/state.json"),
+            objectives: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl SloConfig {
+    /// The objective of `sli`: the configured one, else the rollout plan's.
+    pub fn objective(&self, sli: crate::slo::sli::Sli) -> crate::slo::Objective {
+        match self.objectives.get(sli.name()) {
+            Some(o) => crate::slo::Objective {
+                target: o.target,
+                window: o.window.as_secs(),
+            },
+            None => sli.default_objective(),
+        }
+    }
 }
 
 /// Where a shadowed session's mirror connects.
@@ -1174,8 +1235,10 @@ impl Config {
     }
 
     /// Every duration option with its dotted name (checked against [`MAX_DURATION`]).
-    pub fn durations(&self) -> [(&'static str, Duration); 22] {
+    pub fn durations(&self) -> [(&'static str, Duration); 24] {
         [
+            ("slo.eval_interval", self.slo.eval_interval),
+            ("slo.latency_threshold", self.slo.latency_threshold),
             ("new_path.circuit_cooldown", self.new_path.circuit_cooldown),
             ("parity.timeout", self.parity.timeout),
             ("new_path.ack_timeout", self.new_path.ack_timeout),
@@ -1424,6 +1487,41 @@ impl Config {
         }
         if self.drain.batch == 0 {
             return Err(invalid("drain.batch", "must be at least 1"));
+        }
+        let o = &self.slo;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&o.eval_interval) {
+            return Err(invalid("slo.eval_interval", "must be between 1s and 1h"));
+        }
+        if o.min_events == 0 {
+            return Err(invalid("slo.min_events", "must be at least 1"));
+        }
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&o.latency_threshold) {
+            return Err(invalid(
+                "slo.latency_threshold",
+                "must be between 1ms and 10s",
+            ));
+        }
+        if o.enabled && o.state_file.as_os_str().is_empty() {
+            return Err(invalid("slo.state_file", "must not be empty"));
+        }
+        for (name, obj) in &o.objectives {
+            let field = format!("slo.objectives.{name}");
+            if !crate::slo::sli::Sli::ALL.iter().any(|s| s.name() == name) {
+                return Err(invalid(
+                    &field,
+                    "is not an SLI (command_success, request_success, command_latency, packet_loss, decode_errors, queue_full, parity_drift)",
+                ));
+            }
+            if !(obj.target > 0.0 && obj.target < 1.0) {
+                return Err(invalid(
+                    &field,
+                    "target must be above 0 and below 1 (0.999 = 99.9 %)",
+                ));
+            }
+            if !(Duration::from_secs(300)..=Duration::from_secs(31 * 86_400)).contains(&obj.window)
+            {
+                return Err(invalid(&field, "window must be between 5m and 31d"));
+            }
         }
         let p = &self.parity;
         if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&p.timeout) {
@@ -1796,6 +1894,46 @@ mod tests {
             assert_eq!(e.field.as_deref(), Some(name), "{e}");
             assert!(e.message.contains("366 days"), "{name}: {e}");
         }
+    }
+
+    #[test]
+    fn slo_objectives_are_checked_by_name_target_and_window() {
+        let ok = parse("[slo.objectives]\ncommand_success = { target = 0.99, window = \"7d\" }\n")
+            .unwrap();
+        assert_eq!(
+            ok.slo.objective(crate::slo::sli::Sli::CommandSuccess),
+            crate::slo::Objective {
+                target: 0.99,
+                window: 7 * 86_400
+            }
+        );
+        assert_eq!(
+            ok.slo.objective(crate::slo::sli::Sli::QueueFull),
+            crate::slo::sli::Sli::QueueFull.default_objective()
+        );
+        for (bad, why) in [
+            (
+                "nonsense = { target = 0.9, window = \"1h\" }",
+                "is not an SLI",
+            ),
+            ("queue_full = { target = 1.0, window = \"1h\" }", "below 1"),
+            (
+                "queue_full = { target = 0.9, window = \"1m\" }",
+                "between 5m and 31d",
+            ),
+            (
+                "queue_full = { target = 0.9, window = \"40d\" }",
+                "between 5m and 31d",
+            ),
+        ] {
+            let e = parse(&format!("[slo.objectives]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(parse("[slo]\neval_interval = \"0s\"\n").is_err());
+        assert!(parse("[slo]\nmin_events = 0\n").is_err());
+        assert!(parse("[slo]\nlatency_threshold = \"1h\"\n").is_err());
     }
 
     #[test]

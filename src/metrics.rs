@@ -9,6 +9,108 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// The SLO engine's gauges, by transport and SLI (`slo_name`); unknown values are NaN.
+#[derive(Clone)]
+pub struct SloMetrics {
+    /// Good ÷ all events over the objective's window.
+    pub compliance: IntGaugeVecF,
+    /// Share of the error budget left over the window.
+    pub budget: IntGaugeVecF,
+    /// Burn rate by window (`5m`, `30m`, `1h`, `6h`).
+    pub burn: IntGaugeVecF,
+    /// 1 met, 0 inconclusive, −1 violated.
+    pub verdict: IntGaugeVecF,
+    /// Evaluations run.
+    pub evaluations: IntCounter,
+}
+
+/// A float gauge family.
+pub type IntGaugeVecF = prometheus::GaugeVec;
+
+/// Burn-rate window labels, by seconds.
+pub const BURN_WINDOWS: [(u64, &str); 4] =
+    [(300, "5m"), (1800, "30m"), (3600, "1h"), (21_600, "6h")];
+
+impl SloMetrics {
+    fn register(r: &Registry) -> Self {
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            r.register(Box::new(g.clone()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            g
+        };
+        let m = Self {
+            compliance: gauge(
+                "tcp_comm_slo_compliance",
+                "Good events over all events in the objective's window, by transport and SLI (NaN before any).",
+                &["transport", "slo_name"],
+            ),
+            budget: gauge(
+                "tcp_comm_error_budget_remaining",
+                "Share of the error budget left in the objective's window, 0-1 (NaN before any event).",
+                &["transport", "slo_name"],
+            ),
+            burn: gauge(
+                "tcp_comm_slo_burn_rate",
+                "Error ratio over the allowed one, by transport, SLI and window (NaN without events).",
+                &["transport", "slo_name", "window"],
+            ),
+            verdict: gauge(
+                "tcp_comm_slo_verdict",
+                "The last evaluation: 1 met, 0 inconclusive, -1 violated.",
+                &["transport", "slo_name"],
+            ),
+            evaluations: {
+                let c = IntCounter::new("cync_mitm_slo_evaluations_total", "SLO evaluations run.")
+                    .unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(c.clone()))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                c
+            },
+        };
+        for t in [Path::Legacy, Path::New] {
+            for s in crate::slo::sli::Sli::ALL {
+                let l = [t.label(), s.name()];
+                m.compliance.with_label_values(&l).set(f64::NAN);
+                m.budget.with_label_values(&l).set(f64::NAN);
+                m.verdict.with_label_values(&l).set(0.0);
+                for (_, w) in BURN_WINDOWS {
+                    m.burn
+                        .with_label_values(&[t.label(), s.name(), w])
+                        .set(f64::NAN);
+                }
+            }
+        }
+        m
+    }
+
+    /// Publishes an evaluation.
+    pub fn publish(&self, t: Path, s: crate::slo::sli::Sli, e: &crate::slo::Evaluation) {
+        let l = [t.label(), s.name()];
+        self.compliance
+            .with_label_values(&l)
+            .set(e.compliance.unwrap_or(f64::NAN));
+        self.budget
+            .with_label_values(&l)
+            .set(e.budget_remaining.unwrap_or(f64::NAN));
+        self.verdict.with_label_values(&l).set(match e.verdict {
+            crate::slo::Verdict::Met => 1.0,
+            crate::slo::Verdict::Inconclusive => 0.0,
+            crate::slo::Verdict::Violated => -1.0,
+        });
+        for (long, short, _) in &e.burns {
+            for b in [long, short] {
+                if let Some((_, w)) = BURN_WINDOWS.iter().find(|(secs, _)| *secs == b.window) {
+                    self.burn
+                        .with_label_values(&[t.label(), s.name(), w])
+                        .set(b.rate.unwrap_or(f64::NAN));
+                }
+            }
+        }
+    }
+}
+
 fn path_index(p: Path) -> usize {
     match p {
         Path::Legacy => 0,
@@ -138,6 +240,8 @@ pub struct Metrics {
     pub transport: crate::transport::metrics::TransportMetrics,
     /// The parity families (`tcp_comm_parity_*`).
     pub parity: crate::parity::hub::ParityMetrics,
+    /// The SLO engine's gauges.
+    pub slo: SloMetrics,
     /// Accept errors (the loop backs off and goes on).
     pub accept_errors: IntCounter,
     /// Open connections by peer kind.
@@ -484,6 +588,7 @@ impl Metrics {
             .unwrap_or_else(|e| panic!("{e}"));
         let transport = crate::transport::metrics::TransportMetrics::register(&r);
         let parity = crate::parity::hub::ParityMetrics::register(&r);
+        let slo = SloMetrics::register(&r);
         Self {
             registry: r,
             accepted,
@@ -504,6 +609,7 @@ impl Metrics {
             new_path_fallbacks,
             transport,
             parity,
+            slo,
             upstream_up_v,
             admin_rejected,
             capture_dropped,

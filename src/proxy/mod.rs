@@ -75,6 +75,8 @@ pub struct Proxy {
     sinks: Arc<[Arc<dyn TapSink>]>,
     health: health::Health,
     parity: Arc<crate::parity::hub::Hub>,
+    /// The latest SLO evaluation, for `GET /slo`.
+    slo_latest: std::sync::Mutex<serde_json::Value>,
 }
 
 struct GaugeGuard(prometheus::IntGauge);
@@ -118,6 +120,9 @@ impl Proxy {
         health.track(Path::New, &cfg.config.new_path.addresses);
         let parity = crate::parity::hub::Hub::new(metrics.parity.clone());
         let me = Arc::new(Self {
+            slo_latest: std::sync::Mutex::new(
+                serde_json::json!({"evaluated_at": null, "slos": []}),
+            ),
             parity,
             health,
             live,
@@ -133,6 +138,8 @@ impl Proxy {
         if tokio::runtime::Handle::try_current().is_ok() {
             let d = me.clone();
             tokio::spawn(async move { d.drainer().await });
+            let s = me.clone();
+            tokio::spawn(async move { s.slo_loop().await });
         }
         Ok(me)
     }
@@ -140,6 +147,77 @@ impl Proxy {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Loaded> {
         self.live.current()
+    }
+
+    /// The `GET /slo` document: the latest evaluation of every SLI on both transports.
+    pub fn slo_report(&self) -> serde_json::Value {
+        self.slo_latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Evaluates the SLOs every `slo.eval_interval` (reloads apply at the next tick) from the
+    /// proxy's own counters, publishes the `tcp_comm_slo_*` gauges and `GET /slo`, and keeps
+    /// the rolling series in `slo.state_file` (loaded at start; written atomically, 0600, once
+    /// a minute and at shutdown), so a restart loses at most a minute of history.
+    async fn slo_loop(self: Arc<Self>) {
+        use crate::slo::sli::{Engine, Sli};
+        let path = self.live.current().config.slo.state_file.clone();
+        let mut engine = match std::fs::read(&path) {
+            Ok(b) => match serde_json::from_slice::<Engine>(&b) {
+                Ok(e) => {
+                    tracing::info!(file = %path.display(), "SLO state restored");
+                    e
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "SLO state unreadable; starting over");
+                    Engine::default()
+                }
+            },
+            Err(_) => Engine::default(),
+        };
+        let mut last_save = Instant::now();
+        loop {
+            let loaded = self.live.current();
+            let cfg = loaded.config.slo.clone();
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    save_slo_state(&cfg.state_file, &engine);
+                    return;
+                }
+                _ = tokio::time::sleep(cfg.eval_interval) => {}
+            }
+            if !cfg.enabled {
+                continue;
+            }
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            engine.observe_metrics(now, &self.metrics, cfg.latency_threshold.as_secs_f64());
+            let evals = engine.evaluate(now, |s: Sli| cfg.objective(s), cfg.min_events);
+            let mut slos = Vec::new();
+            for (t, s, e) in &evals {
+                self.metrics.slo.publish(*t, *s, e);
+                slos.push(serde_json::json!({
+                    "transport": t.label(),
+                    "slo_name": s.name(),
+                    "evaluation": e,
+                }));
+            }
+            self.metrics.slo.evaluations.inc();
+            *self.slo_latest.lock().unwrap_or_else(|p| p.into_inner()) = serde_json::json!({
+                "evaluated_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                "eval_interval_ms": cfg.eval_interval.as_millis() as u64,
+                "min_events": cfg.min_events,
+                "slos": slos,
+            });
+            if last_save.elapsed() >= Duration::from_secs(60) {
+                last_save = Instant::now();
+                let (file, e) = (cfg.state_file.clone(), engine.clone());
+                let _ = tokio::task::spawn_blocking(move || save_slo_state(&file, &e)).await;
+            }
+        }
     }
 
     /// The `GET /parity` document: the settings in force, ratios per request type, the most
@@ -847,6 +925,35 @@ struct NewPathSession<'a> {
     control: &'a Arc<SessionControl>,
     d2c: &'a mut DirectionTap,
     c2d: &'a mut DirectionTap,
+}
+
+/// Writes the SLO state atomically (a temporary file, fsync, rename), 0600; failures are
+/// logged, never fatal.
+fn save_slo_state(path: &std::path::Path, engine: &crate::slo::sli::Engine) {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec(engine).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(file = %path.display(), error = %e, "cannot save the SLO state");
+    }
 }
 
 /// Transparent mode forgets an original destination no connection has used for this long.

@@ -62,6 +62,10 @@ pub fn proxy_config(cloud: SocketAddr) -> Config {
     c.timeouts.handshake = Duration::from_secs(2);
     c.timeouts.first_frame = Duration::from_secs(2);
     c.tls.cert_dir = certs().ca_cert.parent().unwrap().to_owned();
+    // Nothing a test proxy writes lands in the working tree.
+    let scratch = certs().ca_cert.parent().unwrap().join("scratch");
+    c.parity.dir = scratch.join("parity");
+    c.slo.state_file = scratch.join("slo-state.json");
     c
 }
 
