@@ -44,6 +44,8 @@ cert_dir = "$work/certs"
 [capture]
 enabled = true
 dir = "$work/captures"
+[slo]
+state_file = "$work/slo/state.json"
 EOF
 backend=0
 if [ "${NEW_PATH:-0}" = 1 ] || [ "${SHADOW:-0}" = 1 ]; then backend=1; fi

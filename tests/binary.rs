@@ -12,8 +12,15 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The binary, run from a scratch folder: what it writes to paths relative to its working
+/// directory (the SLO state, drift logs) never lands in the working tree.
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+    let scratch =
+        std::env::temp_dir().join(format!("cync-mitm-binary-tests-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&scratch);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cync-mitm"));
+    c.current_dir(scratch);
+    c
 }
 
 /// Writes `dir/proxy.toml` for `run`: loopback listener and admin, `upstream` as the only

@@ -85,8 +85,9 @@ impl ProxyProc {
             format!(
                 "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{upstream}\"]\n\
                  [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n[log]\nfilter = \"warn,cync_mitm::app=info\"\n\
-                 {extra}",
+                 [slo]\nstate_file = \"{}\"\n{extra}",
                 dir.join("certs").display(),
+                dir.join("slo/state.json").display(),
             ),
         )
         .unwrap();
