@@ -13,7 +13,7 @@ use bytes::Bytes;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -170,34 +170,8 @@ async fn room(tx: &Option<mpsc::Sender<Bytes>>) {
     }
 }
 
-async fn read_dev(
-    rd: &mut Option<ReadHalf<Box<dyn Io>>>,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
-    match rd {
-        Some(r) => r.read(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_copy(rx: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
-    match rx {
-        Some(r) => r.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_opt(
-    rd: &mut Option<ReadHalf<Box<dyn Io>>>,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
-    match rd {
-        Some(r) => r.read(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn connecting(f: &mut Option<Reconnect<'_>>) -> Result<Box<dyn Io>, String> {
+/// `f`, or a future that never resolves when there is none (a leg that is not there).
+async fn or_pending<F: Future>(f: Option<F>) -> F::Output {
     match f {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -415,7 +389,7 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
         tokio::select! {
             _ = s.control.token().cancelled() => break End::External(s.control.cause()),
             _ = tokio::time::sleep_until(grace_at) => break End::BackendLost,
-            f = recv_copy(&mut copy_rx), if copy_rx.is_some() && !paused => match f {
+            f = or_pending(copy_rx.as_mut().map(|r| r.recv())), if copy_rx.is_some() && !paused => match f {
                 Some(bytes) => {
                     last = Instant::now();
                     let outs = core.on_device_frame(last.into_std(), bytes);
@@ -425,7 +399,7 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                 None => break End::DeviceClosed,
             },
             () = room(&be_tx), if paused && be_tx.is_some() => {},
-            r = read_dev(&mut dev_rd, &mut dbuf), if !device_eof && dev_rd.is_some() => match r {
+            r = or_pending(dev_rd.as_mut().map(|r| r.read(&mut dbuf))), if !device_eof && dev_rd.is_some() => match r {
                 Ok(0) if be_tx.is_some() => {
                     device_eof = true;
                     // Dropping the sender lets the writer finish its queue, then shut down.
@@ -450,7 +424,7 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
                 Err(e) if is_close(&e) => break End::DeviceClosed,
                 Err(e) => break End::DeviceError(e.to_string()),
             },
-            r = read_opt(&mut be_rd, &mut bbuf) => match r {
+            r = or_pending(be_rd.as_mut().map(|r| r.read(&mut bbuf))) => match r {
                 Ok(n) if n > 0 => {
                     last = Instant::now();
                     be_framer.push(&bbuf[..n]);
@@ -485,7 +459,7 @@ async fn run_inner(mut s: Session<'_>, gauges: &mut QueueGauges) -> End {
             _ = tokio::time::sleep_until(retry_at), if be_rd.is_none() && pending.is_none() => {
                 pending = Some((s.reconnect)());
             },
-            r = connecting(&mut pending) => {
+            r = or_pending(pending.as_mut()) => {
                 pending = None;
                 match r {
                     Ok(io) => {
