@@ -708,17 +708,7 @@ async fn a_command_repeated_after_its_ack_is_answered_from_memory_not_executed_t
         .await
     );
     // The devices learn their paths from /routing, as `sim devices --admin` does.
-    let admin = cync_mitm::admin::AdminState::new(p.metrics.clone(), Some(p.proxy.clone()));
-    let r = cync_mitm::admin::route(
-        &admin,
-        &hyper::Method::GET,
-        "/routing",
-        "127.0.0.1:1".parse().unwrap(),
-    )
-    .await;
-    use http_body_util::BodyExt as _;
-    let routing: serde_json::Value =
-        serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let (_, routing) = admin_call(&p, hyper::Method::GET, "/routing").await;
     let paths: Vec<(cync_mitm::codec::DeviceId, String)> = routing["devices"]
         .as_array()
         .unwrap()

@@ -147,28 +147,12 @@ async fn a_backend_that_alters_or_drops_one_percent_of_answers_is_caught_and_log
     }
     // GET /parity (through the admin server's router): ratios per type, the most drifting
     // devices, the latest drifts.
-    let admin = cync_mitm::admin::AdminState::new(p.metrics.clone(), Some(p.proxy.clone()));
-    let resp = cync_mitm::admin::route(
-        &admin,
-        &hyper::Method::GET,
-        "/parity",
-        "127.0.0.1:1".parse().unwrap(),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    use http_body_util::BodyExt as _;
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let r: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (status, r) = admin_call(&p, hyper::Method::GET, "/parity").await;
+    assert_eq!(status, 200);
     assert_eq!(r["settings"]["mode"], "shadow");
     assert_eq!(r["settings"]["timeout_ms"], 1000);
-    let post = cync_mitm::admin::route(
-        &admin,
-        &hyper::Method::POST,
-        "/parity",
-        "127.0.0.1:1".parse().unwrap(),
-    )
-    .await;
-    assert_eq!(post.status(), 405);
+    let (status, _) = admin_call(&p, hyper::Method::POST, "/parity").await;
+    assert_eq!(status, 405);
     assert_eq!(r["drifts"].as_u64().unwrap(), altered + dropped);
     assert_eq!(r["matches"].as_u64().unwrap(), m);
     assert!(r["parity_ratio"].as_f64().unwrap() < 1.0);

@@ -20,6 +20,23 @@ async fn replay(args: &[&str]) -> Output {
     c.output().await.unwrap()
 }
 
+/// `replay` of the sample to `to`, verifying the test CA's certificate, with `extra` flags.
+async fn replay_verified(to: &str, extra: &[&str]) -> Output {
+    let sample = sample();
+    let ca = certs().ca_cert.to_str().unwrap().to_owned();
+    let mut a = vec![
+        sample.to_str().unwrap(),
+        "--to",
+        to,
+        "--ca-file",
+        &ca,
+        "--sni",
+        "cm.gelighting.com",
+    ];
+    a.extend_from_slice(extra);
+    replay(&a).await
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -31,20 +48,8 @@ fn text(o: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sample_capture_replays_with_no_drift_against_the_simulated_cloud() {
     let (cloud, addr) = start_cloud(CloudSimConfig::default()).await;
-    let ca = certs().ca_cert.to_str().unwrap().to_owned();
     let to = addr.to_string();
-    let o = replay(&[
-        sample().to_str().unwrap(),
-        "--to",
-        &to,
-        "--ca-file",
-        &ca,
-        "--sni",
-        "cm.gelighting.com",
-        "--speed",
-        "20",
-    ])
-    .await;
+    let o = replay_verified(&to, &["--speed", "20"]).await;
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(t.contains("0 drifts (max 0), parity 100.0000%: OK"), "{t}");
@@ -53,19 +58,7 @@ async fn the_sample_capture_replays_with_no_drift_against_the_simulated_cloud() 
     assert_eq!(cloud.stats().handshakes.load(Ordering::Relaxed), 1);
     assert!(cloud.stats().frames_in.load(Ordering::Relaxed) >= 20);
     // JSON, as fast as possible.
-    let o = replay(&[
-        sample().to_str().unwrap(),
-        "--to",
-        &to,
-        "--ca-file",
-        &ca,
-        "--sni",
-        "cm.gelighting.com",
-        "--speed",
-        "0",
-        "--json",
-    ])
-    .await;
+    let o = replay_verified(&to, &["--speed", "0", "--json"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["sessions"], 1);
@@ -88,23 +81,8 @@ async fn a_drifting_backend_fails_the_replay_and_is_named() {
         ..CloudSimConfig::default()
     })
     .await;
-    let ca = certs().ca_cert.to_str().unwrap().to_owned();
     let to = addr.to_string();
-    let o = replay(&[
-        sample().to_str().unwrap(),
-        "--to",
-        &to,
-        "--ca-file",
-        &ca,
-        "--sni",
-        "cm.gelighting.com",
-        "--speed",
-        "0",
-        "--timeout",
-        "1s",
-        "--json",
-    ])
-    .await;
+    let o = replay_verified(&to, &["--speed", "0", "--timeout", "1s", "--json"]).await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["ok"], false);
@@ -119,21 +97,10 @@ async fn a_drifting_backend_fails_the_replay_and_is_named() {
     assert_ne!(d["legacy"], d["new"]);
     assert_eq!(d["device"], "49300000");
     // A generous threshold lets the same run pass.
-    let o = replay(&[
-        sample().to_str().unwrap(),
-        "--to",
+    let o = replay_verified(
         &to,
-        "--ca-file",
-        &ca,
-        "--sni",
-        "cm.gelighting.com",
-        "--speed",
-        "0",
-        "--timeout",
-        "1s",
-        "--max-drift",
-        "100%",
-    ])
+        &["--speed", "0", "--timeout", "1s", "--max-drift", "100%"],
+    )
     .await;
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");

@@ -181,3 +181,21 @@ pub async fn app_login(addr: SocketAddr, user: u32, auth: &[u8]) -> [u8; 7] {
         .unwrap();
     b
 }
+
+/// `method path` through the admin server's router (as from loopback): the status and, when
+/// the body is JSON, the body.
+pub async fn admin_call(
+    p: &RunningProxy,
+    method: hyper::Method,
+    path: &str,
+) -> (hyper::StatusCode, serde_json::Value) {
+    use http_body_util::BodyExt as _;
+    let st = cync_mitm::admin::AdminState::new(p.metrics.clone(), Some(p.proxy.clone()));
+    let r = cync_mitm::admin::route(&st, &method, path, "127.0.0.1:1".parse().unwrap()).await;
+    let status = r.status();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
