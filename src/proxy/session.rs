@@ -634,6 +634,17 @@ impl Session<'_> {
                 let mut tick =
                     tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // Attaches a mirror to the live session (when there is somewhere to mirror to).
+                macro_rules! attach {
+                    ($msg:literal) => {
+                        if let Some((rx, par)) = p.attach_mirror(&slot, device_id, hello.clone()) {
+                            tracing::info!($msg);
+                            attached_at = tokio::time::Instant::now();
+                            mirror = Some(spawn(rx, par.clone()));
+                            parity = par;
+                        }
+                    };
+                }
                 let mut retry_at: Option<tokio::time::Instant> = None;
                 let mut retry_wait = Duration::from_secs(1);
                 let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
@@ -664,13 +675,8 @@ impl Session<'_> {
                         }
                         _ = tokio::time::sleep_until(retry_at.unwrap_or(far)), if retry_at.is_some() && mirror.is_none() => {
                             retry_at = None;
-                            if control.mirror_wanted()
-                                && let Some((rx, par)) = p.attach_mirror(&slot, device_id, hello.clone())
-                            {
-                                tracing::info!("mirror attached again");
-                                attached_at = tokio::time::Instant::now();
-                                mirror = Some(spawn(rx, par.clone()));
-                                parity = par;
+                            if control.mirror_wanted() {
+                                attach!("mirror attached again");
                             }
                         }
                         _ = tick.tick(), if parity.is_some() => {
@@ -687,14 +693,7 @@ impl Session<'_> {
                             if on && mirror.is_none() && attach_now(retry_at) {
                                 retry_at = None;
                                 retry_wait = Duration::from_secs(1);
-                                if let Some((rx, par)) =
-                                    p.attach_mirror(&slot, device_id, hello.clone())
-                                {
-                                    tracing::info!("mirror attached (routing change)");
-                                    attached_at = tokio::time::Instant::now();
-                                    mirror = Some(spawn(rx, par.clone()));
-                                    parity = par;
-                                }
+                                attach!("mirror attached (routing change)");
                             } else if !on && mirror.is_some() {
                                 tracing::info!("mirror detached (routing change)");
                                 mirror = None;
