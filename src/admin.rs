@@ -8,9 +8,13 @@
 //! | `GET /upstreams` | health of each upstream address (up, failures, last error, backoff) |
 //! | `GET /routing` | each connected device: path, reason, since |
 //! | `GET /config` | generation, source, pending restarts, the config (secrets masked) |
-//! | `GET /slo` | the latest SLO evaluation of every SLI on both transports |
+//! | `GET /slo` | the latest SLO evaluation of every SLI on both transports, the controller's state and the latest decision |
+//! | `GET /rollout` | the progressive rollout: steps, current step, status |
 //! | `GET /parity` | the shadow comparison: ratios per request type, top drifting devices, latest drifts |
 //! | `POST /reload` | re-read the config file (from loopback only) |
+//! | `POST /rollback` | every device back to the legacy path until cleared (loopback only) |
+//! | `POST /rollback/clear` | lift the rollback override (loopback only) |
+//! | `POST /rollout/pause`, `POST /rollout/resume` | hold or continue the rollout (loopback only) |
 
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -147,6 +151,8 @@ fn config(proxy: &Proxy) -> Value {
         "loaded_at": rfc3339(loaded.loaded_at),
         "pending_restart": loaded.pending_restart,
         "env_overrides": loaded.env_overrides,
+        "runtime_override": loaded.runtime,
+        "file_routing": loaded.base_routing,
         "config": cfg,
     })
 }
@@ -205,14 +211,40 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
         ("/parity", true, Some(p)) => json_resp(StatusCode::OK, &p.parity_report()),
         ("/slo", true, Some(p)) => json_resp(StatusCode::OK, &p.slo_report()),
         ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
-        ("/reload", false, Some(p)) if method == Method::POST => {
-            if !remote.ip().is_loopback() {
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "state-changing endpoints answer loopback only\n",
-                    PLAIN,
-                );
+        ("/rollout", true, Some(p)) => json_resp(StatusCode::OK, &p.rollout_report()),
+        (
+            "/reload" | "/rollback" | "/rollback/clear" | "/rollout/pause" | "/rollout/resume",
+            false,
+            Some(_),
+        ) if method == Method::POST && !remote.ip().is_loopback() => text(
+            StatusCode::FORBIDDEN,
+            "state-changing endpoints answer loopback only\n",
+            PLAIN,
+        ),
+        ("/rollback", false, Some(p)) if method == Method::POST => {
+            let set = p.rollback_now("POST /rollback");
+            json_resp(
+                StatusCode::OK,
+                &json!({"result": if set { "rolled_back" } else { "already_rolled_back" }, "control": p.slo_report()["control"]}),
+            )
+        }
+        ("/rollback/clear", false, Some(p)) if method == Method::POST => {
+            let cleared = p.clear_rollback();
+            json_resp(
+                StatusCode::OK,
+                &json!({"result": if cleared.is_some() { "cleared" } else { "no_override" }, "control": p.slo_report()["control"]}),
+            )
+        }
+        ("/rollout/pause" | "/rollout/resume", false, Some(p)) if method == Method::POST => {
+            match p.rollout_pause(path == "/rollout/pause") {
+                Ok(v) => json_resp(StatusCode::OK, &v),
+                Err(e) => json_resp(
+                    StatusCode::CONFLICT,
+                    &json!({"result": "error", "error": e}),
+                ),
             }
+        }
+        ("/reload", false, Some(p)) if method == Method::POST => {
             let live = p.live().clone();
             match tokio::task::spawn_blocking(move || live.reload(Trigger::Admin)).await {
                 Ok(Ok(outcome)) => json_resp(StatusCode::OK, &json!(outcome)),
@@ -225,7 +257,8 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
         }
         (
             "/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload" | "/upstreams"
-            | "/parity" | "/slo",
+            | "/parity" | "/slo" | "/rollout" | "/rollback" | "/rollback/clear" | "/rollout/pause"
+            | "/rollout/resume",
             _,
             _,
         ) => text(

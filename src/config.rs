@@ -74,8 +74,10 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// Comparing the mirrored new backend's answers with the cloud's (reloads live).
     pub parity: ParityConfig,
-    /// The SLO engine (reloads live).
+    /// The SLO engine and automatic rollback (reloads live).
     pub slo: SloConfig,
+    /// The SLO-gated progressive rollout (reloads live; off by default).
+    pub rollout: RolloutConfig,
 }
 
 /// One objective of `[slo.objectives]`.
@@ -109,6 +111,52 @@ pub struct SloConfig {
     /// Objectives by SLI name, replacing the defaults (`command_success`, `request_success`,
     /// `command_latency`, `packet_loss`, `decode_errors`, `queue_full`, `parity_drift`).
     pub objectives: std::collections::BTreeMap<String, ObjectiveConfig>,
+    /// Roll back (canary to 0 % through the runtime override) after this many consecutive
+    /// evaluations with a new-path SLO violated. 0 turns automatic rollback off. Default 3.
+    pub max_violations: u32,
+    /// Devices per second moved back to legacy after a rollback (the ordinary drain's rate is
+    /// `drain.batch` per `drain.interval`). Default 100.
+    pub rollback_drain_rate: u32,
+    /// Write the decision log (`decisions-YYYYMMDD.jsonl` next to the state file). Default true.
+    pub decision_log: bool,
+    /// An unchanged, healthy evaluation is logged at most this often (every violation, verdict
+    /// change, held step and action is logged). Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub decision_log_heartbeat: Duration,
+    /// Decision logs older than this many days are deleted. Default 14.
+    pub decision_log_keep_days: u32,
+    /// On rollback, POST a JSON document here (`http://` or `https://`, certificate verified);
+    /// empty: off. Never blocks anything: sent in the background, with a timeout and retries.
+    pub webhook_url: String,
+    /// Sent as `Authorization: Bearer …` with the webhook (masked in `GET /config`).
+    pub webhook_token: String,
+    /// Each webhook attempt gives up after this. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub webhook_timeout: Duration,
+    /// Attempts after the first failed one (1 s, 2 s, 4 s … apart). Default 3.
+    pub webhook_retries: u32,
+    /// Where the SLIs come from: `local` (this proxy's counters) or `prometheus` (PromQL over
+    /// every replica, so they all reach the same verdict). Default local.
+    pub source: SloSource,
+    /// The Prometheus HTTP API's base URL (`http://host:9090`) with `source = "prometheus"`.
+    pub prometheus_url: String,
+    /// Each PromQL query gives up after this. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub prometheus_timeout: Duration,
+    /// Label matchers added to every PromQL selector (`job="cync-mitm"`), to pick this fleet's
+    /// replicas out of a shared Prometheus. Default none.
+    pub prometheus_selector: String,
+}
+
+/// Where the SLIs are read.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SloSource {
+    /// This proxy's own counters.
+    #[default]
+    Local,
+    /// A Prometheus that scrapes every replica.
+    Prometheus,
 }
 
 impl Default for SloConfig {
@@ -120,7 +168,176 @@ impl Default for SloConfig {
             latency_threshold: Duration::from_millis(1500),
             state_file: PathBuf::from("captures/slo/state.json"),
             objectives: std::collections::BTreeMap::new(),
+            max_violations: 3,
+            rollback_drain_rate: 100,
+            decision_log: true,
+            decision_log_heartbeat: Duration::from_secs(300),
+            decision_log_keep_days: 14,
+            webhook_url: String::new(),
+            webhook_token: String::new(),
+            webhook_timeout: Duration::from_secs(5),
+            webhook_retries: 3,
+            source: SloSource::Local,
+            prometheus_url: String::new(),
+            prometheus_timeout: Duration::from_secs(5),
+            prometheus_selector: String::new(),
         }
+    }
+}
+
+/// One step of `[rollout] steps`: `"shadow"`, a percentage, or a table with its own bake time
+/// and minimum budget.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StepConfig {
+    /// `"shadow"` or `"25"`.
+    Name(String),
+    /// `25` or `12.5`.
+    Percent(f64),
+    /// `{ at = 25, bake = "1d", min_budget = 0.5 }`.
+    Table(StepTable),
+}
+
+/// A step written as a table.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StepTable {
+    /// `"shadow"` or a percentage.
+    pub at: StepAt,
+    /// Bake time of this step (default `rollout.bake_time`).
+    #[serde(default, with = "humantime_serde")]
+    pub bake: Option<Duration>,
+    /// Minimum error budget to leave this step (default `rollout.min_budget`).
+    #[serde(default)]
+    pub min_budget: Option<f64>,
+}
+
+/// Where a step puts the devices.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StepAt {
+    /// `"shadow"` or `"25"`.
+    Name(String),
+    /// `25`.
+    Percent(f64),
+}
+
+/// A step, resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Step {
+    /// `None`: shadow (every device mirrored, the cloud answers); `Some(p)`: `p` % of the
+    /// devices answered by the new path.
+    pub percent: Option<f64>,
+    /// Time to spend in the step with every SLO met before the next.
+    #[serde(with = "humantime_serde")]
+    pub bake: Duration,
+    /// Every new-path SLO's error budget must be above this to leave the step.
+    pub min_budget: f64,
+}
+
+impl Step {
+    /// `shadow` or the percentage.
+    pub fn label(&self) -> String {
+        match self.percent {
+            None => "shadow".to_owned(),
+            Some(p) => format!("{p}%"),
+        }
+    }
+}
+
+fn step_at(s: &StepAt) -> Result<Option<f64>, String> {
+    let p = match s {
+        StepAt::Name(n) if n.trim().eq_ignore_ascii_case("shadow") => return Ok(None),
+        StepAt::Name(n) => n
+            .trim()
+            .trim_end_matches('%')
+            .parse::<f64>()
+            .map_err(|_| format!("{n:?} is neither \"shadow\" nor a percentage"))?,
+        StepAt::Percent(p) => *p,
+    };
+    if !(p > 0.0 && p <= 100.0) {
+        return Err(format!("{p} is not a percentage above 0 and at most 100"));
+    }
+    Ok(Some(p))
+}
+
+/// `[rollout]`: moves devices through `steps`, each held for its bake time while every
+/// new-path SLO is met with enough events and its budget is above `min_budget`; holds when an
+/// SLO is inconclusive; rolls back on violation. While enabled it sets `routing.mode` and
+/// `routing.canary_percent` (the file's values are ignored); the step reached is kept in the
+/// SLO state file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutConfig {
+    /// Run the rollout (default false).
+    pub enabled: bool,
+    /// The steps, in order. Default `["shadow", 10, 25, 50, 75, 90, 100]`.
+    pub steps: Vec<StepConfig>,
+    /// Default bake time of a step. Default 1 h.
+    #[serde(with = "humantime_serde")]
+    pub bake_time: Duration,
+    /// Default minimum error budget to advance (0–1). Default 0.25.
+    pub min_budget: f64,
+    /// Mode of the percentage steps: `new_primary` (default; legacy when the new path cannot be
+    /// reached) or `new_only`.
+    pub mode: crate::route::Mode,
+    /// The new-path SLIs that must be met (with enough events, above `min_budget`) to leave a
+    /// step. Default all seven; `parity_drift` gates the shadow step only.
+    pub gates: Vec<String>,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            steps: ["shadow", "10", "25", "50", "75", "90", "100"]
+                .iter()
+                .map(|s| StepConfig::Name((*s).to_owned()))
+                .collect(),
+            bake_time: Duration::from_secs(3600),
+            min_budget: 0.25,
+            mode: crate::route::Mode::NewPrimary,
+            gates: crate::slo::sli::Sli::ALL
+                .iter()
+                .map(|s| s.name().to_owned())
+                .collect(),
+        }
+    }
+}
+
+impl RolloutConfig {
+    /// The gating SLIs (unknown names are refused by validation).
+    pub fn gating(&self) -> Vec<crate::slo::sli::Sli> {
+        crate::slo::sli::Sli::ALL
+            .into_iter()
+            .filter(|s| self.gates.iter().any(|g| g == s.name()))
+            .collect()
+    }
+
+    /// The steps resolved (bake times and budgets filled in).
+    pub fn resolved(&self) -> Result<Vec<Step>, (String, String)> {
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let field = format!("rollout.steps[{i}]");
+                let (at, bake, min_budget) = match s {
+                    StepConfig::Name(n) => (StepAt::Name(n.clone()), None, None),
+                    StepConfig::Percent(p) => (StepAt::Percent(*p), None, None),
+                    StepConfig::Table(t) => (t.at.clone(), t.bake, t.min_budget),
+                };
+                let percent = step_at(&at).map_err(|m| (field.clone(), m))?;
+                let min_budget = min_budget.unwrap_or(self.min_budget);
+                if !(0.0..1.0).contains(&min_budget) {
+                    return Err((field, "min_budget must be at least 0 and below 1".into()));
+                }
+                Ok(Step {
+                    percent,
+                    bake: bake.unwrap_or(self.bake_time),
+                    min_budget,
+                })
+            })
+            .collect()
     }
 }
 
@@ -1235,9 +1452,16 @@ impl Config {
     }
 
     /// Every duration option with its dotted name (checked against [`MAX_DURATION`]).
-    pub fn durations(&self) -> [(&'static str, Duration); 24] {
+    pub fn durations(&self) -> [(&'static str, Duration); 28] {
         [
             ("slo.eval_interval", self.slo.eval_interval),
+            (
+                "slo.decision_log_heartbeat",
+                self.slo.decision_log_heartbeat,
+            ),
+            ("slo.webhook_timeout", self.slo.webhook_timeout),
+            ("slo.prometheus_timeout", self.slo.prometheus_timeout),
+            ("rollout.bake_time", self.rollout.bake_time),
             ("slo.latency_threshold", self.slo.latency_threshold),
             ("new_path.circuit_cooldown", self.new_path.circuit_cooldown),
             ("parity.timeout", self.parity.timeout),
@@ -1521,6 +1745,102 @@ impl Config {
             if !(Duration::from_secs(300)..=Duration::from_secs(31 * 86_400)).contains(&obj.window)
             {
                 return Err(invalid(&field, "window must be between 5m and 31d"));
+            }
+        }
+        if o.rollback_drain_rate == 0 {
+            return Err(invalid(
+                "slo.rollback_drain_rate",
+                "must be at least 1 device per second",
+            ));
+        }
+        if o.decision_log_heartbeat < o.eval_interval {
+            return Err(invalid(
+                "slo.decision_log_heartbeat",
+                "must be at least slo.eval_interval",
+            ));
+        }
+        if o.decision_log_keep_days == 0 {
+            return Err(invalid("slo.decision_log_keep_days", "must be at least 1"));
+        }
+        if !o.webhook_url.is_empty() {
+            crate::httpc::Target::parse(&o.webhook_url)
+                .map_err(|m| invalid("slo.webhook_url", m))?;
+        }
+        for (name, d) in [
+            ("slo.webhook_timeout", o.webhook_timeout),
+            ("slo.prometheus_timeout", o.prometheus_timeout),
+        ] {
+            if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) {
+                return Err(invalid(name, "must be between 10ms and 60s"));
+            }
+        }
+        if o.webhook_retries > 10 {
+            return Err(invalid("slo.webhook_retries", "must be at most 10"));
+        }
+        if o.source == SloSource::Prometheus {
+            if o.prometheus_url.is_empty() {
+                return Err(invalid(
+                    "slo.prometheus_url",
+                    "is needed with slo.source = \"prometheus\"",
+                ));
+            }
+            crate::httpc::Target::parse(&o.prometheus_url)
+                .map_err(|m| invalid("slo.prometheus_url", m))?;
+        }
+        if o.prometheus_selector.contains(['{', '}']) {
+            return Err(invalid(
+                "slo.prometheus_selector",
+                "is a list of label matchers without braces, such as job=\"cync-mitm\"",
+            ));
+        }
+        let r = &self.rollout;
+        let steps = r.resolved()?;
+        if r.enabled {
+            if steps.is_empty() {
+                return Err(invalid("rollout.steps", "must name at least one step"));
+            }
+            if self.new_path.addresses.is_empty() {
+                return Err(invalid(
+                    "rollout.enabled",
+                    "needs a new path (new_path.addresses)",
+                ));
+            }
+        }
+        let mut last = -1.0;
+        for (i, st) in steps.iter().enumerate() {
+            let field = format!("rollout.steps[{i}]");
+            if st.bake > MAX_DURATION {
+                return Err(invalid(&field, "bake must be at most 366 days"));
+            }
+            let at = st.percent.unwrap_or(0.0);
+            if st.percent.is_none() && i > 0 {
+                return Err(invalid(&field, "shadow can only be the first step"));
+            }
+            if at <= last {
+                return Err(invalid(&field, "steps must go up"));
+            }
+            last = at;
+        }
+        if !matches!(
+            r.mode,
+            crate::route::Mode::NewPrimary | crate::route::Mode::NewOnly
+        ) {
+            return Err(invalid("rollout.mode", "must be new_primary or new_only"));
+        }
+        if !(0.0..1.0).contains(&r.min_budget) {
+            return Err(invalid(
+                "rollout.min_budget",
+                "must be at least 0 and below 1",
+            ));
+        }
+        for g in &r.gates {
+            if !crate::slo::sli::Sli::ALL.iter().any(|s| s.name() == g) {
+                return Err(invalid(
+                    "rollout.gates",
+                    format!(
+                        "{g:?} is not an SLI (command_success, request_success, command_latency, packet_loss, decode_errors, queue_full, parity_drift)"
+                    ),
+                ));
             }
         }
         let p = &self.parity;

@@ -99,6 +99,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CanaryCmd,
     },
+    /// The SLO-gated progressive rollout ([rollout] in the config).
+    #[command(after_help = "Examples:\n  \
+        cync-mitm rollout status --config config/cync-mitm.toml\n  \
+        cync-mitm rollout pause -c /etc/cync-mitm/cync-mitm.toml")]
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
+    /// Service level objectives.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm slo report --config config/cync-mitm.toml --days 30\n  \
+        cync-mitm slo rules > deploy/prometheus/cync-mitm-recording.rules.yml")]
+    Slo {
+        #[command(subcommand)]
+        cmd: SloCmd,
+    },
     /// Upstream (cloud or new path) tools.
     #[command(after_help = "Example:\n  cync-mitm upstream fingerprint 127.0.0.1:23780")]
     Upstream {
@@ -234,6 +250,66 @@ enum CanaryCmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Lift a rollback override (automatic or POST /rollback): through the running proxy's
+    /// admin server, else in the SLO state file.
+    #[command(
+        after_help = "Example:\n  cync-mitm canary clear-override --config config/cync-mitm.toml"
+    )]
+    ClearOverride {
+        /// The proxy's configuration file (its admin address and state file).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RolloutCmd {
+    /// Where the rollout stands: steps, current step, state, override.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm rollout status --config config/cync-mitm.toml\n  \
+        cync-mitm rollout status -c /etc/cync-mitm/cync-mitm.toml --json")]
+    Status {
+        /// The proxy's configuration file (its admin address and state file).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold the rollout at its current step.
+    #[command(after_help = "Example:\n  cync-mitm rollout pause --config config/cync-mitm.toml")]
+    Pause {
+        /// The proxy's configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Let the rollout advance again (not while a rollback override is in force).
+    #[command(after_help = "Example:\n  cync-mitm rollout resume --config config/cync-mitm.toml")]
+    Resume {
+        /// The proxy's configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SloCmd {
+    /// The compliance report (Markdown) from the SLO state file and the decision logs.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm slo report --config config/cync-mitm.toml\n  \
+        cync-mitm slo report -c /etc/cync-mitm/cync-mitm.toml --days 7 > slo-week.md")]
+    Report {
+        /// The proxy's configuration file (its state file and objectives).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Days to report on (1–31).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=31))]
+        days: u64,
+    },
+    /// Print the Prometheus recording rules of the fleet-mode queries.
+    #[command(after_help = "Example:\n  \
+        cync-mitm slo rules > deploy/prometheus/cync-mitm-recording.rules.yml")]
+    Rules,
 }
 
 #[derive(Subcommand, Debug)]
@@ -333,6 +409,9 @@ enum SimCmd {
         /// Share of answers to device requests (0–1) left unsent.
         #[arg(long, value_parser = share, default_value = "0")]
         drop_answers: f64,
+        /// Start dropping answers only this long after start (a backend going bad in use).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        drop_answers_after: Option<Duration>,
         /// Wait this long before each batch of answers (e.g. 200ms).
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
         answer_delay: Duration,
@@ -692,6 +771,95 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Cmd::Canary {
+            cmd: CanaryCmd::ClearOverride { config },
+        } => {
+            let cfg = match load_config(Some(&config)) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            match runtime()?.block_on(cync_mitm::cmd::slo::clear_override(&cfg)) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm canary clear-override: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Cmd::Rollout { cmd } => {
+            use cync_mitm::cmd::slo::RolloutAction;
+            let (config, action, json) = match cmd {
+                RolloutCmd::Status { config, json } => (config, RolloutAction::Status, json),
+                RolloutCmd::Pause { config } => (config, RolloutAction::Pause, false),
+                RolloutCmd::Resume { config } => (config, RolloutAction::Resume, false),
+            };
+            let cfg = match load_config(Some(&config)) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            match runtime()?.block_on(cync_mitm::cmd::slo::rollout(&cfg, action)) {
+                Ok((v, note)) => {
+                    if let Some(n) = note {
+                        eprintln!("cync-mitm rollout: note: {n}");
+                    }
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        print!("{}", cync_mitm::cmd::slo::render_rollout(&v));
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm rollout: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Cmd::Slo { cmd: SloCmd::Rules } => {
+            print!("{}", cync_mitm::slo::prom::recording_rules());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Slo {
+            cmd: SloCmd::Report { config, days },
+        } => {
+            let cfg = match load_config(Some(&config)) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let path = &cfg.slo.state_file;
+            let state = match cync_mitm::cmd::slo::read_state(path) {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    eprintln!(
+                        "cync-mitm slo report: {} does not exist (the proxy writes it once a minute with [slo] enabled)",
+                        path.display()
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm slo report: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let now = std::time::SystemTime::now();
+            let secs = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let since = cync_mitm::dailylog::day(now - Duration::from_secs(days * 86_400));
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let rollbacks = cync_mitm::cmd::slo::rollbacks_in(dir, &since);
+            print!(
+                "{}",
+                cync_mitm::cmd::slo::report(&cfg, &state, days, secs, &rollbacks)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Canary {
             cmd: CanaryCmd::Set { percent, config },
         } => match cync_mitm::cmd::canary::set_percent(&config, percent) {
             Ok(old) => {
@@ -704,6 +872,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     for note in cync_mitm::cmd::canary::moot_notes(&cfg, |k| std::env::var(k).ok())
                     {
                         eprintln!("cync-mitm canary set: note: {note}");
+                    }
+                    if let Ok(Some(s)) = cync_mitm::cmd::slo::read_state(&cfg.slo.state_file)
+                        && let Some(o) = s.control.rollback
+                    {
+                        eprintln!(
+                            "cync-mitm canary set: note: a rollback override is in force ({}: {}); every device stays on the legacy path until `cync-mitm canary clear-override --config {}`",
+                            o.by.label(),
+                            o.reason,
+                            config.display()
+                        );
                     }
                 }
                 Ok(ExitCode::SUCCESS)
@@ -882,6 +1060,7 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             repeat_after_ack,
             restart_every,
             drop_answers,
+            drop_answers_after,
             answer_delay,
             drift,
             stop_reading_after,
@@ -906,6 +1085,8 @@ async fn sim(cmd: SimCmd) -> anyhow::Result<()> {
                     repeat_after_ack,
                     restart_every,
                     drop_answers,
+                    drop_answers_after: drop_answers_after
+                        .map(|d| d.min(Duration::from_secs(366 * 86_400))),
                     answer_delay: answer_delay.min(Duration::from_secs(60)),
                     drift,
                     stop_reading_after,

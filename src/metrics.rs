@@ -22,6 +22,20 @@ pub struct SloMetrics {
     pub verdict: IntGaugeVecF,
     /// Evaluations run.
     pub evaluations: IntCounter,
+    /// Rollbacks, by trigger (`auto`, `manual`).
+    pub rollbacks: IntCounterVec,
+    /// 1 while a rollback override holds the canary at 0 %.
+    pub rollback_active: IntGauge,
+    /// Consecutive evaluations with a new-path SLO violated.
+    pub consecutive: IntGauge,
+    /// The rollout's step index (−1: no rollout).
+    pub rollout_step: IntGauge,
+    /// Rollback webhook deliveries by result (`ok`, `error`, `dropped`).
+    pub webhook: IntCounterVec,
+    /// Evaluations whose SLIs could not be read (fleet mode: Prometheus unreachable or wrong).
+    pub source_errors: IntCounter,
+    /// Decision-log lines not written (queue full, or the file could not be written).
+    pub log_dropped: IntCounter,
 }
 
 /// A float gauge family.
@@ -61,14 +75,52 @@ impl SloMetrics {
                 "The last evaluation: 1 met, 0 inconclusive, -1 violated.",
                 &["transport", "slo_name"],
             ),
-            evaluations: {
-                let c = IntCounter::new("cync_mitm_slo_evaluations_total", "SLO evaluations run.")
-                    .unwrap_or_else(|e| panic!("{e}"));
-                r.register(Box::new(c.clone()))
-                    .unwrap_or_else(|e| panic!("{e}"));
-                c
-            },
+            evaluations: counter(r, "cync_mitm_slo_evaluations_total", "SLO evaluations run."),
+            rollbacks: counter_vec(
+                r,
+                "tcp_comm_rollbacks_total",
+                "Rollbacks of the canary to 0 %, by trigger (auto: SLO violations; manual: POST /rollback).",
+                &["trigger"],
+            ),
+            rollback_active: int_gauge(
+                r,
+                "cync_mitm_rollback_override",
+                "1 while a rollback override holds every device on the legacy path.",
+            ),
+            consecutive: int_gauge(
+                r,
+                "cync_mitm_slo_consecutive_violations",
+                "Consecutive evaluations with a new-path SLO violated now.",
+            ),
+            rollout_step: int_gauge(
+                r,
+                "cync_mitm_rollout_step",
+                "Index of the progressive rollout's current step (-1: no rollout).",
+            ),
+            webhook: counter_vec(
+                r,
+                "cync_mitm_rollback_webhook_total",
+                "Rollback webhook deliveries by result (ok, error after every retry, dropped when too many are in flight).",
+                &["result"],
+            ),
+            source_errors: counter(
+                r,
+                "cync_mitm_slo_source_errors_total",
+                "Evaluations skipped because the SLIs could not be read (fleet mode: Prometheus).",
+            ),
+            log_dropped: counter(
+                r,
+                "cync_mitm_slo_decision_log_dropped_total",
+                "SLO decision-log lines not written (queue full or a write error).",
+            ),
         };
+        for t in ["auto", "manual"] {
+            m.rollbacks.with_label_values(&[t]);
+        }
+        for t in ["ok", "error", "dropped"] {
+            m.webhook.with_label_values(&[t]);
+        }
+        m.rollout_step.set(-1);
         for t in [Path::Legacy, Path::New] {
             for s in crate::slo::sli::Sli::ALL {
                 let l = [t.label(), s.name()];
@@ -109,6 +161,20 @@ impl SloMetrics {
             }
         }
     }
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    c
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("{name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    g
 }
 
 fn path_index(p: Path) -> usize {

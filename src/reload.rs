@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 /// One applied configuration and everything built from it.
+#[derive(Clone)]
 pub struct Loaded {
     /// The effective configuration (restart-only options at their running values).
     pub config: Config,
@@ -41,7 +42,14 @@ pub struct Loaded {
     stamp: CertStamp,
     /// SHA-256 of the file text this generation was read from (`None`: not from a file).
     digest: Option<[u8; 32]>,
+    /// The routing of the file and the environment, before the runtime layer.
+    pub base_routing: crate::config::RoutingConfig,
+    /// The runtime layer in force (rollback override, rollout step) over the file and the
+    /// environment.
+    pub runtime: Runtime,
 }
+
+pub use crate::slo::control::Runtime;
 
 /// What the device acceptor is built from: the `[tls]` section and the certificate files'
 /// contents (SHA-256 of each; `None` for a file that cannot be read).
@@ -125,24 +133,6 @@ fn read_stable(path: &Path, settle: Duration) -> Result<Vec<u8>, ConfigError> {
     })
 }
 
-impl Loaded {
-    fn clone_with_digest(cur: &Loaded, digest: [u8; 32]) -> Loaded {
-        Loaded {
-            config: cur.config.clone(),
-            generation: cur.generation,
-            loaded_at: cur.loaded_at,
-            policy: cur.policy.clone(),
-            upstream: cur.upstream.clone(),
-            new_path: cur.new_path.clone(),
-            pending_restart: cur.pending_restart.clone(),
-            env_overrides: cur.env_overrides.clone(),
-            acceptor: cur.acceptor.clone(),
-            stamp: cur.stamp.clone(),
-            digest: Some(digest),
-        }
-    }
-}
-
 /// Whether a file-system event can change what a file holds. Opening, reading and closing a
 /// file after reading it (`cat`, or the proxy's own reads of its config and certificates), and
 /// metadata-only changes, cannot; writes that finished, creations, renames and removals can.
@@ -209,6 +199,7 @@ pub struct LiveConfig {
     reload_lock: Mutex<()>,
     tx: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    runtime: Mutex<Runtime>,
 }
 
 fn connector(
@@ -233,6 +224,8 @@ fn connector(
 
 struct Build<'a> {
     config: Config,
+    base_routing: crate::config::RoutingConfig,
+    runtime: Runtime,
     generation: u64,
     pending_restart: Vec<&'static str>,
     env_overrides: Vec<String>,
@@ -243,6 +236,8 @@ struct Build<'a> {
 fn build(b: Build<'_>, previous: Option<&Loaded>) -> Result<Loaded, ConfigError> {
     let Build {
         config,
+        base_routing,
+        runtime,
         generation,
         pending_restart,
         env_overrides,
@@ -289,6 +284,8 @@ fn build(b: Build<'_>, previous: Option<&Loaded>) -> Result<Loaded, ConfigError>
         acceptor,
         stamp,
         digest,
+        base_routing,
+        runtime,
         policy: config.routing.policy(),
         config,
         generation,
@@ -326,6 +323,8 @@ impl LiveConfig {
         });
         let loaded = build(
             Build {
+                base_routing: config.routing.clone(),
+                runtime: Runtime::default(),
                 config,
                 generation: 1,
                 pending_restart: Vec::new(),
@@ -347,6 +346,7 @@ impl LiveConfig {
             reload_lock: Mutex::new(()),
             tx,
             metrics,
+            runtime: Mutex::new(Runtime::default()),
         }))
     }
 
@@ -448,6 +448,9 @@ impl LiveConfig {
         })?;
         let mut new = Config::from_toml(&text, path)?;
         let overrides = new.apply_env(&self.env)?;
+        let base_routing = new.routing.clone();
+        let runtime = self.runtime_now();
+        runtime.apply(&mut new.routing);
         let pending = cur.config.restart_only_changes(&new);
         let effective = cur.config.with_running_restart_only(new);
         if effective == cur.config
@@ -456,8 +459,11 @@ impl LiveConfig {
         {
             // A different text that says the same (comments, order): remember the new text so
             // the next identical read is skipped without parsing.
-            let mut same = Loaded::clone_with_digest(&cur, digest);
+            let mut same = Loaded::clone(&cur);
+            same.digest = Some(digest);
             same.env_overrides = overrides;
+            // The file's own routing may differ under an override that hides it.
+            same.base_routing = base_routing;
             self.current.store(Arc::new(same));
             return Ok(Outcome::Unchanged {
                 generation: cur.generation,
@@ -467,6 +473,8 @@ impl LiveConfig {
         let loaded = build(
             Build {
                 config: effective,
+                base_routing,
+                runtime,
                 generation,
                 pending_restart: pending.clone(),
                 env_overrides: overrides,
@@ -475,16 +483,72 @@ impl LiveConfig {
             },
             Some(&cur),
         )?;
+        self.publish(loaded);
+        Ok(Outcome::Applied {
+            generation,
+            pending_restart: pending,
+        })
+    }
+
+    fn publish(&self, loaded: Loaded) {
+        let generation = loaded.generation;
         self.metrics
             .canary_percentage
             .set(loaded.config.routing.canary_percent);
         self.current.store(Arc::new(loaded));
         self.metrics.config_generation.set(generation as i64);
         self.tx.send_replace(generation);
-        Ok(Outcome::Applied {
+    }
+
+    fn runtime_now(&self) -> Runtime {
+        self.runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `runtime` (the rollback override and the rollout's step) over the file and the
+    /// environment. A change is a new generation (the drainer moves the devices it moves);
+    /// the same runtime again changes nothing. Returns the generation in force.
+    pub fn set_runtime(&self, runtime: Runtime) -> u64 {
+        self.swap_runtime(runtime, true)
+    }
+
+    /// [`Self::set_runtime`] before anything is served: the starting generation itself takes
+    /// it (a restart with a rollback in force never routes a device by the file's share).
+    pub fn init_runtime(&self, runtime: Runtime) -> u64 {
+        self.swap_runtime(runtime, false)
+    }
+
+    fn swap_runtime(&self, runtime: Runtime, bump: bool) -> u64 {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        *self.runtime.lock().unwrap_or_else(|p| p.into_inner()) = runtime.clone();
+        let cur = self.current();
+        if cur.runtime == runtime {
+            return cur.generation;
+        }
+        let mut config = cur.config.clone();
+        config.routing = cur.base_routing.clone();
+        runtime.apply(&mut config.routing);
+        let generation = cur.generation + u64::from(bump);
+        let loaded = Loaded {
+            policy: config.routing.policy(),
+            config,
             generation,
-            pending_restart: pending,
-        })
+            loaded_at: SystemTime::now(),
+            runtime,
+            ..Loaded::clone(&cur)
+        };
+        if bump {
+            tracing::info!(generation, "routing changed by the SLO controller");
+            self.publish(loaded);
+        } else {
+            self.metrics
+                .canary_percentage
+                .set(loaded.config.routing.canary_percent);
+            self.current.store(Arc::new(loaded));
+        }
+        generation
     }
 }
 

@@ -103,3 +103,324 @@ async fn a_new_path_losing_commands_violates_its_slo_and_the_state_survives_a_re
     legacy.stop().await;
     backend.stop().await;
 }
+
+/// The decision log's lines (every day file in `dir`), oldest first.
+fn decisions(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p: &std::path::PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("decisions-") && n.ends_with(".jsonl"))
+    });
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn on_path(p: &RunningProxy, path: &str) -> usize {
+    p.proxy
+        .registry()
+        .snapshot()
+        .iter()
+        .filter(|(_, s)| s.path.label() == path)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_leaving_half_its_answers_unsent_is_rolled_back_and_the_override_holds() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = proxy_config(legacy_addr);
+    cfg.new_path.addresses = vec![new_addr.to_string()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    cfg.new_path.answer_timeout = Duration::from_millis(300);
+    cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
+    cfg.routing.canary_percent = 100.0;
+    cfg.slo.eval_interval = Duration::from_secs(1);
+    cfg.slo.decision_log_heartbeat = Duration::from_secs(1);
+    cfg.slo.min_events = 20;
+    cfg.slo.max_violations = 3;
+    cfg.slo.state_file = dir.path().join("slo/state.json");
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    let file = dir.path().join("cync-mitm.toml");
+    std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+    let (live, metrics) = live_from_file(&file);
+    let p = start_proxy_live(live, metrics).await;
+    let mut fc = fleet_config(p.addr, 10);
+    fc.heartbeat = Duration::from_millis(100);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || on_path(&p, "new") == 10).await);
+    // Healthy first: the new path's request success is met.
+    assert!(
+        wait_until(T, || verdict(&p, "new", "request_success") == 1.0).await,
+        "{}",
+        p.proxy.slo_report()
+    );
+    // The fault: half the answers to device requests are never sent.
+    backend.set_drop_answers(0.5);
+    let m = &p.metrics.slo;
+    assert!(
+        wait_until(Duration::from_secs(60), || m.rollback_active.get() == 1).await,
+        "{}",
+        p.proxy.slo_report()
+    );
+    assert_eq!(m.rollbacks.with_label_values(&["auto"]).get(), 1);
+    assert_eq!(p.metrics.canary_percentage.get(), 0.0);
+    // Within max_violations evaluations of the first violation, as logged (by a thread).
+    let logged = |d: &serde_json::Value| d["action"]["rollback"].is_object();
+    assert!(wait_until(T, || decisions(&dir.path().join("slo")).iter().any(logged)).await);
+    let log = decisions(&dir.path().join("slo"));
+    let first = log
+        .iter()
+        .position(|d| !d["violations"].as_array().unwrap().is_empty())
+        .expect("a violation was logged");
+    let rolled = log
+        .iter()
+        .position(logged)
+        .expect("the rollback was logged");
+    assert_eq!(
+        rolled - first,
+        2,
+        "the third violating evaluation rolls back: {:#?}",
+        &log[first..=rolled]
+    );
+    let r = &log[rolled];
+    assert_eq!(r["consecutive"], 3);
+    assert!(r["thresholds"]["min_events"] == 20 && r["thresholds"]["max_violations"] == 3);
+    let rs = r["slos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["transport"] == "new" && s["slo"] == "request_success")
+        .unwrap();
+    assert_eq!(rs["verdict"], "violated", "{rs}");
+    assert!(
+        rs["bad"].as_u64().unwrap() > 0 && rs["burn"]["5m"].is_array(),
+        "{rs}"
+    );
+    // The devices are drained back to the cloud and reconnect there.
+    assert!(
+        wait_until(T, || on_path(&p, "legacy") == 10 && on_path(&p, "new") == 0).await,
+        "legacy {} new {}",
+        on_path(&p, "legacy"),
+        on_path(&p, "new")
+    );
+    // A file reload keeps the override: the file's new share is kept for later.
+    cync_mitm::cmd::canary::set_percent(&file, 50.0).unwrap();
+    let _ = p
+        .proxy
+        .live()
+        .reload(cync_mitm::reload::Trigger::Admin)
+        .unwrap();
+    let l = p.proxy.config();
+    assert_eq!(l.config.routing.canary_percent, 0.0);
+    assert_eq!(l.base_routing.canary_percent, 50.0);
+    let (_, c) = admin_call(&p, hyper::Method::GET, "/config").await;
+    assert_eq!(c["file_routing"]["canary_percent"], 50.0);
+    assert_eq!(c["runtime_override"]["rollback"]["by"], "auto");
+    assert_eq!(on_path(&p, "new"), 0);
+    // A restart keeps it too.
+    fleet.stop().await;
+    assert!(p.proxy.shutdown(Duration::from_secs(3)).await);
+    backend.set_drop_answers(0.0);
+    let (live, metrics) = live_from_file(&file);
+    let again = start_proxy_live(live, metrics).await;
+    assert_eq!(again.metrics.slo.rollback_active.get(), 1);
+    assert_eq!(again.proxy.config().config.routing.canary_percent, 0.0);
+    let mut fc = fleet_config(again.addr, 10);
+    fc.heartbeat = Duration::from_millis(100);
+    let fleet = start_fleet(fc);
+    assert!(wait_until(T, || on_path(&again, "legacy") == 10).await);
+    // Cleared: the file's 50 % is back, and its devices move to the new path.
+    let (status, v) = admin_call(&again, hyper::Method::POST, "/rollback/clear").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["result"], "cleared");
+    assert_eq!(again.proxy.config().config.routing.canary_percent, 50.0);
+    assert_eq!(again.metrics.slo.rollback_active.get(), 0);
+    assert!(
+        wait_until(T, || on_path(&again, "new") > 0
+            && on_path(&again, "new") + on_path(&again, "legacy") == 10)
+        .await
+    );
+    let (_, v) = admin_call(&again, hyper::Method::POST, "/rollback/clear").await;
+    assert_eq!(v["result"], "no_override");
+    // Manual rollback: everyone back at once, counted as manual.
+    let (status, v) = admin_call(&again, hyper::Method::POST, "/rollback").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["result"], "rolled_back");
+    assert_eq!(
+        again
+            .metrics
+            .slo
+            .rollbacks
+            .with_label_values(&["manual"])
+            .get(),
+        1
+    );
+    assert!(wait_until(T, || on_path(&again, "legacy") == 10).await);
+    fleet.stop().await;
+    legacy.stop().await;
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_advances_on_healthy_slos_then_holds_and_rolls_back_on_a_violation() {
+    let cmds = CloudSimConfig {
+        command_interval: Some(Duration::from_millis(50)),
+        ..CloudSimConfig::default()
+    };
+    let (legacy, legacy_addr) = start_cloud(cmds.clone()).await;
+    let (backend, new_addr) = start_cloud(cmds).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = proxy_config(legacy_addr);
+    cfg.new_path.addresses = vec![new_addr.to_string()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    cfg.new_path.answer_timeout = Duration::from_millis(300);
+    // What the file says is ignored while the rollout runs.
+    cfg.routing.mode = cync_mitm::route::Mode::LegacyOnly;
+    cfg.routing.canary_percent = 0.0;
+    cfg.slo.eval_interval = Duration::from_secs(1);
+    cfg.slo.decision_log_heartbeat = Duration::from_secs(1);
+    cfg.slo.min_events = 10;
+    cfg.slo.state_file = dir.path().join("slo/state.json");
+    cfg.rollout.enabled = true;
+    cfg.rollout.steps = ["shadow", "50", "100"]
+        .iter()
+        .map(|s| cync_mitm::config::StepConfig::Name((*s).into()))
+        .collect();
+    cfg.rollout.bake_time = Duration::from_secs(2);
+    cfg.rollout.min_budget = 0.0;
+    let p = start_proxy(cfg.clone()).await;
+    // The first step is in force from the start: shadow, every device mirrored.
+    assert_eq!(
+        p.proxy.config().config.routing.mode,
+        cync_mitm::route::Mode::Shadow
+    );
+    assert_eq!(p.metrics.slo.rollout_step.get(), 0);
+    let mut fc = fleet_config(p.addr, 10);
+    fc.heartbeat = Duration::from_millis(100);
+    let fleet = start_fleet(fc);
+    let m = &p.metrics.slo;
+    assert!(
+        wait_until(Duration::from_secs(60), || m.rollout_step.get() == 2).await,
+        "{}",
+        p.proxy.rollout_report()
+    );
+    let l = p.proxy.config();
+    assert_eq!(
+        (l.config.routing.mode, l.config.routing.canary_percent),
+        (cync_mitm::route::Mode::NewPrimary, 100.0)
+    );
+    assert!(wait_until(T, || on_path(&p, "new") == 10).await);
+    let (_, r) = admin_call(&p, hyper::Method::GET, "/rollout").await;
+    assert_eq!(r["status"]["state"], "done", "{r}");
+    // The steps went up one at a time, each after its bake.
+    let log = decisions(&dir.path().join("slo"));
+    let advances: Vec<(String, String)> = log
+        .iter()
+        .filter_map(|d| {
+            let a = &d["action"]["advance"];
+            Some((a["from"].as_str()?.to_owned(), a["to"].as_str()?.to_owned()))
+        })
+        .collect();
+    assert_eq!(
+        advances,
+        [
+            ("shadow".into(), "50%".into()),
+            ("50%".into(), "100%".into())
+        ]
+    );
+    // A fault: the rollout (done) stops nothing more, the violations roll it back one step,
+    // paused, behind the override.
+    backend.set_drop_answers(0.5);
+    assert!(
+        wait_until(Duration::from_secs(60), || m.rollback_active.get() == 1).await,
+        "{}",
+        p.proxy.slo_report()
+    );
+    assert_eq!(m.rollout_step.get(), 1);
+    assert_eq!(p.proxy.config().config.routing.canary_percent, 0.0);
+    let (status, v) = admin_call(&p, hyper::Method::POST, "/rollout/resume").await;
+    assert_eq!(status, 409, "no resume behind an override: {v}");
+    // Cleared: back at the step before the failing one (50 %), paused.
+    backend.set_drop_answers(0.0);
+    admin_call(&p, hyper::Method::POST, "/rollback/clear").await;
+    let l = p.proxy.config();
+    assert_eq!(l.config.routing.canary_percent, 50.0);
+    let (_, r) = admin_call(&p, hyper::Method::GET, "/rollout").await;
+    assert_eq!(r["paused"], true, "{r}");
+    let (status, r) = admin_call(&p, hyper::Method::POST, "/rollout/resume").await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["paused"], false);
+    fleet.stop().await;
+    legacy.stop().await;
+    backend.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_violation_holds_the_rollout_before_it_rolls_back() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = proxy_config(legacy_addr);
+    cfg.new_path.addresses = vec![new_addr.to_string()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    cfg.new_path.answer_timeout = Duration::from_millis(300);
+    cfg.slo.eval_interval = Duration::from_secs(1);
+    cfg.slo.min_events = 10;
+    cfg.slo.max_violations = 5;
+    cfg.slo.state_file = dir.path().join("slo/state.json");
+    cfg.rollout.enabled = true;
+    cfg.rollout.steps = vec![
+        cync_mitm::config::StepConfig::Percent(50.0),
+        cync_mitm::config::StepConfig::Percent(100.0),
+    ];
+    // A bake longer than the test: it never advances, it can only hold or roll back.
+    cfg.rollout.bake_time = Duration::from_secs(3600);
+    cfg.rollout.gates = vec!["request_success".into()];
+    let p = start_proxy(cfg).await;
+    let mut fc = fleet_config(p.addr, 10);
+    fc.heartbeat = Duration::from_millis(100);
+    let fleet = start_fleet(fc);
+    let status = |p: &RunningProxy| p.proxy.rollout_report()["status"].clone();
+    assert!(
+        wait_until(T, || status(&p)["state"] == "baking").await,
+        "{}",
+        p.proxy.rollout_report()
+    );
+    backend.set_drop_answers(0.5);
+    assert!(
+        wait_until(T, || status(&p)["state"] == "holding"
+            && status(&p)["why"]
+                .as_str()
+                .unwrap_or("")
+                .contains("request_success violated"))
+        .await,
+        "{}",
+        p.proxy.rollout_report()
+    );
+    assert_eq!(p.metrics.slo.rollback_active.get(), 0, "held first");
+    assert!(
+        wait_until(T, || p.metrics.slo.rollback_active.get() == 1).await,
+        "{}",
+        p.proxy.slo_report()
+    );
+    assert_eq!(status(&p)["state"], "rolled_back");
+    fleet.stop().await;
+    legacy.stop().await;
+    backend.stop().await;
+}

@@ -97,6 +97,13 @@ pub fn set_percent(file: &Path, percent: f64) -> Result<Option<f64>, Error> {
 /// it. `env` reads the environment (the proxy's overrides are applied as it would).
 pub fn moot_notes(cfg: &Config, env: impl Fn(&str) -> Option<String>) -> Vec<String> {
     let mut notes = Vec::new();
+    if cfg.rollout.enabled {
+        notes.push(
+            "[rollout] is enabled: the rollout sets the mode and the percentage step by step, \
+             and the file's routing.canary_percent is used again only once it is disabled"
+                .to_owned(),
+        );
+    }
     if let Some(v) = env("CANARY_PERCENTAGE") {
         notes.push(format!(
             "CANARY_PERCENTAGE={v} is set in this shell; a proxy started with it in its \

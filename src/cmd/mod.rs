@@ -5,4 +5,5 @@ pub mod canary;
 pub mod capture;
 pub mod decode;
 pub mod replay;
+pub mod slo;
 pub mod upstream;

@@ -5,8 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -402,40 +401,7 @@ pub fn drift_json(device: Option<DeviceId>, o: &Outcome, reason: Reason, detail:
     })
 }
 
-fn day(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    crate::codec::TimeAnswer::from_unix(secs, 0)
-        .date()
-        .replace('-', "")
-}
-
-struct Open {
-    path: PathBuf,
-    file: std::fs::File,
-    bytes: u64,
-}
-
-fn open_log(dir: &Path, day: &str) -> std::io::Result<Open> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let path = dir.join(format!("drift-{day}.jsonl"));
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)?;
-    // A file that existed with wider permissions is narrowed (0600, like captures).
-    use std::os::unix::fs::PermissionsExt as _;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-    Ok(Open { path, file, bytes })
-}
+use crate::dailylog::{Open, daily_path, day, open_daily};
 
 fn log_thread(
     rx: std::sync::mpsc::Receiver<LogLine>,
@@ -445,10 +411,11 @@ fn log_thread(
     let mut open: Option<Open> = None;
     let mut warned_at: Option<Instant> = None;
     while let Ok(l) = rx.recv() {
-        let want = l.dir.join(format!("drift-{}.jsonl", day(l.at)));
+        let today = day(l.at);
+        let want = daily_path(&l.dir, "drift", &today);
         if open.as_ref().is_none_or(|o| o.path != want) {
             open = None;
-            match open_log(&l.dir, &day(l.at)) {
+            match open_daily(&l.dir, "drift", &today) {
                 Ok(o) => open = Some(o),
                 Err(e) => {
                     m.log_dropped.with_label_values(&["error"]).inc();

@@ -9,6 +9,8 @@ pub mod control;
 pub mod health;
 pub mod relay;
 mod session;
+mod slo;
+pub use slo::write_state as save_slo_state;
 pub mod tap;
 pub mod upstream;
 
@@ -75,8 +77,8 @@ pub struct Proxy {
     sinks: Arc<[Arc<dyn TapSink>]>,
     health: health::Health,
     parity: Arc<crate::parity::hub::Hub>,
-    /// The latest SLO evaluation, for `GET /slo`.
-    slo_latest: std::sync::Mutex<serde_json::Value>,
+    /// The SLO engine, its controller and their state.
+    slo: slo::Slo,
 }
 
 struct GaugeGuard(prometheus::IntGauge);
@@ -120,9 +122,7 @@ impl Proxy {
         health.track(Path::New, &cfg.config.new_path.addresses);
         let parity = crate::parity::hub::Hub::new(metrics.parity.clone());
         let me = Arc::new(Self {
-            slo_latest: std::sync::Mutex::new(
-                serde_json::json!({"evaluated_at": null, "slos": []}),
-            ),
+            slo: slo::Slo::load(&cfg.config.slo.state_file, &metrics),
             parity,
             health,
             live,
@@ -135,6 +135,7 @@ impl Proxy {
             tracker: TaskTracker::new(),
             sinks: sinks.into(),
         });
+        me.init_slo_runtime();
         if tokio::runtime::Handle::try_current().is_ok() {
             let d = me.clone();
             tokio::spawn(async move { d.drainer().await });
@@ -147,77 +148,6 @@ impl Proxy {
     /// The configuration in force.
     pub fn config(&self) -> Arc<Loaded> {
         self.live.current()
-    }
-
-    /// The `GET /slo` document: the latest evaluation of every SLI on both transports.
-    pub fn slo_report(&self) -> serde_json::Value {
-        self.slo_latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Evaluates the SLOs every `slo.eval_interval` (reloads apply at the next tick) from the
-    /// proxy's own counters, publishes the `tcp_comm_slo_*` gauges and `GET /slo`, and keeps
-    /// the rolling series in `slo.state_file` (loaded at start; written atomically, 0600, once
-    /// a minute and at shutdown), so a restart loses at most a minute of history.
-    async fn slo_loop(self: Arc<Self>) {
-        use crate::slo::sli::{Engine, Sli};
-        let path = self.live.current().config.slo.state_file.clone();
-        let mut engine = match std::fs::read(&path) {
-            Ok(b) => match serde_json::from_slice::<Engine>(&b) {
-                Ok(e) => {
-                    tracing::info!(file = %path.display(), "SLO state restored");
-                    e
-                }
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "SLO state unreadable; starting over");
-                    Engine::default()
-                }
-            },
-            Err(_) => Engine::default(),
-        };
-        let mut last_save = Instant::now();
-        loop {
-            let loaded = self.live.current();
-            let cfg = loaded.config.slo.clone();
-            tokio::select! {
-                _ = self.shutdown.cancelled() => {
-                    save_slo_state(&cfg.state_file, &engine);
-                    return;
-                }
-                _ = tokio::time::sleep(cfg.eval_interval) => {}
-            }
-            if !cfg.enabled {
-                continue;
-            }
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            engine.observe_metrics(now, &self.metrics, cfg.latency_threshold.as_secs_f64());
-            let evals = engine.evaluate(now, |s: Sli| cfg.objective(s), cfg.min_events);
-            let mut slos = Vec::new();
-            for (t, s, e) in &evals {
-                self.metrics.slo.publish(*t, *s, e);
-                slos.push(serde_json::json!({
-                    "transport": t.label(),
-                    "slo_name": s.name(),
-                    "evaluation": e,
-                }));
-            }
-            self.metrics.slo.evaluations.inc();
-            *self.slo_latest.lock().unwrap_or_else(|p| p.into_inner()) = serde_json::json!({
-                "evaluated_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-                "eval_interval_ms": cfg.eval_interval.as_millis() as u64,
-                "min_events": cfg.min_events,
-                "slos": slos,
-            });
-            if last_save.elapsed() >= Duration::from_secs(60) {
-                last_save = Instant::now();
-                let (file, e) = (cfg.state_file.clone(), engine.clone());
-                let _ = tokio::task::spawn_blocking(move || save_slo_state(&file, &e)).await;
-            }
-        }
     }
 
     /// The `GET /parity` document: the settings in force, ratios per request type, the most
@@ -244,9 +174,10 @@ impl Proxy {
     async fn drainer(self: Arc<Self>) {
         let mut rx = self.live.subscribe();
         let mut queue: VecDeque<(crate::codec::DeviceId, Uuid)> = VecDeque::new();
+        // Devices per step and time between steps of the drain under way.
+        let mut pace = (1, Duration::from_secs(1));
         loop {
             let loaded = self.live.current();
-            let interval = loaded.config.drain.interval;
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 changed = rx.changed() => {
@@ -270,7 +201,18 @@ impl Proxy {
                     if queue.is_empty() {
                         continue;
                     }
-                    if d.enabled {
+                    if loaded.runtime.rollback.is_some() {
+                        // A rollback always drains, at its own rate: ten steps a second.
+                        let rate = loaded.config.slo.rollback_drain_rate.max(1) as usize;
+                        pace = (rate.div_ceil(10), Duration::from_millis(100));
+                        tracing::warn!(
+                            generation = loaded.generation,
+                            devices = queue.len(),
+                            per_second = rate,
+                            "rollback: draining the devices on the new path back to legacy"
+                        );
+                    } else if d.enabled {
+                        pace = (d.batch, d.interval);
                         tracing::info!(
                             generation = loaded.generation,
                             devices = queue.len(),
@@ -287,9 +229,8 @@ impl Proxy {
                         queue.clear();
                     }
                 }
-                _ = tokio::time::sleep(interval), if !queue.is_empty() => {
-                    let batch = loaded.config.drain.batch;
-                    for _ in 0..batch {
+                _ = tokio::time::sleep(pace.1), if !queue.is_empty() => {
+                    for _ in 0..pace.0 {
                         let Some((id, conn)) = queue.pop_front() else { break };
                         // Still the same connection, and still on the wrong path?
                         let Some(s) = self.registry.get(id) else { continue };
@@ -925,35 +866,6 @@ struct NewPathSession<'a> {
     control: &'a Arc<SessionControl>,
     d2c: &'a mut DirectionTap,
     c2d: &'a mut DirectionTap,
-}
-
-/// Writes the SLO state atomically (a temporary file, fsync, rename), 0600; failures are
-/// logged, never fatal.
-fn save_slo_state(path: &std::path::Path, engine: &crate::slo::sli::Engine) {
-    use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(engine).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        tracing::warn!(file = %path.display(), error = %e, "cannot save the SLO state");
-    }
 }
 
 /// Transparent mode forgets an original destination no connection has used for this long.

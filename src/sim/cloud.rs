@@ -59,6 +59,9 @@ pub struct CloudSimConfig {
     pub restart_every: Option<Duration>,
     /// Share of answers to device requests (0–1) left unsent.
     pub drop_answers: f64,
+    /// Start leaving answers unsent only this long after the simulator started (a backend
+    /// that goes bad while in use).
+    pub drop_answers_after: Option<Duration>,
     /// Wait this long before sending each batch of answers.
     pub answer_delay: Duration,
     /// Share of answers (0–1) altered in content (keyless answers only: a sync ack's last
@@ -80,6 +83,7 @@ impl Default for CloudSimConfig {
             repeat_after_ack: 0.0,
             restart_every: None,
             drop_answers: 0.0,
+            drop_answers_after: None,
             answer_delay: Duration::ZERO,
             drift: 0.0,
             stop_reading_after: None,
@@ -200,6 +204,8 @@ pub struct CloudSim {
     /// Answers with content to alter so far, all connections (picks which are altered).
     alterable: AtomicU64,
     commands_on: std::sync::atomic::AtomicBool,
+    /// `drop_answers` in force (f64 bits; [`CloudSim::set_drop_answers`] changes it).
+    drop_answers: AtomicU64,
     /// When it was made (`restart_every` counts from here).
     started: Instant,
 }
@@ -210,9 +216,28 @@ impl CloudSim {
         self.commands_on.store(on, Ordering::Relaxed);
     }
 
+    /// Changes the share of answers left unsent, at once (a fault injected while running).
+    pub fn set_drop_answers(&self, share: f64) {
+        self.drop_answers
+            .store(share.clamp(0.0, 1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// The share of answers left unsent now.
+    fn drop_share(&self) -> f64 {
+        if self
+            .cfg
+            .drop_answers_after
+            .is_some_and(|d| self.started.elapsed() < d)
+        {
+            return 0.0;
+        }
+        f64::from_bits(self.drop_answers.load(Ordering::Relaxed))
+    }
+
     /// A simulator speaking `tls`.
     pub fn new(cfg: CloudSimConfig, tls: ServerTls) -> Arc<Self> {
         Arc::new(Self {
+            drop_answers: AtomicU64::new(cfg.drop_answers.clamp(0.0, 1.0).to_bits()),
             cfg,
             tls,
             stats: Arc::new(CloudStats::default()),
@@ -503,7 +528,7 @@ impl CloudConn<'_> {
         }
         // Chaos on answers to device requests.
         let n = self.sim.answers.fetch_add(1, Ordering::Relaxed);
-        if Self::picked(n, self.sim.cfg.drop_answers) {
+        if Self::picked(n, self.sim.drop_share()) {
             out.truncate(before);
             self.sim
                 .stats

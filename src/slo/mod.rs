@@ -12,10 +12,24 @@
 //!
 //! A `Series` serialises (serde) so its state survives a restart.
 
+pub mod control;
+pub mod prom;
 pub mod sli;
 
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+
+/// What the SLO state file holds: the rolling series and the controller's state (the rollback
+/// override, the violation count, the rollout's step).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// The series.
+    #[serde(flatten)]
+    pub engine: sli::Engine,
+    /// The controller.
+    #[serde(default)]
+    pub control: control::Control,
+}
 
 /// Width of a fine bucket, seconds.
 pub const FINE_SECS: u64 = 10;
@@ -257,9 +271,19 @@ pub fn budget_remaining(target: f64, success: f64) -> f64 {
 /// nothing about it (its burn rate does not count, and with too few over the compliance window
 /// the verdict is `Inconclusive`).
 pub fn evaluate(series: &Series, objective: Objective, now: u64, min_events: u64) -> Evaluation {
+    evaluate_counts(|w| series.over(now, w), objective, min_events)
+}
+
+/// [`evaluate`] on counts from elsewhere: `over(window)` gives the events of the last
+/// `window` seconds (fleet mode reads them from Prometheus).
+pub fn evaluate_counts(
+    over: impl Fn(u64) -> Counts,
+    objective: Objective,
+    min_events: u64,
+) -> Evaluation {
     let allowed = (1.0 - objective.target).max(f64::MIN_POSITIVE);
     let burn = |window: u64| {
-        let counts = series.over(now, window);
+        let counts = over(window);
         Burn {
             window,
             counts,
@@ -276,7 +300,7 @@ pub fn evaluate(series: &Series, objective: Objective, now: u64, min_events: u64
         burning |= fires;
         burns.push((l, s, a.factor));
     }
-    let counts = series.over(now, objective.window);
+    let counts = over(objective.window);
     let compliance = counts
         .total()
         .gt(&0)

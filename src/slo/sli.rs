@@ -77,98 +77,281 @@ fn counter(v: &prometheus::IntCounterVec, labels: &[&str]) -> u64 {
     v.with_label_values(labels).get()
 }
 
-/// Cumulative `(good, bad)` of `sli` on `transport` now. `latency_threshold` (seconds) is
-/// rounded down to a bucket of `tcp_comm_packet_latency_seconds` (1.5 s is one).
-pub fn read(metrics: &Metrics, transport: Path, sli: Sli, latency_threshold: f64) -> Counts {
-    let t = transport.label();
-    let m = &metrics.transport;
-    let acked =
-        counter(&m.ack_received, &[t, "first_try"]) + counter(&m.ack_received, &[t, "after_retry"]);
-    let failed = m.ack_timeout.with_label_values(&[t]).get();
-    let answered = m
-        .latency
-        .with_label_values(&[t, "request"])
-        .get_sample_count();
-    let timed_out = m.request_timeout.with_label_values(&[t]).get();
-    match sli {
-        Sli::CommandSuccess => Counts {
-            good: acked,
-            bad: failed,
-        },
-        Sli::RequestSuccess => Counts {
-            good: answered,
-            bad: timed_out,
-        },
-        Sli::CommandLatency => {
-            let h = m.latency.with_label_values(&[t, "command"]);
-            let total = h.get_sample_count();
-            let within = {
-                use prometheus::core::Collector as _;
-                h.collect()
-                    .first()
-                    .and_then(|mf| mf.get_metric().first().cloned())
-                    .map(|metric| {
-                        metric
-                            .get_histogram()
-                            .get_bucket()
-                            .iter()
-                            .filter(|b| b.upper_bound() <= latency_threshold + 1e-9)
-                            .map(|b| b.cumulative_count())
-                            .max()
-                            .unwrap_or(0)
-                    })
-                    .unwrap_or(0)
-            };
-            Counts {
-                good: within.min(total),
-                bad: total.saturating_sub(within),
-            }
+/// The counters the SLIs are made of, per transport. Locally they are read from the proxy's
+/// metric families; in fleet mode each is a PromQL `increase` over a window, summed over
+/// every replica ([`Block::promql`]), so both ways give the same SLIs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Block {
+    /// Commands the device acked (first try or after retries).
+    Acked,
+    /// Commands unanswered after every retry.
+    Failed,
+    /// Device requests answered by their path.
+    Answered,
+    /// Device requests their path did not answer in time.
+    TimedOut,
+    /// Commands with a measured latency.
+    CommandTotal,
+    /// Of those, the ones within the latency threshold.
+    CommandWithin,
+    /// Frames handed to a leg.
+    Sent,
+    /// Frames dropped or refused by a full queue.
+    Full,
+    /// Commands retransmitted after an ack timeout.
+    Retransmits,
+    /// Frames decoded.
+    Frames,
+    /// Decode problems.
+    DecodeErrors,
+    /// Mirrored requests both paths answered alike.
+    ParityMatches,
+    /// Mirrored requests whose answers differed.
+    ParityDrifts,
+}
+
+impl Block {
+    /// Every block.
+    pub const ALL: [Block; 13] = [
+        Block::Acked,
+        Block::Failed,
+        Block::Answered,
+        Block::TimedOut,
+        Block::CommandTotal,
+        Block::CommandWithin,
+        Block::Sent,
+        Block::Full,
+        Block::Retransmits,
+        Block::Frames,
+        Block::DecodeErrors,
+        Block::ParityMatches,
+        Block::ParityDrifts,
+    ];
+
+    /// Its name (the `block` label of the fleet query and the recording rules).
+    pub fn name(self) -> &'static str {
+        match self {
+            Block::Acked => "acked",
+            Block::Failed => "failed",
+            Block::Answered => "answered",
+            Block::TimedOut => "timed_out",
+            Block::CommandTotal => "command_total",
+            Block::CommandWithin => "command_within",
+            Block::Sent => "sent",
+            Block::Full => "full",
+            Block::Retransmits => "retransmits",
+            Block::Frames => "frames",
+            Block::DecodeErrors => "decode_errors",
+            Block::ParityMatches => "parity_matches",
+            Block::ParityDrifts => "parity_drifts",
         }
-        Sli::PacketLoss => match transport {
-            Path::New => {
-                let sent = counter(&m.packet_sent, &[t, "sent"]);
-                let retx = counter(&m.retransmit, &[t, "ack_timeout"]);
-                Counts {
-                    good: sent.saturating_sub(retx),
-                    bad: retx,
-                }
-            }
-            Path::Legacy => Counts {
-                good: acked + answered,
-                bad: failed + timed_out,
-            },
-        },
-        Sli::DecodeErrors => {
-            let (frames, errors) = metrics.frames_and_decode_errors(transport);
-            Counts {
-                good: frames.saturating_sub(errors),
-                bad: errors,
-            }
+    }
+
+    /// The metric and matchers it counts (`extra`: more matchers, such as `job="x"`, or
+    /// empty); `le` is the latency bucket's bound as the `le` label spells it.
+    pub fn selector(self, extra: &str, le: &str) -> String {
+        let (metric, own) = match self {
+            Block::Acked => (
+                "tcp_comm_ack_received_total",
+                r#"outcome=~"first_try|after_retry""#.to_owned(),
+            ),
+            Block::Failed => ("tcp_comm_ack_timeout_total", String::new()),
+            Block::Answered => (
+                "tcp_comm_packet_latency_seconds_count",
+                r#"kind="request""#.to_owned(),
+            ),
+            Block::TimedOut => ("tcp_comm_request_timeout_total", String::new()),
+            Block::CommandTotal => (
+                "tcp_comm_packet_latency_seconds_count",
+                r#"kind="command""#.to_owned(),
+            ),
+            Block::CommandWithin => (
+                "tcp_comm_packet_latency_seconds_bucket",
+                format!(r#"kind="command",le=~"{le}""#),
+            ),
+            Block::Sent => ("tcp_comm_packet_sent_total", r#"outcome="sent""#.to_owned()),
+            Block::Full => (
+                "tcp_comm_packet_sent_total",
+                r#"outcome=~"queue_full|rejected""#.to_owned(),
+            ),
+            Block::Retransmits => (
+                "tcp_comm_packet_retransmit_total",
+                r#"reason="ack_timeout""#.to_owned(),
+            ),
+            Block::Frames => ("cync_mitm_frames_total", String::new()),
+            Block::DecodeErrors => ("cync_mitm_decode_errors_total", String::new()),
+            Block::ParityMatches => ("tcp_comm_parity_matches_total", String::new()),
+            Block::ParityDrifts => ("tcp_comm_parity_drifts_total", String::new()),
+        };
+        let m: Vec<&str> = [own.as_str(), extra]
+            .into_iter()
+            .filter(|m| !m.is_empty())
+            .collect();
+        if m.is_empty() {
+            metric.to_owned()
+        } else {
+            format!("{metric}{{{}}}", m.join(","))
         }
-        Sli::QueueFull => {
-            let sent = counter(&m.packet_sent, &[t, "sent"]);
-            let full = counter(&m.packet_sent, &[t, "queue_full"])
-                + counter(&m.packet_sent, &[t, "rejected"]);
-            Counts {
-                good: sent,
-                bad: full,
+    }
+
+    /// PromQL for its increase over `window` by transport, summed over every replica. The
+    /// parity counters have no transport label: they are the new path's.
+    pub fn promql(self, extra: &str, le: &str, window: &str) -> String {
+        let inc = format!("increase({}[{window}])", self.selector(extra, le));
+        match self {
+            Block::ParityMatches | Block::ParityDrifts => {
+                format!(r#"label_replace(sum({inc}), "transport", "new", "", "")"#)
             }
+            _ => format!("sum by (transport) ({inc})"),
         }
-        Sli::ParityDrift => match transport {
+    }
+}
+
+/// The latency bucket bound a threshold (seconds) rounds down to, as the `le` label regex
+/// (`1` and `1.0` both: Prometheus 3 writes integral bounds with `.0`).
+pub fn le_regex(latency_threshold: f64) -> String {
+    let b = crate::transport::metrics::LATENCY_BUCKETS
+        .iter()
+        .copied()
+        .filter(|b| *b <= latency_threshold + 1e-9)
+        .fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))));
+    match b {
+        None => "none".to_owned(),
+        Some(b) if b.fract() == 0.0 => format!(r"{b}|{b}\\.0"),
+        Some(b) => format!("{b}").replace('.', r"\\."),
+    }
+}
+
+/// One value per [`Block`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Blocks(pub [u64; 13]);
+
+impl Blocks {
+    /// A block's value.
+    pub fn get(&self, b: Block) -> u64 {
+        self.0[b as usize]
+    }
+
+    /// Sets a block's value.
+    pub fn set(&mut self, b: Block, v: u64) {
+        self.0[b as usize] = v;
+    }
+
+    /// The cumulative blocks of `transport` in `metrics` now; `latency_threshold` (seconds)
+    /// is rounded down to a bucket of `tcp_comm_packet_latency_seconds` (1.5 s is one).
+    pub fn read(metrics: &Metrics, transport: Path, latency_threshold: f64) -> Self {
+        let t = transport.label();
+        let m = &metrics.transport;
+        let cmd = m.latency.with_label_values(&[t, "command"]);
+        let within = {
+            use prometheus::core::Collector as _;
+            cmd.collect()
+                .first()
+                .and_then(|mf| mf.get_metric().first().cloned())
+                .map(|metric| {
+                    metric
+                        .get_histogram()
+                        .get_bucket()
+                        .iter()
+                        .filter(|b| b.upper_bound() <= latency_threshold + 1e-9)
+                        .map(|b| b.cumulative_count())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0)
+        };
+        let (frames, errors) = metrics.frames_and_decode_errors(transport);
+        let (matches, drifts) = match transport {
             Path::New => {
                 let p = &metrics.parity;
-                let mut c = Counts::default();
+                let mut c = (0, 0);
                 for rt in crate::parity::hub::REQUEST_TYPES {
-                    c.good += p.matches.with_label_values(&[rt.name()]).get();
+                    c.0 += p.matches.with_label_values(&[rt.name()]).get();
                     for r in crate::parity::Reason::ALL {
-                        c.bad += p.drifts.with_label_values(&[rt.name(), r.label()]).get();
+                        c.1 += p.drifts.with_label_values(&[rt.name(), r.label()]).get();
                     }
                 }
                 c
             }
-            Path::Legacy => Counts::default(),
-        },
+            Path::Legacy => (0, 0),
+        };
+        let mut b = Blocks::default();
+        for (k, v) in [
+            (
+                Block::Acked,
+                counter(&m.ack_received, &[t, "first_try"])
+                    + counter(&m.ack_received, &[t, "after_retry"]),
+            ),
+            (Block::Failed, m.ack_timeout.with_label_values(&[t]).get()),
+            (
+                Block::Answered,
+                m.latency
+                    .with_label_values(&[t, "request"])
+                    .get_sample_count(),
+            ),
+            (
+                Block::TimedOut,
+                m.request_timeout.with_label_values(&[t]).get(),
+            ),
+            (Block::CommandTotal, cmd.get_sample_count()),
+            (Block::CommandWithin, within),
+            (Block::Sent, counter(&m.packet_sent, &[t, "sent"])),
+            (
+                Block::Full,
+                counter(&m.packet_sent, &[t, "queue_full"])
+                    + counter(&m.packet_sent, &[t, "rejected"]),
+            ),
+            (
+                Block::Retransmits,
+                counter(&m.retransmit, &[t, "ack_timeout"]),
+            ),
+            (Block::Frames, frames),
+            (Block::DecodeErrors, errors),
+            (Block::ParityMatches, matches),
+            (Block::ParityDrifts, drifts),
+        ] {
+            b.set(k, v);
+        }
+        b
     }
+
+    /// `(good, bad)` of `sli` on `transport` from these blocks.
+    pub fn counts(&self, transport: Path, sli: Sli) -> Counts {
+        let g = |b| self.get(b);
+        let (good, bad) = match sli {
+            Sli::CommandSuccess => (g(Block::Acked), g(Block::Failed)),
+            Sli::RequestSuccess => (g(Block::Answered), g(Block::TimedOut)),
+            Sli::CommandLatency => {
+                let within = g(Block::CommandWithin).min(g(Block::CommandTotal));
+                (within, g(Block::CommandTotal) - within)
+            }
+            Sli::PacketLoss => match transport {
+                Path::New => (
+                    g(Block::Sent).saturating_sub(g(Block::Retransmits)),
+                    g(Block::Retransmits),
+                ),
+                Path::Legacy => (
+                    g(Block::Acked) + g(Block::Answered),
+                    g(Block::Failed) + g(Block::TimedOut),
+                ),
+            },
+            Sli::DecodeErrors => (
+                g(Block::Frames).saturating_sub(g(Block::DecodeErrors)),
+                g(Block::DecodeErrors),
+            ),
+            Sli::QueueFull => (g(Block::Sent), g(Block::Full)),
+            Sli::ParityDrift => match transport {
+                Path::New => (g(Block::ParityMatches), g(Block::ParityDrifts)),
+                Path::Legacy => (0, 0),
+            },
+        };
+        Counts { good, bad }
+    }
+}
+
+/// Cumulative `(good, bad)` of `sli` on `transport` now (see [`Blocks::read`]).
+pub fn read(metrics: &Metrics, transport: Path, sli: Sli, latency_threshold: f64) -> Counts {
+    Blocks::read(metrics, transport, latency_threshold).counts(transport, sli)
 }
 
 /// Key of a series: `transport/sli`.
@@ -209,8 +392,9 @@ impl Engine {
     /// Reads every SLI of both transports from `metrics` and observes it.
     pub fn observe_metrics(&mut self, now: u64, metrics: &Metrics, latency_threshold: f64) {
         for t in [Path::Legacy, Path::New] {
+            let b = Blocks::read(metrics, t, latency_threshold);
             for s in Sli::ALL {
-                self.observe(now, t, s, read(metrics, t, s, latency_threshold));
+                self.observe(now, t, s, b.counts(t, s));
             }
         }
     }
@@ -231,6 +415,13 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Events of `sli` on `transport` over the last `secs` seconds (`None`: never observed).
+    pub fn counts(&self, transport: Path, sli: Sli, now: u64, secs: u64) -> Option<Counts> {
+        self.series
+            .get(&key(transport, sli))
+            .map(|s| s.over(now, secs))
     }
 
     /// Buckets held in all (state size).

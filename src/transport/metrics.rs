@@ -50,6 +50,11 @@ fn gauges(r: &Registry, name: &str, help: &str) -> IntGaugeVec {
     v
 }
 
+/// Bounds of `tcp_comm_packet_latency_seconds`, seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0,
+];
+
 impl TransportMetrics {
     /// Registers the families in `r`, with zero series for every known label value.
     pub fn register(r: &Registry) -> Self {
@@ -107,10 +112,7 @@ impl TransportMetrics {
                 &["transport", "queue_type"],
             ),
             latency: {
-                let buckets = vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0,
-                    10.0,
-                ];
+                let buckets = LATENCY_BUCKETS.to_vec();
                 let h = HistogramVec::new(
                     HistogramOpts::new(
                         "tcp_comm_packet_latency_seconds",

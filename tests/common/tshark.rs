@@ -5,16 +5,22 @@ use std::process::Command;
 
 /// Whether tshark can run; in CI (CI=true) its absence fails the test instead.
 pub fn have_tshark() -> bool {
-    let ok = Command::new("tshark")
-        .arg("--version")
+    have_tool("tshark", "--version")
+}
+
+/// Whether `tool` runs (`tool arg` exits 0); in CI (CI=true) its absence fails the test, so a
+/// test judged by an external tool never passes there without it. `.ci/run` installs them.
+pub fn have_tool(tool: &str, arg: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg(arg)
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("tshark is required in CI (.ci/run installs it)");
+        panic!("{tool} is required in CI (.ci/run installs it)");
     }
     if !ok {
-        eprintln!("skipped: tshark not installed");
+        eprintln!("skipped: {tool} not installed");
     }
     ok
 }
