@@ -143,7 +143,7 @@ fn eval_cost() -> f64 {
     let t = Instant::now();
     for _ in 0..n {
         now += 10;
-        engine.observe_metrics(now, &m, 1.5);
+        engine.observe_metrics(now, &m, cync_mitm::slo::sli::Thresholds::default());
         let evals = engine.evaluate(now, |s| cfg.objective(s), cfg.min_events);
         let d = control::tick(
             &mut control,

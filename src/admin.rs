@@ -145,6 +145,8 @@ fn config(proxy: &Proxy) -> Value {
     let loaded = proxy.config();
     let mut cfg = serde_json::to_value(&loaded.config).unwrap_or(Value::Null);
     mask_secrets(&mut cfg);
+    let mut file_routing = serde_json::to_value(&loaded.base_routing).unwrap_or(Value::Null);
+    mask_secrets(&mut file_routing);
     json!({
         "generation": loaded.generation,
         "source": proxy.live().source().map(|p| p.display().to_string()),
@@ -152,7 +154,7 @@ fn config(proxy: &Proxy) -> Value {
         "pending_restart": loaded.pending_restart,
         "env_overrides": loaded.env_overrides,
         "runtime_override": loaded.runtime,
-        "file_routing": loaded.base_routing,
+        "file_routing": file_routing,
         "config": cfg,
     })
 }
@@ -222,14 +224,14 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
             PLAIN,
         ),
         ("/rollback", false, Some(p)) if method == Method::POST => {
-            let set = p.rollback_now("POST /rollback");
+            let set = p.rollback_now("POST /rollback").await;
             json_resp(
                 StatusCode::OK,
                 &json!({"result": if set { "rolled_back" } else { "already_rolled_back" }, "control": p.slo_report()["control"]}),
             )
         }
         ("/rollback/clear", false, Some(p)) if method == Method::POST => {
-            let cleared = p.clear_rollback();
+            let cleared = p.clear_rollback().await;
             json_resp(
                 StatusCode::OK,
                 &json!({"result": if cleared.is_some() { "cleared" } else { "no_override" }, "control": p.slo_report()["control"]}),

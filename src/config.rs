@@ -106,8 +106,16 @@ pub struct SloConfig {
     /// `tcp_comm_packet_latency_seconds`). Default 1.5 s.
     #[serde(with = "humantime_serde")]
     pub latency_threshold: Duration,
+    /// A command acked within this is a success (`command_success`; later is a failure, as is
+    /// one never acked after every retry; rounded down to a latency bucket). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
     /// Where the rolling series are kept across restarts (written atomically, 0600).
     pub state_file: PathBuf,
+    /// The series are written this often (controller changes at once, and at shutdown);
+    /// a crash loses at most this much history. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub save_interval: Duration,
     /// Objectives by SLI name, replacing the defaults (`command_success`, `request_success`,
     /// `command_latency`, `packet_loss`, `decode_errors`, `queue_full`, `parity_drift`).
     pub objectives: std::collections::BTreeMap<String, ObjectiveConfig>,
@@ -166,7 +174,9 @@ impl Default for SloConfig {
             eval_interval: Duration::from_secs(10),
             min_events: 100,
             latency_threshold: Duration::from_millis(1500),
+            command_timeout: Duration::from_secs(10),
             state_file: PathBuf::from("captures/slo/state.json"),
+            save_interval: Duration::from_secs(300),
             objectives: std::collections::BTreeMap::new(),
             max_violations: 3,
             rollback_drain_rate: 100,
@@ -1452,8 +1462,10 @@ impl Config {
     }
 
     /// Every duration option with its dotted name (checked against [`MAX_DURATION`]).
-    pub fn durations(&self) -> [(&'static str, Duration); 28] {
+    pub fn durations(&self) -> [(&'static str, Duration); 30] {
         [
+            ("slo.save_interval", self.slo.save_interval),
+            ("slo.command_timeout", self.slo.command_timeout),
             ("slo.eval_interval", self.slo.eval_interval),
             (
                 "slo.decision_log_heartbeat",
@@ -1725,6 +1737,15 @@ impl Config {
                 "must be between 1ms and 10s",
             ));
         }
+        if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&o.save_interval) {
+            return Err(invalid("slo.save_interval", "must be between 10s and 1h"));
+        }
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&o.command_timeout) {
+            return Err(invalid(
+                "slo.command_timeout",
+                "must be between 1ms and 10s",
+            ));
+        }
         if o.enabled && o.state_file.as_os_str().is_empty() {
             return Err(invalid("slo.state_file", "must not be empty"));
         }
@@ -1831,6 +1852,12 @@ impl Config {
             return Err(invalid(
                 "rollout.min_budget",
                 "must be at least 0 and below 1",
+            ));
+        }
+        if r.gates.is_empty() {
+            return Err(invalid(
+                "rollout.gates",
+                "must name at least one SLI (a rollout with no gate would never be judged)",
             ));
         }
         for g in &r.gates {

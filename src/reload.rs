@@ -521,8 +521,18 @@ impl LiveConfig {
     }
 
     fn swap_runtime(&self, runtime: Runtime, bump: bool) -> u64 {
+        // Nothing to change (every evaluation asks): no need to wait for a reload under way.
+        {
+            let mut r = self.runtime.lock().unwrap_or_else(|p| p.into_inner());
+            let cur = self.current();
+            if *r == runtime && cur.runtime == runtime {
+                return cur.generation;
+            }
+            *r = runtime.clone();
+        }
+        // A reload under way holds this for as long as its file takes to settle; callers run
+        // on blocking threads.
         let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-        *self.runtime.lock().unwrap_or_else(|p| p.into_inner()) = runtime.clone();
         let cur = self.current();
         if cur.runtime == runtime {
             return cur.generation;

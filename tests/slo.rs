@@ -424,3 +424,306 @@ async fn a_violation_holds_the_rollout_before_it_rolls_back() {
     legacy.stop().await;
     backend.stop().await;
 }
+
+/// A one-shot HTTP server: answers each request with the next status of `statuses` after
+/// `delay`, and hands over what it received.
+async fn hook_server(
+    statuses: Vec<u16>,
+    delay: Duration,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for status in statuses {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8192];
+            // Headers, then the body by its content-length.
+            loop {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).to_string();
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let len = text[..i]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if got.len() >= i + 4 + len {
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(delay).await;
+            let _ = s
+                .write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await;
+            let _ = tx.send(String::from_utf8_lossy(&got).to_string());
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollback_webhook_is_retried_carries_the_decision_and_never_delays_the_rollback() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Refused once, then slow (2 s) but accepted.
+    let (hook, mut got) = hook_server(vec![500, 204], Duration::from_secs(2)).await;
+    let mut cfg = proxy_config(legacy_addr);
+    cfg.slo.state_file = dir.path().join("state.json");
+    cfg.slo.webhook_url = format!("http://{hook}/hooks/cync");
+    cfg.slo.webhook_token = "s3cret".into();
+    cfg.slo.webhook_retries = 2;
+    cfg.slo.webhook_timeout = Duration::from_secs(5);
+    let p = start_proxy(cfg).await;
+    let t = std::time::Instant::now();
+    let (status, v) = admin_call(&p, hyper::Method::POST, "/rollback").await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the rollback waited for the webhook: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(p.proxy.config().config.routing.canary_percent, 0.0);
+    let first = tokio::time::timeout(T, got.recv()).await.unwrap().unwrap();
+    assert!(
+        first.starts_with("POST /hooks/cync HTTP/1.1\r\n"),
+        "{first}"
+    );
+    assert!(
+        first
+            .to_ascii_lowercase()
+            .contains("authorization: bearer s3cret"),
+        "{first}"
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(&first[first.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(body["event"], "rollback");
+    assert_eq!(body["decision"]["action"]["rollback"]["by"], "manual");
+    // The retry, after the refusal.
+    let second = tokio::time::timeout(T, got.recv()).await.unwrap().unwrap();
+    assert!(second.starts_with("POST /hooks/cync"), "{second}");
+    let ok = &p.metrics.slo.webhook;
+    assert!(wait_until(T, || ok.with_label_values(&["ok"]).get() == 1).await);
+    assert_eq!(ok.with_label_values(&["error"]).get(), 0);
+    // GET /config masks the token.
+    let (_, c) = admin_call(&p, hyper::Method::GET, "/config").await;
+    assert_eq!(c["config"]["slo"]["webhook_token"], "***");
+    assert_eq!(
+        c["file_routing"]["seed"], "***",
+        "the file's routing is masked too"
+    );
+    legacy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_drains_at_its_own_rate_even_with_the_drain_off() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = proxy_config(legacy_addr);
+    cfg.new_path.addresses = vec![new_addr.to_string()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
+    cfg.routing.canary_percent = 100.0;
+    cfg.drain.enabled = false;
+    cfg.slo.rollback_drain_rate = 4;
+    cfg.slo.state_file = dir.path().join("state.json");
+    let p = start_proxy(cfg).await;
+    let fleet = start_fleet(fleet_config(p.addr, 12));
+    assert!(wait_until(T, || on_path(&p, "new") == 12).await);
+    admin_call(&p, hyper::Method::POST, "/rollback").await;
+    let t = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let early = 12 - on_path(&p, "new");
+    assert!(
+        (1..=6).contains(&early),
+        "{early} moved in the first second at 4/s"
+    );
+    assert!(wait_until(T, || on_path(&p, "legacy") == 12).await);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "12 devices at 4/s took {took:?}"
+    );
+    fleet.stop().await;
+    legacy.stop().await;
+    backend.stop().await;
+}
+
+#[test]
+fn the_override_sits_above_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    let mut cfg = proxy_config("127.0.0.1:9".parse().unwrap());
+    cfg.new_path.addresses = vec!["127.0.0.1:9".into()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
+    cfg.routing.canary_percent = 10.0;
+    cfg.routing.cohort = vec!["1234abcd".into()];
+    std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+    let metrics = std::sync::Arc::new(cync_mitm::metrics::Metrics::new(false));
+    let live = cync_mitm::reload::LiveConfig::new(
+        cync_mitm::config::Config::load(&file).unwrap(),
+        Some(file.clone()),
+        metrics.clone(),
+        |k| (k == "CANARY_PERCENTAGE").then(|| "50".to_owned()),
+    )
+    .unwrap();
+    assert_eq!(
+        live.current().config.routing.canary_percent,
+        50.0,
+        "env over file"
+    );
+    let rollback = cync_mitm::reload::Runtime {
+        rollback: Some(cync_mitm::slo::control::Override {
+            by: cync_mitm::slo::control::Actor::Manual,
+            reason: "test".into(),
+            at: 0,
+        }),
+        rollout: None,
+    };
+    let g = live.set_runtime(rollback.clone());
+    let l = live.current();
+    assert_eq!(g, 2);
+    assert_eq!(l.config.routing.canary_percent, 0.0, "override over env");
+    assert!(l.config.routing.cohort.is_empty());
+    assert_eq!(metrics.canary_percentage.get(), 0.0);
+    assert_eq!(
+        live.set_runtime(rollback),
+        2,
+        "the same runtime again changes nothing"
+    );
+    // A reload of a changed file keeps it.
+    cync_mitm::cmd::canary::set_percent(&file, 20.0).unwrap();
+    live.reload(cync_mitm::reload::Trigger::Admin).unwrap();
+    assert_eq!(live.current().config.routing.canary_percent, 0.0);
+    // Lifted: env (50) again, and the file's cohort.
+    live.set_runtime(cync_mitm::reload::Runtime::default());
+    let l = live.current();
+    assert_eq!(l.config.routing.canary_percent, 50.0);
+    assert_eq!(l.config.routing.cohort, ["1234abcd"]);
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_clears_overrides_and_reads_the_state_when_no_proxy_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("slo/state.json");
+    // An admin address nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[upstream]\naddresses = [\"127.0.0.1:9\"]\n[admin]\nlisten = \"127.0.0.1:{port}\"\n\
+             [slo]\nstate_file = \"{}\"\n[new_path]\naddresses = [\"127.0.0.1:9\"]\nverify = false\n\
+             [rollout]\nenabled = true\nsteps = [\"shadow\", 50, 100]\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let mut s = cync_mitm::slo::State::default();
+    cync_mitm::slo::control::rollback(
+        &mut s.control,
+        None,
+        cync_mitm::slo::control::Actor::Auto,
+        "burning".into(),
+        1_800_000_000,
+    );
+    s.control.rollout.step = 1;
+    s.control.rollout.paused = true;
+    cync_mitm::proxy::save_slo_state(&state, &s).unwrap();
+    // Status from the file.
+    let out = cli(&["rollout", "status", "--config", f]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("shadow → [50%] → 100%"), "{text}");
+    assert!(text.contains("rollback override in force"), "{text}");
+    // Resume is refused behind the override.
+    let out = cli(&["rollout", "resume", "--config", f]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("clear it first"));
+    // A running proxy (its lock held) with no admin server: refused, the file untouched.
+    let lock = cync_mitm::proxy::try_lock_slo_state(&state).unwrap();
+    let out = cli(&["canary", "clear-override", "--config", f]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a running proxy holds"),
+        "{out:?}"
+    );
+    assert!(
+        cync_mitm::cmd::slo::read_state(&state)
+            .unwrap()
+            .unwrap()
+            .control
+            .rollback
+            .is_some()
+    );
+    drop(lock);
+    // Nobody: the file is edited.
+    let out = cli(&["canary", "clear-override", "--config", f]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("was removed from"),
+        "{out:?}"
+    );
+    let after = cync_mitm::cmd::slo::read_state(&state).unwrap().unwrap();
+    assert!(after.control.rollback.is_none());
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = cli(&["rollout", "resume", "--config", f]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !cync_mitm::cmd::slo::read_state(&state)
+            .unwrap()
+            .unwrap()
+            .control
+            .rollout
+            .paused
+    );
+    // The report reads the same file.
+    let out = cli(&["slo", "report", "--config", f, "--days", "7"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.starts_with("# 7-Day SLO Compliance Report"), "{text}");
+    assert!(text.contains("### Command success rate"), "{text}");
+    let out = cli(&["slo", "report", "--config", f, "--days", "90"]);
+    assert!(
+        !out.status.success(),
+        "90 days is more than the series keep"
+    );
+}

@@ -97,7 +97,15 @@ pub fn read_state(path: &std::path::Path) -> Result<Option<State>, Error> {
 }
 
 /// Changes the state file in place (atomically, 0600) with `f`; returns what `f` returned.
+/// Refused while a proxy holds the file (it would write its own state back over the edit).
 pub fn edit_state<T>(path: &std::path::Path, f: impl FnOnce(&mut State) -> T) -> Result<T, Error> {
+    let Some(_lock) = crate::proxy::try_lock_slo_state(path) else {
+        return Err(Error::State(format!(
+            "a running proxy holds {} but its admin server did not answer; change it through \
+             the admin server (enable [admin]), or stop the proxy first",
+            path.display()
+        )));
+    };
     let mut s = read_state(path)?.unwrap_or_default();
     let out = f(&mut s);
     crate::proxy::save_slo_state(path, &s)
@@ -479,7 +487,7 @@ pub async fn clear_override(cfg: &Config) -> Result<String, Error> {
     let cleared = edit_state(path, |s| crate::slo::control::clear(&mut s.control))?;
     Ok(match cleared {
         Some(o) => format!(
-            "{why}; the override ({}: {}) was removed from {}: a proxy started from it routes by the configuration (a running proxy with its admin server off keeps its override: restart it)",
+            "{why}; the override ({}: {}) was removed from {}: a proxy started from it routes by the configuration",
             o.by.label(),
             o.reason,
             path.display()
@@ -601,7 +609,7 @@ pub async fn rollout(
     let note = match action {
         RolloutAction::Status => format!("{why}; read from {}", path.display()),
         _ => format!(
-            "{why}; {} was changed: a proxy started from it takes it (a running proxy with its admin server off does not: restart it)",
+            "{why}; {} was changed: a proxy started from it takes it",
             path.display()
         ),
     };

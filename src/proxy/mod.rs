@@ -10,7 +10,7 @@ pub mod health;
 pub mod relay;
 mod session;
 mod slo;
-pub use slo::write_state as save_slo_state;
+pub use slo::{try_lock_state as try_lock_slo_state, write_state as save_slo_state};
 pub mod tap;
 pub mod upstream;
 
@@ -202,9 +202,14 @@ impl Proxy {
                         continue;
                     }
                     if loaded.runtime.rollback.is_some() {
-                        // A rollback always drains, at its own rate: ten steps a second.
-                        let rate = loaded.config.slo.rollback_drain_rate.max(1) as usize;
-                        pace = (rate.div_ceil(10), Duration::from_millis(100));
+                        // A rollback always drains, at its own rate: ten steps a second, or
+                        // one device per step below ten a second.
+                        let rate = loaded.config.slo.rollback_drain_rate.max(1);
+                        pace = if rate >= 10 {
+                            (rate.div_ceil(10) as usize, Duration::from_millis(100))
+                        } else {
+                            (1, Duration::from_secs(1) / rate)
+                        };
                         tracing::warn!(
                             generation = loaded.generation,
                             devices = queue.len(),

@@ -19,14 +19,22 @@ use std::time::{Duration, Instant, SystemTime};
 const LOG_QUEUE: usize = 64;
 /// Rollback webhooks in flight at once; more are counted and dropped.
 const WEBHOOKS_IN_FLIGHT: usize = 4;
+/// A day's decision log stops growing here (further lines are counted as dropped).
+pub const MAX_DECISION_LOG_BYTES: u64 = 64 << 20;
 
 /// The SLO engine's shared state.
 pub(super) struct Slo {
     state: Mutex<State>,
     /// The `GET /slo` document.
     latest: Mutex<Value>,
-    /// Serialises state-file writes (they share a temporary file).
-    save_lock: Arc<Mutex<()>>,
+    /// Serialises state-file writes; each writes the state as it is when it runs, so the
+    /// last write is the newest state.
+    save_lock: Mutex<()>,
+    /// Serialises applying the controller's state to the routing (same rule).
+    apply_lock: Mutex<()>,
+    /// An exclusive `flock` on `<state file>.lock` while this proxy runs: the CLI edits the
+    /// state file only when nobody holds it.
+    _lock: Option<std::fs::File>,
     log: std::sync::mpsc::SyncSender<LogLine>,
     webhooks: Arc<tokio::sync::Semaphore>,
 }
@@ -48,25 +56,25 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 impl Slo {
-    /// Loads `slo.state_file` (a missing or unreadable file starts over, and says so).
+    /// Loads `slo.state_file`. A missing file starts over; an unreadable one is moved aside
+    /// and the proxy starts rolled back (it cannot know whether an override was in force:
+    /// safe until someone clears it). The bake of a rollout step starts over (time down is not
+    /// time baked) and the counters' baseline is zero (this process counts from its start).
     pub(super) fn load(path: &std::path::Path, metrics: &crate::metrics::Metrics) -> Self {
-        let state = match std::fs::read(path) {
+        let lock = lock_state(path);
+        let mut state = match std::fs::read(path) {
             Ok(b) => match serde_json::from_slice::<State>(&b) {
                 Ok(s) => {
                     tracing::info!(file = %path.display(), rollback = s.control.rollback.is_some(), "SLO state restored");
                     s
                 }
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "SLO state unreadable; starting over");
-                    State::default()
-                }
+                Err(e) => unreadable(path, &e.to_string()),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "SLO state unreadable; starting over");
-                State::default()
-            }
+            Err(e) => unreadable(path, &e.to_string()),
         };
+        state.control.rollout.healthy_since = None;
+        state.engine.restarted();
         let (tx, rx) = std::sync::mpsc::sync_channel(LOG_QUEUE);
         let dropped = metrics.slo.log_dropped.clone();
         let spawned = std::thread::Builder::new()
@@ -78,7 +86,9 @@ impl Slo {
         Self {
             state: Mutex::new(state),
             latest: Mutex::new(json!({"evaluated_at": null, "slos": []})),
-            save_lock: Arc::new(Mutex::new(())),
+            save_lock: Mutex::new(()),
+            apply_lock: Mutex::new(()),
+            _lock: lock,
             log: tx,
             webhooks: Arc::new(tokio::sync::Semaphore::new(WEBHOOKS_IN_FLIGHT)),
         }
@@ -87,6 +97,67 @@ impl Slo {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Path of the lock file of a state file.
+pub fn lock_path(state: &std::path::Path) -> std::path::PathBuf {
+    let mut p = state.as_os_str().to_owned();
+    p.push(".lock");
+    std::path::PathBuf::from(p)
+}
+
+/// Takes the state file's lock, warning when another process holds it (two proxies must not
+/// share a state file).
+fn lock_state(path: &std::path::Path) -> Option<std::fs::File> {
+    let f = try_lock_state(path);
+    if f.is_none() {
+        tracing::warn!(file = %path.display(), "another process holds this SLO state file (or its lock cannot be made); two proxies must not share one (set slo.state_file per proxy)");
+    }
+    f
+}
+
+/// The state file's exclusive lock (`<state file>.lock`, 0600), held until the file returned
+/// is dropped; `None` when another process holds it or it cannot be made.
+pub fn try_lock_state(path: &std::path::Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(lock_path(path))
+        .ok()?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+    Some(f)
+}
+
+/// An unreadable state file: moved aside, and a rollback in force until cleared.
+fn unreadable(path: &std::path::Path, why: &str) -> State {
+    let now = unix(SystemTime::now());
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".unreadable-{now}"));
+    let aside = std::path::PathBuf::from(aside);
+    let moved = std::fs::rename(path, &aside).is_ok();
+    tracing::error!(file = %path.display(), error = why, moved_to = %aside.display(), moved, "SLO state unreadable: starting rolled back (every device on the legacy path) until the override is cleared");
+    let mut s = State::default();
+    control::rollback(
+        &mut s.control,
+        None,
+        Actor::Auto,
+        format!(
+            "the SLO state file could not be read ({why}); it was moved to {}",
+            aside.display()
+        ),
+        now,
+    );
+    s
 }
 
 /// The rollout's steps when `[rollout]` is enabled.
@@ -184,19 +255,40 @@ impl Proxy {
     }
 
     /// Applies the controller's state to the routing (a new generation when it changes) and
-    /// publishes its gauges.
-    fn apply_control(&self, c: &Control) {
+    /// publishes its gauges, off the async threads (a reload in progress holds the
+    /// configuration for up to seconds). The state is read when applied, under `apply_lock`,
+    /// so whichever runs last applies the newest state.
+    async fn apply_control(self: &Arc<Self>) {
+        let me = self.clone();
+        if tokio::task::spawn_blocking(move || me.apply_control_now())
+            .await
+            .is_err()
+        {
+            tracing::warn!("applying the SLO controller's routing failed");
+        }
+    }
+
+    fn apply_control_now(&self) {
+        let _g = self
+            .slo
+            .apply_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let l = self.live.current();
-        self.live.set_runtime(runtime(c, &l));
-        self.publish_control(c, &self.live.current());
+        let (rt, c) = {
+            let s = self.slo.state();
+            (runtime(&s.control, &l), s.control.clone())
+        };
+        self.live.set_runtime(rt);
+        self.publish_control(&c, &self.live.current());
     }
 
     /// `POST /rollback`: every device back to the legacy path now, until cleared. Returns
     /// whether this call set it (false: one was in force already).
-    pub fn rollback_now(&self, reason: &str) -> bool {
+    pub async fn rollback_now(self: &Arc<Self>, reason: &str) -> bool {
         let l = self.live.current();
         let now = SystemTime::now();
-        let (set, snapshot) = {
+        let (set, over) = {
             let mut s = self.slo.state();
             let before = s.control.rollback.is_some();
             control::rollback(
@@ -206,9 +298,10 @@ impl Proxy {
                 reason.to_owned(),
                 unix(now),
             );
-            self.apply_control(&s.control);
-            (!before, s.clone())
+            (!before, s.control.rollback.clone())
         };
+        self.save_soon();
+        self.apply_control().await;
         if set {
             self.metrics
                 .slo
@@ -223,26 +316,22 @@ impl Proxy {
                 "at": rfc3339(now),
                 "action": {"rollback": {"reason": reason, "by": "manual"}},
                 "generation": self.live.current().generation,
-                "override": snapshot.control.rollback.as_ref().map(override_json),
+                "override": over.as_ref().map(override_json),
             });
             self.log_decision(&l.config.slo, now, &record);
             self.send_webhook(&l.config.slo, &record);
         }
-        self.save_soon(snapshot);
         set
     }
 
     /// `POST /rollback/clear`: lifts the override; the file's (or the rollout's) routing is
     /// back. Returns the override lifted.
-    pub fn clear_rollback(&self) -> Option<control::Override> {
+    pub async fn clear_rollback(self: &Arc<Self>) -> Option<control::Override> {
         let l = self.live.current();
         let now = SystemTime::now();
-        let (cleared, snapshot) = {
-            let mut s = self.slo.state();
-            let cleared = control::clear(&mut s.control);
-            self.apply_control(&s.control);
-            (cleared, s.clone())
-        };
+        let cleared = control::clear(&mut self.slo.state().control);
+        self.save_soon();
+        self.apply_control().await;
         if let Some(o) = &cleared {
             tracing::info!(reason = %o.reason, "rollback override cleared; routing follows the configuration again");
             let record = json!({
@@ -252,18 +341,17 @@ impl Proxy {
             });
             self.log_decision(&l.config.slo, now, &record);
         }
-        self.save_soon(snapshot);
         cleared
     }
 
     /// `POST /rollout/pause` and `/rollout/resume`. A rollout cannot resume while a rollback
     /// override is in force.
-    pub fn rollout_pause(&self, paused: bool) -> Result<Value, String> {
+    pub fn rollout_pause(self: &Arc<Self>, paused: bool) -> Result<Value, String> {
         let l = self.live.current();
         if !l.config.rollout.enabled {
             return Err("no rollout: [rollout] enabled is false".into());
         }
-        let snapshot = {
+        {
             let mut s = self.slo.state();
             if !paused && s.control.rollback.is_some() {
                 return Err(
@@ -273,30 +361,32 @@ impl Proxy {
             }
             s.control.rollout.paused = paused;
             s.control.rollout.healthy_since = None;
-            s.clone()
-        };
+        }
         tracing::info!(
             paused,
             "rollout {}",
             if paused { "paused" } else { "resumed" }
         );
-        self.save_soon(snapshot);
+        self.save_soon();
         Ok(self.rollout_report())
     }
 
-    /// Writes the state in the background (serialised with every other write).
-    fn save_soon(&self, state: State) {
-        let file = self.live.current().config.slo.state_file.clone();
-        let lock = self.slo.save_lock.clone();
-        let write = move || {
-            let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
-            save_state(&file, &state);
-        };
+    /// Writes the state in the background, as it is when the write runs.
+    fn save_soon(self: &Arc<Self>) {
+        let me = self.clone();
+        let write = move || me.save_now();
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::task::spawn_blocking(write);
         } else {
             write();
         }
+    }
+
+    fn save_now(&self) {
+        let _g = self.slo.save_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let file = self.live.current().config.slo.state_file.clone();
+        let snapshot = self.slo.state().clone();
+        save_state(&file, &snapshot);
     }
 
     fn log_decision(&self, cfg: &SloConfig, at: SystemTime, record: &Value) {
@@ -378,7 +468,7 @@ impl Proxy {
         let local = {
             let mut s = self.slo.state();
             s.engine
-                .observe_metrics(now, &self.metrics, cfg.latency_threshold.as_secs_f64());
+                .observe_metrics(now, &self.metrics, crate::slo::sli::Thresholds::of(cfg));
             s.engine
                 .evaluate(now, |sli: Sli| cfg.objective(sli), cfg.min_events)
         };
@@ -410,9 +500,7 @@ impl Proxy {
             };
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
-                    let s = self.slo.state().clone();
-                    let _g = self.slo.save_lock.lock().unwrap_or_else(|p| p.into_inner());
-                    save_state(&cfg.state_file, &s);
+                    self.save_now();
                     return;
                 }
                 _ = tokio::time::sleep(wait) => {}
@@ -432,18 +520,18 @@ impl Proxy {
             let Some(evals) = self.read_slis(&cfg, now).await else {
                 continue;
             };
-            self.evaluate_once(&cfg, wall, now, &evals, &mut quiet);
-            if last_save.elapsed() >= Duration::from_secs(60) {
+            self.evaluate_once(&cfg, wall, now, &evals, &mut quiet)
+                .await;
+            if last_save.elapsed() >= cfg.save_interval {
                 last_save = Instant::now();
-                let s = self.slo.state().clone();
-                self.save_soon(s);
+                self.save_soon();
             }
         }
     }
 
     /// Runs the controller on one evaluation and carries out what it decided.
-    fn evaluate_once(
-        &self,
+    async fn evaluate_once(
+        self: &Arc<Self>,
         cfg: &SloConfig,
         wall: SystemTime,
         now: u64,
@@ -464,11 +552,11 @@ impl Proxy {
                     gates: &loaded.config.rollout.gating(),
                 },
             );
-            self.apply_control(&s.control);
-            (d, s.clone())
+            (d, s.control.clone())
         };
+        self.apply_control().await;
         let after = self.live.current();
-        let record = decision_record(cfg, wall, now, evals, &decision, &snapshot.control, &after);
+        let record = decision_record(cfg, wall, now, evals, &decision, &snapshot, &after);
         match &decision.action {
             Some(Action::Rollback { reason }) => {
                 self.metrics
@@ -478,11 +566,11 @@ impl Proxy {
                     .inc();
                 tracing::error!(%reason, generation = after.generation, "automatic rollback: every device back to the legacy path");
                 self.send_webhook(cfg, &record);
-                self.save_soon(snapshot.clone());
+                self.save_soon();
             }
             Some(Action::Advance { from, to }) => {
                 tracing::info!(%from, %to, generation = after.generation, "rollout: next step");
-                self.save_soon(snapshot.clone());
+                self.save_soon();
             }
             None => {}
         }
@@ -517,7 +605,7 @@ fn until_next_tick(now: SystemTime, interval: Duration) -> Duration {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let settle = (i / 4).min(5000);
-    let next = (t - settle).div_euclid(i) * i + i + settle;
+    let next = t.saturating_sub(settle).div_euclid(i) * i + i + settle;
     Duration::from_millis((next - t) as u64)
 }
 
@@ -541,9 +629,13 @@ impl Quiet {
             sig.push_str(&format!("{}/{}={:?};", t.label(), s.name(), e.verdict));
         }
         if let Some(r) = &d.rollout {
+            // The state's kind, not its words (they carry live counts).
             let state = match &r.status {
-                control::RolloutStatus::Baking { .. } => "baking".to_owned(),
-                other => format!("{other:?}"),
+                control::RolloutStatus::Baking { .. } => "baking",
+                control::RolloutStatus::Holding { gate, .. } => gate,
+                control::RolloutStatus::Paused => "paused",
+                control::RolloutStatus::RolledBack => "rolled_back",
+                control::RolloutStatus::Done => "done",
             };
             sig.push_str(&format!("rollout={}:{state}", r.step));
         }
@@ -669,6 +761,11 @@ fn log_thread(rx: std::sync::mpsc::Receiver<LogLine>, dropped: prometheus::IntCo
         let Some(o) = open.as_mut() else { continue };
         let mut buf = l.line.into_bytes();
         buf.push(b'\n');
+        if o.bytes + buf.len() as u64 > MAX_DECISION_LOG_BYTES {
+            dropped.inc();
+            continue;
+        }
+        o.bytes += buf.len() as u64;
         if let Err(e) = o.file.write_all(&buf) {
             dropped.inc();
             if warned_at.is_none_or(|w| w.elapsed() > Duration::from_secs(60)) {
@@ -699,7 +796,10 @@ pub fn write_state(path: &std::path::Path, state: &State) -> std::io::Result<()>
                 .mode(0o700)
                 .create(dir)?;
         }
-        let tmp = path.with_extension("tmp");
+        // A name of its own: the CLI may write the same file from another process.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp.{}", std::process::id()));
+        let tmp = std::path::PathBuf::from(tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)

@@ -51,6 +51,33 @@ pub struct RolloutState {
     pub healthy_since: Option<u64>,
     /// Paused by `rollout pause`, or by a rollback.
     pub paused: bool,
+    /// The current step's level (shadow 0, else its percentage): a reloaded list of steps is
+    /// entered at the highest step not above it, so an edit never skips ahead.
+    pub level: Option<f64>,
+}
+
+fn level(s: &Step) -> f64 {
+    s.percent.unwrap_or(0.0)
+}
+
+impl RolloutState {
+    /// Where the rollout stands in `steps` (non-empty): the highest step not above its level,
+    /// or its index when no level is known.
+    pub fn position(&self, steps: &[Step]) -> usize {
+        match self.level {
+            Some(l) => steps
+                .iter()
+                .rposition(|s| level(s) <= l + 1e-9)
+                .unwrap_or(0),
+            None => self.step.min(steps.len().saturating_sub(1)),
+        }
+    }
+
+    /// Moves to step `i` of `steps`.
+    fn set(&mut self, steps: &[Step], i: usize) {
+        self.step = i;
+        self.level = steps.get(i).map(level);
+    }
 }
 
 /// Everything the controller keeps between evaluations.
@@ -96,6 +123,8 @@ pub enum RolloutStatus {
     },
     /// A gate does not hold; the step stays (and its bake starts over once it holds).
     Holding {
+        /// Which kind of gate: `violated`, `events`, `budget`.
+        gate: &'static str,
         /// Which gate, for people.
         why: String,
     },
@@ -147,17 +176,13 @@ pub struct Decision {
     pub rollout: Option<RolloutReport>,
 }
 
-/// Whether an evaluation is a violation happening now: violated with a burn alert firing, or
-/// below its objective with errors in the last five minutes. A budget spent in the past holds
-/// the rollout (see [`tick`]) but does not roll back a new path that is healthy now.
+/// Whether an evaluation is a violation happening now: one of the SRE workbook's burn alerts
+/// fires (its long and short windows both hold `min_events` and burn faster than its factor).
+/// Compliance below target alone (a budget spent earlier, or one error among few events) holds
+/// the rollout but rolls nothing back: a few stray errors are noise, and `max_violations`
+/// consecutive evaluations cannot debounce an error that stays in a window for minutes.
 pub fn violated_now(e: &Evaluation) -> bool {
-    e.verdict == Verdict::Violated
-        && (e.burning
-            || e.burns
-                .iter()
-                .map(|(_, short, _)| short)
-                .min_by_key(|b| b.window)
-                .is_some_and(|b| b.counts.bad > 0))
+    e.verdict == Verdict::Violated && e.burning
 }
 
 /// Whether `sli` gates `step`: one of `gates`, where it can have events. In shadow the
@@ -173,17 +198,24 @@ fn gates(step: &Step, gates: &[Sli], sli: Sli) -> bool {
         }
 }
 
-/// Why `step` may not be left now (`None`: every gate holds).
-fn hold_reason(step: &Step, gating: &[Sli], evals: &[(Path, Sli, Evaluation)]) -> Option<String> {
+/// Why `step` may not be left now (`None`: every gate holds): the kind of gate and the words.
+fn hold_reason(
+    step: &Step,
+    gating: &[Sli],
+    evals: &[(Path, Sli, Evaluation)],
+) -> Option<(&'static str, String)> {
     let new: Vec<&(Path, Sli, Evaluation)> = evals
         .iter()
         .filter(|(t, s, _)| *t == Path::New && gates(step, gating, *s))
         .collect();
     if let Some((_, s, e)) = new.iter().find(|(_, _, e)| e.verdict == Verdict::Violated) {
-        return Some(format!(
-            "{} violated (compliance {})",
-            s.name(),
-            percent(e.compliance)
+        return Some((
+            "violated",
+            format!(
+                "{} violated (compliance {})",
+                s.name(),
+                percent(e.compliance)
+            ),
         ));
     }
     let waiting: Vec<String> = new
@@ -192,20 +224,23 @@ fn hold_reason(step: &Step, gating: &[Sli], evals: &[(Path, Sli, Evaluation)]) -
         .map(|(_, s, e)| format!("{} ({} events)", s.name(), e.counts.total()))
         .collect();
     if !waiting.is_empty() {
-        return Some(format!("too few events: {}", waiting.join(", ")));
+        return Some(("events", format!("too few events: {}", waiting.join(", "))));
     }
     if new.is_empty() {
-        return Some("no new-path SLI evaluated yet".to_owned());
+        return Some(("events", "no new-path SLI evaluated yet".to_owned()));
     }
     if let Some((_, s, e)) = new
         .iter()
         .find(|(_, _, e)| e.budget_remaining.is_none_or(|b| b <= step.min_budget))
     {
-        return Some(format!(
-            "{} error budget {} is not above {}",
-            s.name(),
-            percent(e.budget_remaining),
-            percent(Some(step.min_budget))
+        return Some((
+            "budget",
+            format!(
+                "{} error budget {} is not above {}",
+                s.name(),
+                percent(e.budget_remaining),
+                percent(Some(step.min_budget))
+            ),
         ));
     }
     None
@@ -242,7 +277,11 @@ pub fn tick(c: &mut Control, i: &Inputs<'_>) -> Decision {
     }
     let rollout = i.rollout.filter(|s| !s.is_empty()).map(|steps| {
         let r = &mut c.rollout;
-        r.step = r.step.min(steps.len() - 1);
+        // Placed by level (kept: a list edited back and forth returns to the same step).
+        r.step = r.position(steps);
+        if r.level.is_none() {
+            r.level = Some(level(&steps[r.step]));
+        }
         r.entered_at.get_or_insert(i.now);
         let step = steps[r.step];
         let status = if c.rollback.is_some() {
@@ -253,15 +292,15 @@ pub fn tick(c: &mut Control, i: &Inputs<'_>) -> Decision {
             RolloutStatus::Paused
         } else if r.step + 1 == steps.len() {
             RolloutStatus::Done
-        } else if let Some(why) = hold_reason(&step, i.gates, i.evals) {
+        } else if let Some((gate, why)) = hold_reason(&step, i.gates, i.evals) {
             r.healthy_since = None;
-            RolloutStatus::Holding { why }
+            RolloutStatus::Holding { gate, why }
         } else {
             let since = *r.healthy_since.get_or_insert(i.now);
             let baked = i.now.saturating_sub(since);
             if baked >= step.bake.as_secs() {
                 let from = step.label();
-                r.step += 1;
+                r.set(steps, r.step + 1);
                 r.entered_at = Some(i.now);
                 r.healthy_since = None;
                 let to = steps[r.step].label();
@@ -308,8 +347,9 @@ pub fn rollback(c: &mut Control, steps: Option<&[Step]>, by: Actor, reason: Stri
     });
     c.rollbacks += 1;
     c.consecutive = 0;
-    if steps.is_some_and(|s| !s.is_empty()) {
-        c.rollout.step = c.rollout.step.saturating_sub(1);
+    if let Some(steps) = steps.filter(|s| !s.is_empty()) {
+        let back = c.rollout.position(steps).saturating_sub(1);
+        c.rollout.set(steps, back);
         c.rollout.paused = true;
         c.rollout.healthy_since = None;
         c.rollout.entered_at = Some(now);
@@ -334,12 +374,13 @@ pub struct Runtime {
 impl Runtime {
     /// What `c` imposes with the rollout's `steps` (when enabled) in `mode`.
     pub fn of(c: &Control, steps: Option<&[Step]>, mode: Mode) -> Self {
-        let rollout = steps.filter(|s| !s.is_empty()).map(|s| {
-            match s[c.rollout.step.min(s.len() - 1)].percent {
-                None => (Mode::Shadow, 100.0),
-                Some(p) => (mode, p),
-            }
-        });
+        let rollout =
+            steps
+                .filter(|s| !s.is_empty())
+                .map(|s| match s[c.rollout.position(s)].percent {
+                    None => (Mode::Shadow, 100.0),
+                    Some(p) => (mode, p),
+                });
         Self {
             rollback: c.rollback.clone(),
             rollout,
@@ -380,7 +421,8 @@ mod tests {
             compliance: Some(1.0),
             budget_remaining: Some(budget),
             burns: vec![(b(3600, bad_5m), b(300, bad_5m), 14.4)],
-            burning: false,
+            // Errors in the test's windows burn (as a real evaluation's would at this rate).
+            burning: verdict == Verdict::Violated && bad_5m > 0,
             verdict,
         }
     }
@@ -445,6 +487,28 @@ mod tests {
         assert!(clear(&mut c).is_some());
         assert!(c.rollback.is_none());
         assert!(clear(&mut c).is_none());
+        // Cleared while still burning: counted from zero again, rolled back again.
+        assert!(tick(&mut c, &inputs(200, &bad, None)).action.is_none());
+        assert!(tick(&mut c, &inputs(210, &bad, None)).action.is_none());
+        assert!(tick(&mut c, &inputs(220, &bad, None)).action.is_some());
+        assert_eq!(c.rollbacks, 2);
+    }
+
+    #[test]
+    fn a_stray_error_below_target_without_a_burn_alert_is_not_a_violation_now() {
+        // Compliance below target (one error among few events) with errors in the last five
+        // minutes, but no burn alert: noise, never a rollback however long it lasts.
+        let mut e = eval(Verdict::Violated, 1, 0.0);
+        e.burning = false;
+        let stray: Vec<_> = Sli::ALL
+            .iter()
+            .map(|s| (Path::New, *s, e.clone()))
+            .collect();
+        let mut c = Control::default();
+        for t in 0..40 {
+            let d = tick(&mut c, &inputs(t * 10, &stray, None));
+            assert!(d.violations.is_empty() && d.action.is_none(), "{d:?}");
+        }
     }
 
     #[test]
@@ -515,7 +579,7 @@ mod tests {
         let few = all(Verdict::Inconclusive, 0, 1.0);
         let d = tick(&mut c, &inputs(1100, &few, Some(&s)));
         assert!(
-            matches!(&d.rollout.as_ref().unwrap().status, RolloutStatus::Holding { why } if why.contains("too few events")),
+            matches!(&d.rollout.as_ref().unwrap().status, RolloutStatus::Holding { why, .. } if why.contains("too few events")),
             "{d:?}"
         );
         let d = tick(&mut c, &inputs(1110, &ok, Some(&s)));
@@ -528,7 +592,7 @@ mod tests {
         let low = all(Verdict::Met, 0, 0.2);
         let d = tick(&mut c, &inputs(1200, &low, Some(&s)));
         assert!(
-            matches!(&d.rollout.as_ref().unwrap().status, RolloutStatus::Holding { why } if why.contains("budget")),
+            matches!(&d.rollout.as_ref().unwrap().status, RolloutStatus::Holding { why, .. } if why.contains("budget")),
             "{d:?}"
         );
         // Parity drift does not gate a percentage step (nothing is mirrored there).
@@ -578,10 +642,25 @@ mod tests {
         let d = tick(&mut c, &inputs(1450, &ok, Some(&s)));
         assert_eq!(c.rollout.step, 3);
         assert_eq!(d.rollout.unwrap().status, RolloutStatus::Done);
-        // Fewer steps in a reloaded config: the index is clamped.
+        // Fewer steps in a reloaded config: the highest step not above the one reached.
         let two = &s[..2];
         let d = tick(&mut c, &inputs(1460, &ok, Some(two)));
         assert_eq!(d.rollout.unwrap().step, 1);
+        assert_eq!(c.rollout.level, Some(100.0), "the level reached is kept");
+        // Steps edited under a rollout at 10 % never skip ahead: [shadow, 5, 50, 100] resumes
+        // at 5 % (not index 1's old meaning, nor beyond), [shadow, 50, 100] at shadow; edited
+        // back, it is at 10 % again.
+        let mut c = Control::default();
+        c.rollout.set(&s, 1);
+        let mut more = s.clone();
+        more[1].percent = Some(5.0);
+        let d = tick(&mut c, &inputs(2000, &ok, Some(&more)));
+        assert_eq!(d.rollout.unwrap().at, "5%");
+        let three = [s[0], s[2], s[3]];
+        let d = tick(&mut c, &inputs(2010, &ok, Some(&three)));
+        assert_eq!(d.rollout.unwrap().at, "shadow");
+        let d = tick(&mut c, &inputs(2020, &ok, Some(&s)));
+        assert_eq!(d.rollout.unwrap().at, "10%");
     }
 
     #[test]

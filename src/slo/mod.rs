@@ -68,10 +68,38 @@ impl Counts {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "(u64, u64, u64)", from = "BucketRepr")]
 struct Bucket {
     /// Start, seconds since the epoch (a multiple of the width).
     start: u64,
     counts: Counts,
+}
+
+/// A bucket in the state file: `[start, good, bad]` (tens of thousands of them: a third of the
+/// bytes of an object each); the object form of earlier files is read too.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BucketRepr {
+    Compact(u64, u64, u64),
+    Object { start: u64, counts: Counts },
+}
+
+impl From<Bucket> for (u64, u64, u64) {
+    fn from(b: Bucket) -> Self {
+        (b.start, b.counts.good, b.counts.bad)
+    }
+}
+
+impl From<BucketRepr> for Bucket {
+    fn from(r: BucketRepr) -> Self {
+        match r {
+            BucketRepr::Compact(start, good, bad) => Bucket {
+                start,
+                counts: Counts { good, bad },
+            },
+            BucketRepr::Object { start, counts } => Bucket { start, counts },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -340,6 +368,21 @@ mod tests {
             target: 0.999,
             window: 30 * DAY,
         }
+    }
+
+    #[test]
+    fn buckets_are_stored_compactly_and_old_files_still_read() {
+        let mut s = Series::new(86_400);
+        s.record(T0, c(5, 1));
+        let j = serde_json::to_string(&s).unwrap();
+        assert!(j.contains(&format!("[{},5,1]", T0)), "{j}");
+        assert_eq!(serde_json::from_str::<Series>(&j).unwrap(), s);
+        let old = j.replace(
+            &format!("[{},5,1]", T0),
+            &format!("{{\"start\":{T0},\"counts\":{{\"good\":5,\"bad\":1}}}}"),
+        );
+        assert_ne!(old, j);
+        assert_eq!(serde_json::from_str::<Series>(&old).unwrap(), s);
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub enum Block {
     CommandTotal,
     /// Of those, the ones within the latency threshold.
     CommandWithin,
+    /// Of those, the ones acked within `slo.command_timeout`.
+    CommandInTime,
     /// Frames handed to a leg.
     Sent,
     /// Frames dropped or refused by a full queue.
@@ -112,13 +114,14 @@ pub enum Block {
 
 impl Block {
     /// Every block.
-    pub const ALL: [Block; 13] = [
+    pub const ALL: [Block; 14] = [
         Block::Acked,
         Block::Failed,
         Block::Answered,
         Block::TimedOut,
         Block::CommandTotal,
         Block::CommandWithin,
+        Block::CommandInTime,
         Block::Sent,
         Block::Full,
         Block::Retransmits,
@@ -137,6 +140,7 @@ impl Block {
             Block::TimedOut => "timed_out",
             Block::CommandTotal => "command_total",
             Block::CommandWithin => "command_within",
+            Block::CommandInTime => "command_in_time",
             Block::Sent => "sent",
             Block::Full => "full",
             Block::Retransmits => "retransmits",
@@ -148,8 +152,8 @@ impl Block {
     }
 
     /// The metric and matchers it counts (`extra`: more matchers, such as `job="x"`, or
-    /// empty); `le` is the latency bucket's bound as the `le` label spells it.
-    pub fn selector(self, extra: &str, le: &str) -> String {
+    /// empty); the thresholds pick the latency buckets.
+    pub fn selector(self, extra: &str, th: Thresholds) -> String {
         let (metric, own) = match self {
             Block::Acked => (
                 "tcp_comm_ack_received_total",
@@ -167,7 +171,11 @@ impl Block {
             ),
             Block::CommandWithin => (
                 "tcp_comm_packet_latency_seconds_bucket",
-                format!(r#"kind="command",le=~"{le}""#),
+                format!(r#"kind="command",le=~"{}""#, le_regex(th.latency)),
+            ),
+            Block::CommandInTime => (
+                "tcp_comm_packet_latency_seconds_bucket",
+                format!(r#"kind="command",le=~"{}""#, le_regex(th.command_timeout)),
             ),
             Block::Sent => ("tcp_comm_packet_sent_total", r#"outcome="sent""#.to_owned()),
             Block::Full => (
@@ -196,14 +204,40 @@ impl Block {
 
     /// PromQL for its increase over `window` by transport, summed over every replica. The
     /// parity counters have no transport label: they are the new path's.
-    pub fn promql(self, extra: &str, le: &str, window: &str) -> String {
-        let inc = format!("increase({}[{window}])", self.selector(extra, le));
+    pub fn promql(self, extra: &str, th: Thresholds, window: &str) -> String {
+        let inc = format!("increase({}[{window}])", self.selector(extra, th));
         match self {
             Block::ParityMatches | Block::ParityDrifts => {
                 format!(r#"label_replace(sum({inc}), "transport", "new", "", "")"#)
             }
             _ => format!("sum by (transport) ({inc})"),
         }
+    }
+}
+
+/// The latency thresholds of the SLIs, seconds (each rounded down to a bucket of
+/// `tcp_comm_packet_latency_seconds`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Thresholds {
+    /// `command_latency`: acked within this is on time (`slo.latency_threshold`).
+    pub latency: f64,
+    /// `command_success`: acked within this is a success (`slo.command_timeout`).
+    pub command_timeout: f64,
+}
+
+impl Thresholds {
+    /// Those of `[slo]`.
+    pub fn of(cfg: &crate::config::SloConfig) -> Self {
+        Self {
+            latency: cfg.latency_threshold.as_secs_f64(),
+            command_timeout: cfg.command_timeout.as_secs_f64(),
+        }
+    }
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self::of(&crate::config::SloConfig::default())
     }
 }
 
@@ -224,7 +258,7 @@ pub fn le_regex(latency_threshold: f64) -> String {
 
 /// One value per [`Block`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Blocks(pub [u64; 13]);
+pub struct Blocks(pub [u64; 14]);
 
 impl Blocks {
     /// A block's value.
@@ -237,13 +271,13 @@ impl Blocks {
         self.0[b as usize] = v;
     }
 
-    /// The cumulative blocks of `transport` in `metrics` now; `latency_threshold` (seconds)
-    /// is rounded down to a bucket of `tcp_comm_packet_latency_seconds` (1.5 s is one).
-    pub fn read(metrics: &Metrics, transport: Path, latency_threshold: f64) -> Self {
+    /// The cumulative blocks of `transport` in `metrics` now; each threshold is rounded down
+    /// to a bucket of `tcp_comm_packet_latency_seconds` (1.5 s and 10 s are ones).
+    pub fn read(metrics: &Metrics, transport: Path, th: Thresholds) -> Self {
         let t = transport.label();
         let m = &metrics.transport;
         let cmd = m.latency.with_label_values(&[t, "command"]);
-        let within = {
+        let buckets: Vec<(f64, u64)> = {
             use prometheus::core::Collector as _;
             cmd.collect()
                 .first()
@@ -253,11 +287,17 @@ impl Blocks {
                         .get_histogram()
                         .get_bucket()
                         .iter()
-                        .filter(|b| b.upper_bound() <= latency_threshold + 1e-9)
-                        .map(|b| b.cumulative_count())
-                        .max()
-                        .unwrap_or(0)
+                        .map(|b| (b.upper_bound(), b.cumulative_count()))
+                        .collect()
                 })
+                .unwrap_or_default()
+        };
+        let within = |secs: f64| {
+            buckets
+                .iter()
+                .filter(|(le, _)| *le <= secs + 1e-9)
+                .map(|(_, n)| *n)
+                .max()
                 .unwrap_or(0)
         };
         let (frames, errors) = metrics.frames_and_decode_errors(transport);
@@ -294,7 +334,8 @@ impl Blocks {
                 m.request_timeout.with_label_values(&[t]).get(),
             ),
             (Block::CommandTotal, cmd.get_sample_count()),
-            (Block::CommandWithin, within),
+            (Block::CommandWithin, within(th.latency)),
+            (Block::CommandInTime, within(th.command_timeout)),
             (Block::Sent, counter(&m.packet_sent, &[t, "sent"])),
             (
                 Block::Full,
@@ -319,7 +360,14 @@ impl Blocks {
     pub fn counts(&self, transport: Path, sli: Sli) -> Counts {
         let g = |b| self.get(b);
         let (good, bad) = match sli {
-            Sli::CommandSuccess => (g(Block::Acked), g(Block::Failed)),
+            Sli::CommandSuccess => {
+                // Acked late counts as failed.
+                let late = g(Block::CommandTotal).saturating_sub(g(Block::CommandInTime));
+                (
+                    g(Block::Acked).saturating_sub(late),
+                    g(Block::Failed) + late,
+                )
+            }
             Sli::RequestSuccess => (g(Block::Answered), g(Block::TimedOut)),
             Sli::CommandLatency => {
                 let within = g(Block::CommandWithin).min(g(Block::CommandTotal));
@@ -350,8 +398,8 @@ impl Blocks {
 }
 
 /// Cumulative `(good, bad)` of `sli` on `transport` now (see [`Blocks::read`]).
-pub fn read(metrics: &Metrics, transport: Path, sli: Sli, latency_threshold: f64) -> Counts {
-    Blocks::read(metrics, transport, latency_threshold).counts(transport, sli)
+pub fn read(metrics: &Metrics, transport: Path, sli: Sli, th: Thresholds) -> Counts {
+    Blocks::read(metrics, transport, th).counts(transport, sli)
 }
 
 /// Key of a series: `transport/sli`.
@@ -389,10 +437,18 @@ impl Engine {
             .record(now, delta);
     }
 
+    /// A new process: its counters start from zero, so the next reading counts everything
+    /// since its start (not only what exceeds the last process's totals).
+    pub fn restarted(&mut self) {
+        for c in self.last.values_mut() {
+            *c = Counts::default();
+        }
+    }
+
     /// Reads every SLI of both transports from `metrics` and observes it.
-    pub fn observe_metrics(&mut self, now: u64, metrics: &Metrics, latency_threshold: f64) {
+    pub fn observe_metrics(&mut self, now: u64, metrics: &Metrics, th: Thresholds) {
         for t in [Path::Legacy, Path::New] {
-            let b = Blocks::read(metrics, t, latency_threshold);
+            let b = Blocks::read(metrics, t, th);
             for s in Sli::ALL {
                 self.observe(now, t, s, b.counts(t, s));
             }
@@ -440,6 +496,13 @@ mod tests {
 
     const T0: u64 = 1_800_000_000;
 
+    fn th(latency: f64) -> Thresholds {
+        Thresholds {
+            latency,
+            command_timeout: 10.0,
+        }
+    }
+
     fn acked(m: &Metrics, t: &str, n: u32, latency_ms: u64) {
         for _ in 0..n {
             m.transport.record(
@@ -473,20 +536,20 @@ mod tests {
         acked(&m, "new", 8, 2000);
         failed(&m, "new", 2);
         assert_eq!(
-            read(&m, Path::New, Sli::CommandSuccess, 1.5),
+            read(&m, Path::New, Sli::CommandSuccess, th(1.5)),
             Counts { good: 98, bad: 2 }
         );
         assert_eq!(
-            read(&m, Path::New, Sli::CommandLatency, 1.5),
+            read(&m, Path::New, Sli::CommandLatency, th(1.5)),
             Counts { good: 90, bad: 8 }
         );
         // A threshold between buckets rounds down (1.2 s → the 1 s bucket).
         assert_eq!(
-            read(&m, Path::New, Sli::CommandLatency, 1.2),
+            read(&m, Path::New, Sli::CommandLatency, th(1.2)),
             Counts { good: 90, bad: 8 }
         );
         assert_eq!(
-            read(&m, Path::Legacy, Sli::CommandSuccess, 1.5),
+            read(&m, Path::Legacy, Sli::CommandSuccess, th(1.5)),
             Counts::default(),
             "transports apart"
         );
@@ -508,7 +571,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            read(&m, Path::Legacy, Sli::DecodeErrors, 1.5),
+            read(&m, Path::Legacy, Sli::DecodeErrors, th(1.5)),
             Counts { good: 1, bad: 1 }
         );
     }
@@ -517,13 +580,13 @@ mod tests {
     fn the_engine_takes_deltas_survives_resets_and_finds_a_failing_new_path() {
         let m = Metrics::new(false);
         let mut e = Engine::default();
-        e.observe_metrics(T0, &m, 1.5);
+        e.observe_metrics(T0, &m, th(1.5));
         // A minute of healthy traffic on both, then the new path starts failing half its
         // commands.
         for i in 1..=6 {
             acked(&m, "legacy", 100, 5);
             acked(&m, "new", 100, 5);
-            e.observe_metrics(T0 + i * 10, &m, 1.5);
+            e.observe_metrics(T0 + i * 10, &m, th(1.5));
         }
         let obj = |s: Sli| s.default_objective();
         let v = |e: &Engine, now| {
@@ -541,7 +604,7 @@ mod tests {
             acked(&m, "legacy", 100, 5);
             acked(&m, "new", 50, 5);
             failed(&m, "new", 50);
-            e.observe_metrics(T0 + i * 10, &m, 1.5);
+            e.observe_metrics(T0 + i * 10, &m, th(1.5));
         }
         assert_eq!(
             v(&e, T0 + 120),
