@@ -529,9 +529,10 @@ mod tests {
     #[tokio::test]
     async fn reload_is_loopback_only_and_unknown_paths_404() {
         let m = Arc::new(Metrics::new(false));
-        let live =
-            crate::reload::LiveConfig::fixed(crate::config::Config::default(), m.clone()).unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::Config::default();
+        cfg.slo.state_file = dir.path().join("slo/state.json");
+        let live = crate::reload::LiveConfig::fixed(cfg, m.clone()).unwrap();
         let certs = crate::tls::init_certs(dir.path(), false).unwrap();
         let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
         let st = AdminState::new(m, Some(proxy));

@@ -1854,7 +1854,7 @@ impl Config {
                 "must be at least 0 and below 1",
             ));
         }
-        if r.gates.is_empty() {
+        if r.enabled && r.gates.is_empty() {
             return Err(invalid(
                 "rollout.gates",
                 "must name at least one SLI (a rollout with no gate would never be judged)",
@@ -1986,6 +1986,9 @@ impl Config {
         if self.capture.keylog_file != new.capture.keylog_file {
             v.push("capture.keylog_file");
         }
+        if self.slo.state_file != new.slo.state_file {
+            v.push("slo.state_file");
+        }
         v
     }
 
@@ -1999,6 +2002,7 @@ impl Config {
         new.reload = self.reload.clone();
         new.capture.queue = self.capture.queue;
         new.capture.keylog_file = self.capture.keylog_file.clone();
+        new.slo.state_file = self.slo.state_file.clone();
         new
     }
 

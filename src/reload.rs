@@ -4,8 +4,8 @@
 //! running configuration and says why (file:line:column, field).
 //!
 //! Routing, upstream, new-path, drain and timeout options apply to the next connections at once;
-//! listen addresses, TLS, the admin server, logging, metrics options and the connection limit need
-//! a restart and are reported as such when they change.
+//! listen addresses, TLS, the admin server, logging, metrics options, the connection limit and
+//! the SLO state file need a restart and are reported as such when they change.
 
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
@@ -533,6 +533,9 @@ impl LiveConfig {
         // A reload under way holds this for as long as its file takes to settle; callers run
         // on blocking threads.
         let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // The runtime stored last (another call may have stored a newer one meanwhile): what
+        // is in force and what a reload applies never differ.
+        let runtime = self.runtime_now();
         let cur = self.current();
         if cur.runtime == runtime {
             return cur.generation;

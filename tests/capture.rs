@@ -222,8 +222,9 @@ async fn capture_switch_and_filters_reload_live_and_app_auth_is_redacted() {
         std::fs::write(
             &file,
             format!(
-                "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n[tls]\ncert_dir = \"{}\"\n[capture]\ndir = \"{}\"\n{extra}",
+                "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n[tls]\ncert_dir = \"{}\"\n[slo]\nstate_file = \"{}\"\n[capture]\ndir = \"{}\"\n{extra}",
                 certs().ca_cert.parent().unwrap().display(),
+                dir.path().join("slo.json").display(),
                 caps.display()
             ),
         )

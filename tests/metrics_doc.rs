@@ -154,8 +154,10 @@ fn docs_and_a_fresh_proxy_export_the_same_families() {
         &cfg,
         format!(
             "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{up}\"]\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n",
-            dir.path().join("certs").display()
+             [admin]\nlisten = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n\
+             [slo]\nstate_file = \"{}\"\n",
+            dir.path().join("certs").display(),
+            dir.path().join("slo/state.json").display()
         ),
     )
     .unwrap();

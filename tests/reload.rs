@@ -21,8 +21,9 @@ fn all_reloads(m: &cync_mitm::metrics::Metrics) -> u64 {
 
 fn config_text(cloud_port: u16, percent: u32) -> String {
     format!(
-        "# test config\n[reload]\ndebounce = \"50ms\"\n[upstream]\naddresses = [\"127.0.0.1:{cloud_port}\"]\n[admin]\nenabled = false\n[routing]\nmode = \"shadow\"\ncanary_percent = {percent}\n[tls]\ncert_dir = \"{}\"\n",
-        certs().ca_cert.parent().unwrap().display()
+        "# test config\n[reload]\ndebounce = \"50ms\"\n[upstream]\naddresses = [\"127.0.0.1:{cloud_port}\"]\n[admin]\nenabled = false\n[routing]\nmode = \"shadow\"\ncanary_percent = {percent}\n[tls]\ncert_dir = \"{}\"\n{}",
+        certs().ca_cert.parent().unwrap().display(),
+        slo_scratch_toml()
     )
 }
 
@@ -184,8 +185,9 @@ async fn removed_upstream_addresses_lose_their_health_series() {
     let text = |addrs: &str| {
         format!(
             "[upstream]\naddresses = [{addrs}]\nprobe_interval = \"1s\"\n[admin]\nenabled = false\n\
-             [listen]\ntls = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n",
-            certs().ca_cert.parent().unwrap().display()
+             [listen]\ntls = \"127.0.0.1:0\"\n[tls]\ncert_dir = \"{}\"\n{}",
+            certs().ca_cert.parent().unwrap().display(),
+            slo_scratch_toml()
         )
     };
     std::fs::write(&file, text(&format!("\"{cloud_addr}\", \"{dead_addr}\""))).unwrap();

@@ -25,9 +25,10 @@ fn write_config(path: &Path, legacy: std::net::SocketAddr, new: std::net::Socket
     let text = format!(
         "# test config\n[listen]\ntls = \"127.0.0.1:0\"\n\n[upstream]\naddresses = [\"{legacy}\"]\n\n\
          [new_path]\naddresses = [\"{new}\"]\nca_file = \"{}\"\nsni = \"cm.gelighting.com\"\n\n\
-         [tls]\ncert_dir = \"{}\"\n\n[drain]\nbatch = 50\ninterval = \"50ms\"\n\n{extra}",
+         [tls]\ncert_dir = \"{}\"\n\n[drain]\nbatch = 50\ninterval = \"50ms\"\n{}\n{extra}",
         certs().ca_cert.display(),
-        certs().ca_cert.parent().unwrap().display()
+        certs().ca_cert.parent().unwrap().display(),
+        slo_scratch_toml()
     );
     // Write then rename, as editors do.
     let tmp = path.with_extension("new");
@@ -239,7 +240,12 @@ async fn invalid_files_keep_the_running_generation_and_symlink_swaps_are_seen() 
     // A ConfigMap-style layout: config.toml -> ..data/config.toml, ..data -> ..v1.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let text = |pct: f64| format!("[routing]\ncanary_percent = {pct}\n[admin]\nenabled = false\n");
+    let text = |pct: f64| {
+        format!(
+            "[routing]\ncanary_percent = {pct}\n[admin]\nenabled = false\n{}",
+            slo_scratch_toml()
+        )
+    };
     std::fs::create_dir(d.join("..v1")).unwrap();
     std::fs::write(d.join("..v1/config.toml"), text(10.0)).unwrap();
     std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
@@ -413,7 +419,8 @@ async fn tls_settings_and_rotated_certificates_apply_on_reload() {
         std::fs::write(
             &file,
             format!(
-                "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n[tls]\ncert_dir = \"{}\"\necdsa = {ecdsa}\n",
+                "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{cloud_addr}\"]\n[slo]\nstate_file = \"{}\"\n[tls]\ncert_dir = \"{}\"\necdsa = {ecdsa}\n",
+                dir.path().join("slo.json").display(),
                 certs_dir.display()
             ),
         )
@@ -804,10 +811,11 @@ async fn adding_the_backend_by_reload_attaches_the_mirrors_of_live_devices() {
             "[listen]\ntls = \"127.0.0.1:0\"\n[upstream]\naddresses = [\"{legacy_addr}\"]\n\
              [new_path]\naddresses = [{addresses}]\nca_file = \"{}\"\nsni = \"cm.gelighting.com\"\n\
              [tls]\ncert_dir = \"{}\"\n[routing]\nmode = \"shadow\"\ncanary_percent = 100\n\
-             [parity]\ndir = \"{}\"\n",
+             [parity]\ndir = \"{}\"\n{}",
             certs().ca_cert.display(),
             certs().ca_cert.parent().unwrap().display(),
-            dir.path().join("parity").display()
+            dir.path().join("parity").display(),
+            slo_scratch_toml()
         )
     };
     std::fs::write(&file, text("")).unwrap();

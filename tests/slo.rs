@@ -231,12 +231,22 @@ async fn a_backend_leaving_half_its_answers_unsent_is_rolled_back_and_the_overri
     assert_eq!(c["file_routing"]["canary_percent"], 50.0);
     assert_eq!(c["runtime_override"]["rollback"]["by"], "auto");
     assert_eq!(on_path(&p, "new"), 0);
+    // The running proxy holds the state file's lock.
+    let state = dir.path().join("slo/state.json");
+    assert!(cync_mitm::proxy::try_lock_slo_state(&state).is_none());
     // A restart keeps it too.
     fleet.stop().await;
     assert!(p.proxy.shutdown(Duration::from_secs(3)).await);
+    drop(p);
+    // Released with the proxy.
+    assert!(
+        wait_until(T, || cync_mitm::proxy::try_lock_slo_state(&state).is_some()).await,
+        "the lock outlived its proxy"
+    );
     backend.set_drop_answers(0.0);
     let (live, metrics) = live_from_file(&file);
     let again = start_proxy_live(live, metrics).await;
+    assert!(cync_mitm::proxy::try_lock_slo_state(&state).is_none());
     assert_eq!(again.metrics.slo.rollback_active.get(), 1);
     assert_eq!(again.proxy.config().config.routing.canary_percent, 0.0);
     let mut fc = fleet_config(again.addr, 10);
@@ -726,4 +736,41 @@ fn the_cli_clears_overrides_and_reads_the_state_when_no_proxy_answers() {
         !out.status.success(),
         "90 days is more than the series keep"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_state_file_is_moved_aside_and_the_proxy_starts_rolled_back() {
+    let (legacy, legacy_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    std::fs::write(&state, b"{\"series\": [half a file").unwrap();
+    let mut cfg = proxy_config(legacy_addr);
+    cfg.new_path.addresses = vec!["127.0.0.1:9".into()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
+    cfg.routing.canary_percent = 100.0;
+    cfg.slo.state_file = state.clone();
+    let p = start_proxy(cfg).await;
+    assert_eq!(p.metrics.slo.rollback_active.get(), 1);
+    assert_eq!(p.proxy.config().config.routing.canary_percent, 0.0);
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.unreadable-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "moved aside");
+    assert_eq!(
+        std::fs::read(aside[0].path()).unwrap(),
+        b"{\"series\": [half a file",
+        "kept as it was"
+    );
+    // Written at once: a crash now still starts rolled back.
+    let s = cync_mitm::cmd::slo::read_state(&state).unwrap().unwrap();
+    let o = s.control.rollback.unwrap();
+    assert!(o.reason.contains("could not be read"), "{}", o.reason);
+    legacy.stop().await;
 }

@@ -143,7 +143,8 @@ fn transparent_mode_follows_the_original_destination() {
     // Fixed-mode addresses point nowhere: only the original destination can work.
     std::fs::write(&cfg, format!(
         "[listen]\ntls = \"0.0.0.0:24779\"\n[upstream]\nmode = \"transparent\"\naddresses = [\"127.0.0.1:9\"]\n\
-         [admin]\nenabled = false\n[tls]\ncert_dir = \"{}\"\n", certs.display())).unwrap();
+         [admin]\nenabled = false\n[tls]\ncert_dir = \"{}\"\n[slo]\nstate_file = \"{}\"\n",
+        certs.display(), dir.path().join("slo/state.json").display())).unwrap();
     let cloud_listen = format!("{proxy_ip}:23779");
     env.children.push(
         Command::new("ip")

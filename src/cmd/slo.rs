@@ -96,9 +96,13 @@ pub fn read_state(path: &std::path::Path) -> Result<Option<State>, Error> {
     }
 }
 
-/// Changes the state file in place (atomically, 0600) with `f`; returns what `f` returned.
-/// Refused while a proxy holds the file (it would write its own state back over the edit).
-pub fn edit_state<T>(path: &std::path::Path, f: impl FnOnce(&mut State) -> T) -> Result<T, Error> {
+/// Changes the state file in place (atomically, 0600) with `f`; returns what `f` returned
+/// (an error from `f` leaves the file as it was). Refused while a proxy holds the file (it
+/// would write its own state back over the edit).
+pub fn edit_state<T>(
+    path: &std::path::Path,
+    f: impl FnOnce(&mut State) -> Result<T, Error>,
+) -> Result<T, Error> {
     let Some(_lock) = crate::proxy::try_lock_slo_state(path) else {
         return Err(Error::State(format!(
             "a running proxy holds {} but its admin server did not answer; change it through \
@@ -107,7 +111,7 @@ pub fn edit_state<T>(path: &std::path::Path, f: impl FnOnce(&mut State) -> T) ->
         )));
     };
     let mut s = read_state(path)?.unwrap_or_default();
-    let out = f(&mut s);
+    let out = f(&mut s)?;
     crate::proxy::save_slo_state(path, &s)
         .map_err(|e| Error::State(format!("{}: {e}", path.display())))?;
     Ok(out)
@@ -484,7 +488,7 @@ pub async fn clear_override(cfg: &Config) -> Result<String, Error> {
         }
     }
     let path = &cfg.slo.state_file;
-    let cleared = edit_state(path, |s| crate::slo::control::clear(&mut s.control))?;
+    let cleared = edit_state(path, |s| Ok(crate::slo::control::clear(&mut s.control)))?;
     Ok(match cleared {
         Some(o) => format!(
             "{why}; the override ({}: {}) was removed from {}: a proxy started from it routes by the configuration",
@@ -580,23 +584,22 @@ pub async fn rollout(
         RolloutAction::Status => read_state(path)?.unwrap_or_default(),
         RolloutAction::Pause | RolloutAction::Resume => {
             let pause = action == RolloutAction::Pause;
-            let s = read_state(path)?.unwrap_or_default();
-            if !pause && s.control.rollback.is_some() {
-                return Err(Error::Refused(
-                    "a rollback override is in force; clear it first (cync-mitm canary clear-override)".into(),
-                ));
-            }
             edit_state(path, |s| {
+                if !pause && s.control.rollback.is_some() {
+                    return Err(Error::Refused(
+                        "a rollback override is in force; clear it first (cync-mitm canary clear-override)".into(),
+                    ));
+                }
                 s.control.rollout.paused = pause;
                 s.control.rollout.healthy_since = None;
-                s.clone()
+                Ok(s.clone())
             })?
         }
     };
     let steps = r.resolved().unwrap_or_default();
     let v = serde_json::json!({
         "enabled": r.enabled,
-        "step": state.control.rollout.step.min(steps.len().saturating_sub(1)),
+        "step": state.control.rollout.position(&steps),
         "steps": steps.iter().map(|s| serde_json::json!({"at": s.label(), "bake_secs": s.bake.as_secs(), "min_budget": s.min_budget})).collect::<Vec<_>>(),
         "paused": state.control.rollout.paused,
         "status": null,

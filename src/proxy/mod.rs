@@ -74,6 +74,8 @@ pub struct Proxy {
     stop_accepting: CancellationToken,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Background tasks shutdown waits for (the SLO loop's last save), apart from sessions.
+    background: TaskTracker,
     sinks: Arc<[Arc<dyn TapSink>]>,
     health: health::Health,
     parity: Arc<crate::parity::hub::Hub>,
@@ -133,14 +135,16 @@ impl Proxy {
             stop_accepting: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            background: TaskTracker::new(),
             sinks: sinks.into(),
         });
         me.init_slo_runtime();
         if tokio::runtime::Handle::try_current().is_ok() {
             let d = me.clone();
             tokio::spawn(async move { d.drainer().await });
+            // Tracked: shutdown waits for its last save.
             let s = me.clone();
-            tokio::spawn(async move { s.slo_loop().await });
+            me.background.spawn(async move { s.slo_loop().await });
         }
         Ok(me)
     }
@@ -202,14 +206,11 @@ impl Proxy {
                         continue;
                     }
                     if loaded.runtime.rollback.is_some() {
-                        // A rollback always drains, at its own rate: ten steps a second, or
-                        // one device per step below ten a second.
+                        // A rollback always drains, at its own rate: steps of a tenth of a
+                        // second's worth (one device at least), spaced to make the rate.
                         let rate = loaded.config.slo.rollback_drain_rate.max(1);
-                        pace = if rate >= 10 {
-                            (rate.div_ceil(10) as usize, Duration::from_millis(100))
-                        } else {
-                            (1, Duration::from_secs(1) / rate)
-                        };
+                        let batch = rate.div_ceil(10);
+                        pace = (batch as usize, Duration::from_secs(1) * batch / rate);
                         tracing::warn!(
                             generation = loaded.generation,
                             devices = queue.len(),
@@ -395,9 +396,13 @@ impl Proxy {
         self.stop_accepting.cancel();
         self.shutdown.cancel();
         self.tracker.close();
-        tokio::time::timeout(drain, self.tracker.wait())
-            .await
-            .is_ok()
+        self.background.close();
+        tokio::time::timeout(drain, async {
+            self.tracker.wait().await;
+            self.background.wait().await;
+        })
+        .await
+        .is_ok()
     }
 
     /// Whether shutdown has begun.

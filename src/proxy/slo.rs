@@ -44,6 +44,8 @@ struct LogLine {
     keep_days: u32,
     at: SystemTime,
     line: String,
+    /// An action (rollback, clear, advance): written even past the day's cap.
+    action: bool,
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -60,18 +62,29 @@ impl Slo {
     /// and the proxy starts rolled back (it cannot know whether an override was in force:
     /// safe until someone clears it). The bake of a rollout step starts over (time down is not
     /// time baked) and the counters' baseline is zero (this process counts from its start).
+    /// An empty `path` (allowed with `[slo] enabled = false`) keeps nothing on disk.
     pub(super) fn load(path: &std::path::Path, metrics: &crate::metrics::Metrics) -> Self {
-        let lock = lock_state(path);
+        let on_disk = !path.as_os_str().is_empty();
+        let lock = on_disk.then(|| lock_state(path)).flatten();
         let mut state = match std::fs::read(path) {
+            _ if !on_disk => State::default(),
             Ok(b) => match serde_json::from_slice::<State>(&b) {
                 Ok(s) => {
                     tracing::info!(file = %path.display(), rollback = s.control.rollback.is_some(), "SLO state restored");
                     s
                 }
-                Err(e) => unreadable(path, &e.to_string()),
+                Err(e) => {
+                    // Written at once: a crash before the first save must not forget it.
+                    let s = unreadable(path, &e.to_string(), true);
+                    if let Err(e) = write_state(path, &s) {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot save the SLO state");
+                    }
+                    s
+                }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(e) => unreadable(path, &e.to_string()),
+            // Not readable (permissions, I/O): left where it is, and safe meanwhile.
+            Err(e) => unreadable(path, &e.to_string(), false),
         };
         state.control.rollout.healthy_since = None;
         state.engine.restarted();
@@ -126,35 +139,46 @@ pub fn try_lock_state(path: &std::path::Path) -> Option<std::fs::File> {
             .mode(0o700)
             .create(dir);
     }
-    let f = std::fs::OpenOptions::new()
+    // Empty and readable by all (no secret in it): whoever runs the proxy or the CLI can
+    // take it; flock needs no write access.
+    let lp = lock_path(path);
+    let _ = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .mode(0o600)
+        .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(lock_path(path))
+        .open(&lp);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&lp)
         .ok()?;
     rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
     Some(f)
 }
 
 /// An unreadable state file: moved aside, and a rollback in force until cleared.
-fn unreadable(path: &std::path::Path, why: &str) -> State {
+/// An unreadable state file: a rollback in force until cleared (whether one was in force
+/// cannot be known); a file that does not parse is moved aside first (`move_aside`).
+fn unreadable(path: &std::path::Path, why: &str, move_aside: bool) -> State {
     let now = unix(SystemTime::now());
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".unreadable-{now}"));
     let aside = std::path::PathBuf::from(aside);
-    let moved = std::fs::rename(path, &aside).is_ok();
+    let moved = move_aside && std::fs::rename(path, &aside).is_ok();
     tracing::error!(file = %path.display(), error = why, moved_to = %aside.display(), moved, "SLO state unreadable: starting rolled back (every device on the legacy path) until the override is cleared");
     let mut s = State::default();
+    let where_ = if moved {
+        format!("it was moved to {}", aside.display())
+    } else {
+        "it was left in place".to_owned()
+    };
     control::rollback(
         &mut s.control,
         None,
         Actor::Auto,
-        format!(
-            "the SLO state file could not be read ({why}); it was moved to {}",
-            aside.display()
-        ),
+        format!("the SLO state file could not be read ({why}); {where_}"),
         now,
     );
     s
@@ -194,10 +218,9 @@ impl Proxy {
         let m = &self.metrics.slo;
         m.rollback_active.set(i64::from(c.rollback.is_some()));
         m.consecutive.set(i64::from(c.consecutive));
-        m.rollout_step.set(if l.config.rollout.enabled {
-            c.rollout.step as i64
-        } else {
-            -1
+        m.rollout_step.set(match steps(l) {
+            Some(s) if !s.is_empty() => c.rollout.position(&s) as i64,
+            _ => -1,
         });
     }
 
@@ -242,7 +265,7 @@ impl Proxy {
         let latest = self.slo.latest.lock().unwrap_or_else(|p| p.into_inner());
         json!({
             "enabled": true,
-            "step": r.step.min(steps.len().saturating_sub(1)),
+            "step": r.position(&steps),
             "steps": steps.iter().map(|s| json!({"at": s.label(), "bake_secs": s.bake.as_secs(), "min_budget": s.min_budget})).collect::<Vec<_>>(),
             "paused": r.paused,
             "entered_at": r.entered_at.map(|t| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(t))),
@@ -284,8 +307,16 @@ impl Proxy {
     }
 
     /// `POST /rollback`: every device back to the legacy path now, until cleared. Returns
-    /// whether this call set it (false: one was in force already).
+    /// whether this call set it (false: one was in force already). Runs to its end (logged,
+    /// counted, notified) even if the caller goes away.
     pub async fn rollback_now(self: &Arc<Self>, reason: &str) -> bool {
+        let (me, reason) = (self.clone(), reason.to_owned());
+        tokio::spawn(async move { me.rollback_inner(&reason).await })
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn rollback_inner(self: &Arc<Self>, reason: &str) -> bool {
         let l = self.live.current();
         let now = SystemTime::now();
         let (set, over) = {
@@ -325,8 +356,15 @@ impl Proxy {
     }
 
     /// `POST /rollback/clear`: lifts the override; the file's (or the rollout's) routing is
-    /// back. Returns the override lifted.
+    /// back. Returns the override lifted. Runs to its end even if the caller goes away.
     pub async fn clear_rollback(self: &Arc<Self>) -> Option<control::Override> {
+        let me = self.clone();
+        tokio::spawn(async move { me.clear_inner().await })
+            .await
+            .unwrap_or(None)
+    }
+
+    async fn clear_inner(self: &Arc<Self>) -> Option<control::Override> {
         let l = self.live.current();
         let now = SystemTime::now();
         let cleared = control::clear(&mut self.slo.state().control);
@@ -385,6 +423,9 @@ impl Proxy {
     fn save_now(&self) {
         let _g = self.slo.save_lock.lock().unwrap_or_else(|p| p.into_inner());
         let file = self.live.current().config.slo.state_file.clone();
+        if file.as_os_str().is_empty() {
+            return;
+        }
         let snapshot = self.slo.state().clone();
         save_state(&file, &snapshot);
     }
@@ -398,6 +439,7 @@ impl Proxy {
             keep_days: cfg.decision_log_keep_days,
             at,
             line: record.to_string(),
+            action: !record["action"].is_null(),
         };
         if self.slo.log.try_send(line).is_err() {
             self.metrics.slo.log_dropped.inc();
@@ -500,7 +542,8 @@ impl Proxy {
             };
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
-                    self.save_now();
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.save_now()).await;
                     return;
                 }
                 _ = tokio::time::sleep(wait) => {}
@@ -761,7 +804,7 @@ fn log_thread(rx: std::sync::mpsc::Receiver<LogLine>, dropped: prometheus::IntCo
         let Some(o) = open.as_mut() else { continue };
         let mut buf = l.line.into_bytes();
         buf.push(b'\n');
-        if o.bytes + buf.len() as u64 > MAX_DECISION_LOG_BYTES {
+        if o.bytes + buf.len() as u64 > MAX_DECISION_LOG_BYTES && !l.action {
             dropped.inc();
             continue;
         }
@@ -807,6 +850,16 @@ pub fn write_state(path: &std::path::Path, state: &State) -> std::io::Result<()>
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
+        // Keep the owner of the file it replaces (the CLI run as root edits a proxy user's
+        // file; a root-owned file would lock the proxy out of its own state).
+        if let Ok(old) = std::fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt as _;
+            if let Ok(new) = f.metadata()
+                && (new.uid(), new.gid()) != (old.uid(), old.gid())
+            {
+                let _ = std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid()));
+            }
+        }
         f.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)

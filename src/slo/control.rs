@@ -277,11 +277,15 @@ pub fn tick(c: &mut Control, i: &Inputs<'_>) -> Decision {
     }
     let rollout = i.rollout.filter(|s| !s.is_empty()).map(|steps| {
         let r = &mut c.rollout;
-        // Placed by level (kept: a list edited back and forth returns to the same step).
-        r.step = r.position(steps);
-        if r.level.is_none() {
-            r.level = Some(level(&steps[r.step]));
+        // Placed by level; a level the list no longer has re-anchors at the step it is placed
+        // on, which bakes afresh (a list cut short and restored never skips the steps between).
+        let at = r.position(steps);
+        if r.level != Some(level(&steps[at])) {
+            r.set(steps, at);
+            r.healthy_since = None;
+            r.entered_at = Some(i.now);
         }
+        r.step = at;
         r.entered_at.get_or_insert(i.now);
         let step = steps[r.step];
         let status = if c.rollback.is_some() {
@@ -642,14 +646,16 @@ mod tests {
         let d = tick(&mut c, &inputs(1450, &ok, Some(&s)));
         assert_eq!(c.rollout.step, 3);
         assert_eq!(d.rollout.unwrap().status, RolloutStatus::Done);
-        // Fewer steps in a reloaded config: the highest step not above the one reached.
+        // Fewer steps in a reloaded config: the highest step not above the one reached, where
+        // the rollout re-anchors: restoring the list does not skip the steps between.
         let two = &s[..2];
         let d = tick(&mut c, &inputs(1460, &ok, Some(two)));
         assert_eq!(d.rollout.unwrap().step, 1);
-        assert_eq!(c.rollout.level, Some(100.0), "the level reached is kept");
+        assert_eq!(c.rollout.level, Some(10.0));
+        let d = tick(&mut c, &inputs(1470, &ok, Some(&s)));
+        assert_eq!(d.rollout.unwrap().at, "10%", "back at 10 %, to bake again");
         // Steps edited under a rollout at 10 % never skip ahead: [shadow, 5, 50, 100] resumes
-        // at 5 % (not index 1's old meaning, nor beyond), [shadow, 50, 100] at shadow; edited
-        // back, it is at 10 % again.
+        // at 5 % (not index 1's old meaning, nor beyond), [shadow, 50, 100] at shadow.
         let mut c = Control::default();
         c.rollout.set(&s, 1);
         let mut more = s.clone();
@@ -659,8 +665,15 @@ mod tests {
         let three = [s[0], s[2], s[3]];
         let d = tick(&mut c, &inputs(2010, &ok, Some(&three)));
         assert_eq!(d.rollout.unwrap().at, "shadow");
-        let d = tick(&mut c, &inputs(2020, &ok, Some(&s)));
-        assert_eq!(d.rollout.unwrap().at, "10%");
+        // An unchanged list keeps its place and bake.
+        let mut c = Control::default();
+        c.rollout.set(&s, 2);
+        tick(&mut c, &inputs(3000, &ok, Some(&s)));
+        let d = tick(&mut c, &inputs(3030, &ok, Some(&s)));
+        assert_eq!(
+            d.rollout.unwrap().status,
+            RolloutStatus::Baking { left_secs: 30 }
+        );
     }
 
     #[test]

@@ -277,18 +277,22 @@ impl Blocks {
         let t = transport.label();
         let m = &metrics.transport;
         let cmd = m.latency.with_label_values(&[t, "command"]);
-        let buckets: Vec<(f64, u64)> = {
+        // The buckets and the count from one snapshot: read apart, an ack landing between them
+        // would look late for one reading.
+        let (buckets, cmd_total): (Vec<(f64, u64)>, u64) = {
             use prometheus::core::Collector as _;
             cmd.collect()
                 .first()
                 .and_then(|mf| mf.get_metric().first().cloned())
                 .map(|metric| {
-                    metric
-                        .get_histogram()
-                        .get_bucket()
-                        .iter()
-                        .map(|b| (b.upper_bound(), b.cumulative_count()))
-                        .collect()
+                    let h = metric.get_histogram();
+                    (
+                        h.get_bucket()
+                            .iter()
+                            .map(|b| (b.upper_bound(), b.cumulative_count()))
+                            .collect(),
+                        h.get_sample_count(),
+                    )
                 })
                 .unwrap_or_default()
         };
@@ -333,7 +337,7 @@ impl Blocks {
                 Block::TimedOut,
                 m.request_timeout.with_label_values(&[t]).get(),
             ),
-            (Block::CommandTotal, cmd.get_sample_count()),
+            (Block::CommandTotal, cmd_total),
             (Block::CommandWithin, within(th.latency)),
             (Block::CommandInTime, within(th.command_timeout)),
             (Block::Sent, counter(&m.packet_sent, &[t, "sent"])),
@@ -413,20 +417,24 @@ pub struct Engine {
     series: BTreeMap<String, Series>,
     /// The last cumulative reading of each, to take deltas.
     last: BTreeMap<String, Counts>,
+    /// The thresholds the readings were classified with (a change re-baselines).
+    #[serde(default)]
+    thresholds: Option<(f64, f64)>,
 }
 
 impl Engine {
     /// Adds the events since the last reading of `sli` on `transport` (`cumulative` is the
-    /// counter pair now). A counter that went down (a restart, another replica set) starts
-    /// over: its whole value is new. The first reading only sets the baseline.
+    /// counter pair now). Fewer events in all than before (counters that started over: a
+    /// restart not announced by [`Self::restarted`]) start over: the whole value is new. The
+    /// first reading only sets the baseline.
     pub fn observe(&mut self, now: u64, transport: Path, sli: Sli, cumulative: Counts) {
         let k = key(transport, sli);
         let delta = match self.last.get(&k) {
             None => Counts::default(),
-            Some(prev) if cumulative.good < prev.good || cumulative.bad < prev.bad => cumulative,
+            Some(prev) if cumulative.total() < prev.total() => cumulative,
             Some(prev) => Counts {
-                good: cumulative.good - prev.good,
-                bad: cumulative.bad - prev.bad,
+                good: cumulative.good.saturating_sub(prev.good),
+                bad: cumulative.bad.saturating_sub(prev.bad),
             },
         };
         self.last.insert(k.clone(), cumulative);
@@ -447,6 +455,20 @@ impl Engine {
 
     /// Reads every SLI of both transports from `metrics` and observes it.
     pub fn observe_metrics(&mut self, now: u64, metrics: &Metrics, th: Thresholds) {
+        // New thresholds reclassify every past event: take the readings as the new baseline
+        // and record nothing this once.
+        let key_th = (th.latency, th.command_timeout);
+        if self.thresholds.is_some_and(|t| t != key_th) {
+            for t in [Path::Legacy, Path::New] {
+                let b = Blocks::read(metrics, t, th);
+                for s in Sli::ALL {
+                    self.last.insert(key(t, s), b.counts(t, s));
+                }
+            }
+            self.thresholds = Some(key_th);
+            return;
+        }
+        self.thresholds = Some(key_th);
         for t in [Path::Legacy, Path::New] {
             let b = Blocks::read(metrics, t, th);
             for s in Sli::ALL {
@@ -628,5 +650,54 @@ mod tests {
         let json = serde_json::to_string(&e).unwrap();
         let back: Engine = serde_json::from_str(&json).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn late_acks_fail_command_success_and_new_thresholds_rebaseline_without_events() {
+        let m = Metrics::new(false);
+        acked(&m, "new", 90, 10);
+        acked(&m, "new", 10, 12_000);
+        let strict = Thresholds {
+            latency: 1.5,
+            command_timeout: 5.0,
+        };
+        assert_eq!(
+            read(&m, Path::New, Sli::CommandSuccess, strict),
+            Counts { good: 90, bad: 10 },
+            "acked after the command timeout is a failure"
+        );
+        assert_eq!(
+            read(&m, Path::New, Sli::CommandSuccess, th(1.5)),
+            Counts { good: 90, bad: 10 },
+            "beyond the last finite bucket (10 s) too"
+        );
+        let mut e = Engine::default();
+        e.observe_metrics(T0, &m, strict);
+        acked(&m, "new", 50, 10);
+        e.observe_metrics(T0 + 10, &m, strict);
+        let count = |e: &Engine, now| e.counts(Path::New, Sli::CommandSuccess, now, 3600).unwrap();
+        assert_eq!(count(&e, T0 + 10), Counts { good: 50, bad: 0 });
+        // Looser thresholds reclassify history: nothing is recorded for the change itself.
+        let loose = Thresholds {
+            latency: 1.5,
+            command_timeout: 10.0,
+        };
+        e.observe_metrics(T0 + 20, &m, loose);
+        assert_eq!(count(&e, T0 + 20), Counts { good: 50, bad: 0 });
+        acked(&m, "new", 5, 10);
+        e.observe_metrics(T0 + 30, &m, loose);
+        assert_eq!(count(&e, T0 + 30), Counts { good: 55, bad: 0 });
+        // A restart announced: the new process's counters count from zero.
+        let mut r = e.clone();
+        r.restarted();
+        let fresh = Metrics::new(false);
+        acked(&fresh, "new", 3, 10);
+        r.observe_metrics(T0 + 40, &fresh, loose);
+        assert_eq!(count(&r, T0 + 40), Counts { good: 58, bad: 0 });
+        // Without the announcement, more than before would be under-counted; with fewer in all
+        // than before it is still taken as a restart.
+        let mut u = e.clone();
+        u.observe_metrics(T0 + 40, &fresh, loose);
+        assert_eq!(count(&u, T0 + 40), Counts { good: 58, bad: 0 });
     }
 }

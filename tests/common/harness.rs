@@ -69,6 +69,15 @@ pub fn proxy_config(cloud: SocketAddr) -> Config {
     c
 }
 
+/// A `[slo]` table keeping a file-configured test proxy's SLO state out of the working tree.
+pub fn slo_scratch_toml() -> String {
+    let scratch = certs().ca_cert.parent().unwrap().join("scratch");
+    format!(
+        "\n[slo]\nstate_file = \"{}\"\n",
+        scratch.join("slo-state.json").display()
+    )
+}
+
 pub struct RunningProxy {
     pub proxy: Arc<Proxy>,
     pub addr: SocketAddr,
