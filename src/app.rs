@@ -135,9 +135,38 @@ fn check_descriptor_limit(cfg: &Config) {
     }
 }
 
+/// A started proxy: listeners bound, admin server up, ready.
+pub struct Running {
+    /// The proxy.
+    pub proxy: Arc<Proxy>,
+    /// The configuration in force.
+    pub live: Arc<LiveConfig>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    /// Where devices connect (TLS).
+    pub tls_addr: SocketAddr,
+    /// The admin server's address, when it is on.
+    pub admin_addr: Option<SocketAddr>,
+    admin_state: Arc<AdminState>,
+    admin_stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    capture: Arc<crate::capture::Capture>,
+    _watcher: Option<crate::reload::FileWatch>,
+    drain: std::time::Duration,
+}
+
 /// Runs the proxy until a termination signal, then drains. `source` is the file reloads read.
 pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), AppError> {
     let signals = Signals::install()?;
+    let running = start(cfg, source).await?;
+    let sig = signals.serve(running.live.clone()).await;
+    running.stop(sig).await;
+    Ok(())
+}
+
+/// Starts the proxy: certificates, capture, file watch, listeners, admin server; returns once
+/// it is ready. `source` is the file reloads read.
+pub async fn start(cfg: Config, source: Option<std::path::PathBuf>) -> Result<Running, AppError> {
     check_descriptor_limit(&cfg);
     let (certs, created) = tls::ensure_certs(&cfg.tls.cert_dir)?;
     if created {
@@ -213,8 +242,13 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
         admin = %admin_listener.as_ref().map(bound).unwrap_or_else(|| "off".into()),
         "listening"
     );
+    let tls_addr = tls_listener.local_addr().map_err(|source| AppError::Bind {
+        addr: tls_addr,
+        source,
+    })?;
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let admin_state = AdminState::new(metrics, Some(proxy.clone()));
+    let admin_state = AdminState::new(metrics.clone(), Some(proxy.clone()));
     let admin_stop = CancellationToken::new();
     let mut tasks = Vec::new();
     if let Some(l) = admin_listener {
@@ -239,29 +273,47 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
     }
     tokio::spawn(proxy.clone().probe_upstreams());
     admin_state.ready.store(true, Ordering::Relaxed);
+    Ok(Running {
+        proxy,
+        live,
+        metrics,
+        tls_addr,
+        admin_addr,
+        admin_state,
+        admin_stop,
+        tasks,
+        capture,
+        _watcher,
+        drain,
+    })
+}
 
-    let sig = signals.serve(live.clone()).await;
-    admin_state.ready.store(false, Ordering::Relaxed);
-    let open = proxy.sessions();
-    tracing::info!(
-        signal = sig,
-        sessions = open,
-        ?drain,
-        "shutting down: closing sessions"
-    );
-    let clean = proxy.shutdown(drain).await;
-    if clean {
-        tracing::info!("all sessions closed");
-    } else {
-        tracing::warn!(
-            left = proxy.sessions(),
-            "drain timeout: exiting with sessions still open"
+impl Running {
+    /// Stops gracefully: not ready, stop accepting, close sessions, drain (`timeouts.drain`),
+    /// flush the capture, stop the admin server. `why` is logged.
+    pub async fn stop(self, why: &str) {
+        let proxy = &self.proxy;
+        self.admin_state.ready.store(false, Ordering::Relaxed);
+        let open = proxy.sessions();
+        tracing::info!(
+            signal = why,
+            sessions = open,
+            drain = ?self.drain,
+            "shutting down: closing sessions"
         );
+        let clean = proxy.shutdown(self.drain).await;
+        if clean {
+            tracing::info!("all sessions closed");
+        } else {
+            tracing::warn!(
+                left = proxy.sessions(),
+                "drain timeout: exiting with sessions still open"
+            );
+        }
+        self.capture.shutdown();
+        self.admin_stop.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), t).await;
+        }
     }
-    capture.shutdown();
-    admin_stop.cancel();
-    for t in tasks {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), t).await;
-    }
-    Ok(())
 }

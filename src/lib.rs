@@ -21,6 +21,7 @@ pub mod cmd;
 pub mod codec;
 pub mod config;
 pub mod dailylog;
+pub mod demo;
 pub mod hexutil;
 pub mod httpc;
 pub mod metrics;

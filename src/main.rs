@@ -43,6 +43,30 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// The whole product on this machine, with simulated devices, cloud and new backend: the
+    /// rollout walked step by step under the SLO engine, a fault, the automatic rollback.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm demo\n  \
+        cync-mitm demo --devices 200 --duration 2m --keep\n  \
+        cync-mitm demo --quiet --duration 20s   # CI: the summary only, exit 0 when complete\n\n\
+        Everything runs on 127.0.0.1; nothing leaves the machine.")]
+    Demo {
+        /// Simulated devices (1–2000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=2000))]
+        devices: u32,
+        /// About how long the rollout takes before the fault (10 s to 10 min).
+        #[arg(long, default_value = "60s", value_parser = demo_duration)]
+        duration: Duration,
+        /// Keep the files (captures, logs, config) instead of deleting them at the end.
+        #[arg(long)]
+        keep: bool,
+        /// Print only the summary.
+        #[arg(long)]
+        quiet: bool,
+        /// Put the files here (kept) instead of a temporary folder.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Certificate management.
     #[command(after_help = "Example:\n  cync-mitm certs init --config config/cync-mitm.toml")]
     Certs {
@@ -462,6 +486,14 @@ enum SimCmd {
 }
 
 /// A share between 0 and 1.
+fn demo_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if !(Duration::from_secs(10)..=Duration::from_secs(600)).contains(&d) {
+        return Err("must be between 10s and 10m".into());
+    }
+    Ok(d)
+}
+
 fn share(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .trim()
@@ -629,6 +661,36 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Cmd::Demo {
+            devices,
+            duration,
+            keep,
+            quiet,
+            dir,
+        } => {
+            // Quiet: the summary only (the rollback it provokes is logged at error level).
+            init_logging(
+                LogFormat::Text,
+                if quiet {
+                    "error,cync_mitm::proxy::slo=off"
+                } else {
+                    "warn"
+                },
+            );
+            let summary = runtime()?.block_on(cync_mitm::demo::run(cync_mitm::demo::Options {
+                devices,
+                duration,
+                keep,
+                quiet,
+                dir,
+            }))?;
+            print!("{}", summary.text);
+            Ok(if summary.complete {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Cmd::Run { config } => {
             let cfg = match load_config(config.as_deref()) {
                 Ok(c) => c,

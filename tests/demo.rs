@@ -1,0 +1,98 @@
+//! `cync-mitm demo` as CI runs it: quiet, short, exit 0 with its summary; its files deleted,
+//! or kept with --dir.
+
+use std::process::Command;
+
+fn demo(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+        .arg("demo")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The rest of the summary line that starts with `start`.
+fn line<'a>(text: &'a str, start: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix(start))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {start:?} line in:\n{text}"))
+}
+
+#[test]
+fn the_demo_walks_the_rollout_rolls_back_and_names_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().join("demo");
+    let (status, out, err) = demo(&[
+        "--quiet",
+        "--duration",
+        "12s",
+        "--devices",
+        "20",
+        "--dir",
+        keep.to_str().unwrap(),
+    ]);
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("cync-mitm demo complete in"), "{out}");
+    for step in [
+        "rollout at shadow",
+        "rollout at 10%",
+        "rollout at 25%",
+        "rollout at 50%",
+    ] {
+        assert!(out.contains(step), "{step}: {out}");
+    }
+    let order: Vec<usize> = ["rollout at 50%", "fault:", "rolled back: canary 0 %"]
+        .iter()
+        .map(|s| out.find(s).unwrap_or_else(|| panic!("{s}: {out}")))
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+    assert!(err.trim().is_empty(), "quiet: nothing on stderr: {err}");
+    // The files it names exist (kept with --dir).
+    let caps = line(&out, "captures");
+    assert!(caps.contains("20 pcapng files"), "{caps}");
+    let decisions = line(&out, "decision log");
+    let log = std::fs::read_to_string(decisions).unwrap();
+    assert!(log.lines().any(|l| l.contains("\"rollback\"")), "{log}");
+    assert!(log.lines().any(|l| l.contains("\"advance\"")));
+    let pcap = std::fs::read_dir(keep.join("captures"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .count();
+    assert_eq!(pcap, 20);
+}
+
+#[test]
+fn without_keep_the_files_go_and_bad_flags_are_refused() {
+    let (status, out, err) = demo(&["--quiet", "--duration", "10s", "--devices", "5"]);
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("deleted now; --keep keeps them"), "{out}");
+    let cfg = std::path::Path::new(line(&out, "config"));
+    let folder = cfg.parent().unwrap();
+    assert!(
+        folder
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("cync-mitm-demo-"),
+        "{out}"
+    );
+    assert!(!folder.exists(), "{} was left behind", folder.display());
+    for bad in [
+        &["--devices", "0"][..],
+        &["--devices", "99999"],
+        &["--duration", "1s"],
+        &["--duration", "1h"],
+        &["--duration", "soon"],
+    ] {
+        let (status, _, err) = demo(bad);
+        assert_eq!(status.code(), Some(2), "{bad:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
