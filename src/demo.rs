@@ -286,7 +286,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         (None, Some(t)) => t.path().to_owned(),
         (None, None) => anyhow::bail!("no folder for the demo's files"),
     };
-    let certs = crate::tls::init_certs(&dir.join("certs"), false)?;
+    // A folder of an earlier demo: its SLO state (rolled back, at the last step) would keep
+    // this one from walking the plan. Its captures and logs stay; this run adds to them.
+    let old_state = dir.join("slo/state.json");
+    if old_state.exists() {
+        std::fs::remove_file(&old_state)?;
+    }
+    let (certs, _) = crate::tls::ensure_certs(&dir.join("certs"))?;
     let commands = Some(Duration::from_secs(1));
     let (_legacy, legacy_addr) = start_sim(
         CloudSimConfig {

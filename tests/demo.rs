@@ -66,6 +66,18 @@ fn the_demo_walks_the_rollout_rolls_back_and_names_its_files() {
         .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
         .count();
     assert_eq!(pcap, 20);
+    // Again in the same folder: the earlier run's SLO state (rolled back) does not stop it.
+    let (status, out, err) = demo(&[
+        "--quiet",
+        "--duration",
+        "10s",
+        "--devices",
+        "10",
+        "--dir",
+        keep.to_str().unwrap(),
+    ]);
+    assert!(status.success(), "{out}\n{err}");
+    assert!(out.contains("rolled back: canary 0 %"), "{out}");
 }
 
 #[test]
