@@ -369,8 +369,19 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     let mut fault_at: Option<Instant> = None;
     let mut rolled_at: Option<Instant> = None;
     let mut seen = (last.step.clone(), last.rollback);
+    // Ctrl-C ends the demo cleanly: devices and proxy stopped, the summary, the files deleted
+    // (unless kept).
+    let mut interrupted = false;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = &mut ctrl_c => {
+                interrupted = true;
+                break;
+            }
+        }
         let v = look(&running);
         let now = Instant::now();
         let fps = (v.frames.saturating_sub(last_frames.1)) as f64
@@ -447,6 +458,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         "\ncync-mitm demo {} in {:.0} s\n",
         if complete {
             "complete"
+        } else if interrupted {
+            "INTERRUPTED"
         } else {
             "INCOMPLETE (the rollback did not happen in time)"
         },

@@ -108,3 +108,25 @@ fn without_keep_the_files_go_and_bad_flags_are_refused() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn ctrl_c_stops_the_demo_cleanly_and_deletes_its_files() {
+    let child = Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+        .args(["demo", "--quiet", "--duration", "30s", "--devices", "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cync-mitm demo INTERRUPTED"), "{text}");
+    let cfg = std::path::Path::new(line(&text, "config"));
+    assert!(!cfg.parent().unwrap().exists(), "files left behind");
+}
