@@ -1,7 +1,7 @@
 //! `cync-mitm demo`: the whole product on one machine with no devices and no internet. In one
 //! process: a simulated cloud (legacy), a simulated new backend with a little chaos (answer
-//! latency, repeated commands), the proxy (capture on, parity on, its admin server and console
-//! on loopback) and a simulated fleet. It walks the rollout plan: dark launch with parity →
+//! latency, repeated commands), the proxy (capture on, parity on, its admin server on
+//! loopback) and a simulated fleet that ignores a share of its commands. It walks the rollout plan: dark launch with parity →
 //! canary 10 → 25 → 50 %, each step gated by the SLO engine → a fault injected into the new
 //! backend (half its answers left unsent) → the automatic rollback to 0 %. A panel redrawn
 //! every second shows it (plain lines when stdout is not a terminal), and a summary names the
@@ -63,6 +63,7 @@ async fn start_sim(
 
 /// The demo's configuration: everything on loopback, in `dir`.
 fn config(
+    devices: u32,
     dir: &FsPath,
     legacy: std::net::SocketAddr,
     backend: std::net::SocketAddr,
@@ -86,6 +87,7 @@ fn config(
     c.routing.mode = Mode::LegacyOnly;
     c.capture.enabled = true;
     c.capture.dir = dir.join("captures");
+    c.capture.max_files = c.capture.max_files.max(devices as usize * 2);
     c.parity.dir = dir.join("parity");
     c.drain.batch = 50;
     c.drain.interval = Duration::from_millis(200);
@@ -132,6 +134,7 @@ struct View {
     on_new: usize,
     frames: u64,
     success: [Option<f64>; 2],
+    requests: [Option<f64>; 2],
     p99: [Option<f64>; 2],
     parity: (u64, u64),
     drops: u64,
@@ -155,6 +158,12 @@ fn look(run: &crate::app::Running) -> View {
             .error_ratio()
             .map(|e| 1.0 - e)
     });
+    let requests = [Path::Legacy, Path::New].map(|p| {
+        Blocks::read(m, p, th)
+            .counts(p, Sli::RequestSuccess)
+            .error_ratio()
+            .map(|e| 1.0 - e)
+    });
     let nb = Blocks::read(m, Path::New, th);
     let frames = [Path::Legacy, Path::New]
         .iter()
@@ -167,6 +176,7 @@ fn look(run: &crate::app::Running) -> View {
         on_new,
         frames,
         success,
+        requests,
         p99: [p99(m, Path::Legacy), p99(m, Path::New)],
         parity: (nb.get(Block::ParityMatches), nb.get(Block::ParityDrifts)),
         drops: m.transport.mirror_dropped.get() + m.capture_dropped.get(),
@@ -229,6 +239,7 @@ fn panel(v: &View, fps: f64, elapsed: Duration, phase: &str, url: &str) -> Strin
          devices        legacy {:>4}   new {:>4}\n\
          frames/s       {fps:>8.0}\n\
          command ok     legacy {:>9}   new {:>9}\n\
+         request ok     legacy {:>9}   new {:>9}\n\
          command p99    legacy {:>9}   new {:>9}\n\
          parity         {} alike, {} drifted\n\
          drops          {}\n\
@@ -244,6 +255,8 @@ fn panel(v: &View, fps: f64, elapsed: Duration, phase: &str, url: &str) -> Strin
         v.on_new,
         pct(v.success[0]),
         pct(v.success[1]),
+        pct(v.requests[0]),
+        pct(v.requests[1]),
         secs(v.p99[0]),
         secs(v.p99[1]),
         v.parity.0,
@@ -259,7 +272,7 @@ fn files_under(dir: &FsPath, ext: &str, out: &mut Vec<PathBuf>) {
     };
     for e in entries.flatten() {
         let p = e.path();
-        if p.is_dir() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
             files_under(&p, ext, out);
         } else if p.to_string_lossy().ends_with(ext) {
             out.push(p);
@@ -268,17 +281,62 @@ fn files_under(dir: &FsPath, ext: &str, out: &mut Vec<PathBuf>) {
     out.sort();
 }
 
+/// Marks a folder as the demo's (so `--dir` never takes over a folder of other files).
+const MARKER: &str = ".cync-mitm-demo";
+
+/// `--dir`: an empty or missing folder, or one an earlier demo made; anything else is refused
+/// (the demo writes `cync-mitm.toml`, captures with retention and an SLO state there).
+fn prepare_dir(d: &FsPath) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if d.as_os_str().is_empty() {
+        anyhow::bail!("--dir needs a folder");
+    }
+    if d.exists() && !d.is_dir() {
+        anyhow::bail!("{} is not a folder", d.display());
+    }
+    std::fs::create_dir_all(d).with_context(|| format!("cannot make {}", d.display()))?;
+    let empty = std::fs::read_dir(d)
+        .with_context(|| format!("cannot read {}", d.display()))?
+        .next()
+        .is_none();
+    if !empty && !d.join(MARKER).exists() {
+        anyhow::bail!(
+            "{} holds files the demo did not make; give it an empty or new folder",
+            d.display()
+        );
+    }
+    std::fs::write(d.join(MARKER), "a cync-mitm demo's files\n")
+        .with_context(|| format!("cannot write in {}", d.display()))?;
+    Ok(())
+}
+
+/// Prints, and says whether stdout still takes it (a closed pipe ends the printing, not the
+/// demo).
+fn out(text: &str) -> bool {
+    let mut o = std::io::stdout().lock();
+    o.write_all(text.as_bytes())
+        .and_then(|()| o.flush())
+        .is_ok()
+}
+
 /// Runs the demo; the summary says whether the whole plan was walked.
 pub async fn run(opts: Options) -> anyhow::Result<Summary> {
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    // Signals first: one during the start must still end the demo cleanly (files deleted).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let tmp = match &opts.dir {
         Some(d) => {
-            std::fs::create_dir_all(d)?;
+            prepare_dir(d)?;
             None
         }
         None => Some(
             tempfile::Builder::new()
                 .prefix("cync-mitm-demo-")
-                .tempdir()?,
+                .tempdir()
+                .context("cannot make a temporary folder")?,
         ),
     };
     let dir = match (&opts.dir, &tmp) {
@@ -290,7 +348,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     // this one from walking the plan. Its captures and logs stay; this run adds to them.
     let old_state = dir.join("slo/state.json");
     if old_state.exists() {
-        std::fs::remove_file(&old_state)?;
+        let Some(_lock) = crate::proxy::try_lock_slo_state(&old_state) else {
+            anyhow::bail!("{} is in use by a running demo or proxy", dir.display());
+        };
+        std::fs::remove_file(&old_state)
+            .with_context(|| format!("cannot remove {}", old_state.display()))?;
     }
     let (certs, _) = crate::tls::ensure_certs(&dir.join("certs"))?;
     let commands = Some(Duration::from_secs(1));
@@ -316,6 +378,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     .await?;
     let bake = (opts.duration / 6).max(Duration::from_secs(2));
     let cfg = config(
+        opts.devices,
         &dir,
         legacy_addr,
         backend_addr,
@@ -336,13 +399,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         || "(admin off)".to_owned(),
         |a| format!("http://{a}  (/slo, /rollout, /routing, /parity, /metrics)"),
     );
-    let tty = std::io::stdout().is_terminal() && !opts.quiet;
-    if !opts.quiet {
-        println!(
-            "cync-mitm demo: {} simulated devices, files in {}\nadmin: {url}\n",
+    let tty = std::io::stdout().is_terminal();
+    let mut printing = !opts.quiet;
+    if printing {
+        printing = out(&format!(
+            "cync-mitm demo: {} simulated devices, files in {}\nadmin: {url}\n\n",
             opts.devices,
             dir.display()
-        );
+        ));
     }
     let fleet = Fleet::start(
         FleetConfig {
@@ -353,6 +417,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_millis(500),
             ramp: Duration::from_secs(2),
+            // A share of commands the devices ignore: legacy loses them, the new path's
+            // retries recover them.
+            ignore_commands: 0.01,
             ..FleetConfig::default()
         },
         ClientTls::Tls(LegacyClient::new(ClientProfile::DeviceFp2)?),
@@ -372,15 +439,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     // Ctrl-C ends the demo cleanly: devices and proxy stopped, the summary, the files deleted
     // (unless kept).
     let mut interrupted = false;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = &mut ctrl_c => {
-                interrupted = true;
-                break;
-            }
+            _ = term.recv() => { interrupted = true; break; }
+            _ = int.recv() => { interrupted = true; break; }
+            _ = hup.recv() => { interrupted = true; break; }
         }
         let v = look(&running);
         let now = Instant::now();
@@ -413,15 +477,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             (Some(_), None) => "fault injected, watching the SLOs",
             (Some(_), Some(_)) => "rolled back",
         };
-        if tty {
-            print!(
+        if printing && tty {
+            printing = out(&format!(
                 "\x1b[H\x1b[2J{}",
                 panel(&v, fps, start.elapsed(), phase, &url)
-            );
-            let _ = std::io::stdout().flush();
-        } else if !opts.quiet {
-            println!(
-                "{:>5.1}s {phase}: step {} ({}) canary {}% legacy {} new {} frames/s {fps:.0} new command ok {} parity {}/{}",
+            ));
+        } else if printing {
+            printing = out(&format!(
+                "{:>5.1}s {phase}: step {} ({}) canary {}% legacy {} new {} frames/s {fps:.0} new command ok {} request ok {} parity {}/{}\n",
                 start.elapsed().as_secs_f64(),
                 v.step,
                 v.state,
@@ -429,9 +492,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
                 v.on_legacy,
                 v.on_new,
                 pct(v.success[1]),
+                pct(v.requests[1]),
                 v.parity.0,
                 v.parity.1
-            );
+            ));
         }
         last = v;
         // Rolled back and drained back to the cloud, or out of time.
@@ -444,6 +508,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             break;
         }
     }
+    let running_reason = running.proxy.slo_report()["control"]["override"]["reason"]
+        .as_str()
+        .map(str::to_owned);
     fleet.stop().await;
     running.stop("demo finished").await;
     let complete = rolled_at.is_some();
@@ -474,9 +541,15 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             r.duration_since(f).as_secs_f64()
         ));
     }
+    if let Some(reason) = running_reason.as_deref() {
+        text.push_str(&format!("  why: {reason}\n"));
+    }
     text.push_str(&format!(
-        "  new path: command success {}, parity {} alike / {} drifted\n",
+        "  whole run: command success legacy {} / new {}, request success legacy {} / new {}, parity {} alike / {} drifted\n",
+        pct(last.success[0]),
         pct(last.success[1]),
+        pct(last.requests[0]),
+        pct(last.requests[1]),
         last.parity.0,
         last.parity.1
     ));
@@ -496,10 +569,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             .map(|c| format!(" (e.g. {})", c.display()))
             .unwrap_or_default(),
         drift
-            .first()
+            .last()
             .map_or_else(|| "none (no drift)".to_owned(), |d| d.display().to_string()),
         decisions
-            .first()
+            .last()
             .map_or_else(|| "none".to_owned(), |d| d.display().to_string()),
     ));
     if let Some(t) = tmp.filter(|_| opts.keep) {

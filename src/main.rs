@@ -54,7 +54,8 @@ enum Cmd {
         /// Simulated devices (1–2000).
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=2000))]
         devices: u32,
-        /// About how long the rollout takes before the fault (10 s to 10 min).
+        /// Sets the pace (10 s to 10 min): each rollout step bakes a sixth of it (2 s at least), so
+        /// the whole run takes about this long.
         #[arg(long, default_value = "60s", value_parser = demo_duration)]
         duration: Duration,
         /// Keep the files (captures, logs, config) instead of deleting them at the end.
@@ -485,7 +486,6 @@ enum SimCmd {
     },
 }
 
-/// A share between 0 and 1.
 fn demo_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if !(Duration::from_secs(10)..=Duration::from_secs(600)).contains(&d) {
@@ -494,6 +494,7 @@ fn demo_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A share between 0 and 1.
 fn share(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .trim()
@@ -684,7 +685,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 quiet,
                 dir,
             }))?;
-            print!("{}", summary.text);
+            {
+                use std::io::Write as _;
+                // A closed pipe (`demo | head`) is not an error of the demo.
+                let _ = std::io::stdout().lock().write_all(summary.text.as_bytes());
+            }
             Ok(if summary.complete {
                 ExitCode::SUCCESS
             } else {

@@ -66,6 +66,24 @@ fn the_demo_walks_the_rollout_rolls_back_and_names_its_files() {
         .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
         .count();
     assert_eq!(pcap, 20);
+    // Nothing it was configured with leaves the machine.
+    let toml = std::fs::read_to_string(keep.join("cync-mitm.toml")).unwrap();
+    let cfg: toml::Table = toml.parse().unwrap();
+    let mut addrs = Vec::new();
+    for (section, key) in [("listen", "tls"), ("admin", "listen")] {
+        addrs.push(cfg[section][key].as_str().unwrap().to_owned());
+    }
+    for section in ["upstream", "new_path"] {
+        for a in cfg[section]["addresses"].as_array().unwrap() {
+            addrs.push(a.as_str().unwrap().to_owned());
+        }
+    }
+    assert!(addrs.len() >= 4);
+    for a in &addrs {
+        assert!(a.starts_with("127.0.0.1:"), "{a} in {toml}");
+    }
+    assert!(cfg["listen"].get("plain").is_none(), "{toml}");
+    assert_eq!(cfg["upstream"]["mode"].as_str(), Some("fixed"));
     // Again in the same folder: the earlier run's SLO state (rolled back) does not stop it.
     let (status, out, err) = demo(&[
         "--quiet",
@@ -96,6 +114,20 @@ fn without_keep_the_files_go_and_bad_flags_are_refused() {
         "{out}"
     );
     assert!(!folder.exists(), "{} was left behind", folder.display());
+    // A folder of other files is refused, untouched; so is a file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cync-mitm.toml"), "mine").unwrap();
+    let (status, _, err) = demo(&["--quiet", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("holds files the demo did not make"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("cync-mitm.toml")).unwrap(),
+        "mine"
+    );
+    let file = dir.path().join("cync-mitm.toml");
+    let (status, _, err) = demo(&["--quiet", "--dir", file.to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("is not a folder"), "{err}");
     for bad in [
         &["--devices", "0"][..],
         &["--devices", "99999"],
