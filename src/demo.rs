@@ -152,19 +152,18 @@ fn look(run: &crate::app::Running) -> View {
     let snap = run.proxy.registry().snapshot();
     let on_new = snap.iter().filter(|(_, s)| s.path == Path::New).count();
     let th = Thresholds::default();
-    let success = [Path::Legacy, Path::New].map(|p| {
-        Blocks::read(m, p, th)
-            .counts(p, Sli::CommandSuccess)
-            .error_ratio()
-            .map(|e| 1.0 - e)
-    });
-    let requests = [Path::Legacy, Path::New].map(|p| {
-        Blocks::read(m, p, th)
-            .counts(p, Sli::RequestSuccess)
-            .error_ratio()
-            .map(|e| 1.0 - e)
-    });
-    let nb = Blocks::read(m, Path::New, th);
+    let paths = [Path::Legacy, Path::New];
+    let blocks = paths.map(|p| Blocks::read(m, p, th));
+    let share = |sli: Sli| {
+        [0, 1].map(|i| {
+            blocks[i]
+                .counts(paths[i], sli)
+                .error_ratio()
+                .map(|e| 1.0 - e)
+        })
+    };
+    let (success, requests) = (share(Sli::CommandSuccess), share(Sli::RequestSuccess));
+    let nb = blocks[1];
     let frames = [Path::Legacy, Path::New]
         .iter()
         .map(|p| m.frames_and_decode_errors(*p).0)

@@ -203,9 +203,7 @@ async fn every_metric_and_label_the_rules_and_the_dashboard_name_exists_in_a_liv
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = proxy_config(legacy_addr);
     cfg.metrics.per_device_labels = true;
-    cfg.new_path.addresses = vec![new_addr.to_string()];
-    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
-    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    use_new_path(&mut cfg, new_addr);
     cfg.routing.mode = cync_mitm::route::Mode::Shadow;
     cfg.routing.canary_percent = 100.0;
     cfg.slo.eval_interval = Duration::from_secs(1);

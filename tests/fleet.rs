@@ -99,9 +99,7 @@ async fn replica(
 ) -> Replica {
     let state_dir = tempfile::tempdir().unwrap();
     let mut cfg = proxy_config(legacy);
-    cfg.new_path.addresses = vec![backend.to_string()];
-    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
-    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    use_new_path(&mut cfg, backend);
     cfg.new_path.answer_timeout = Duration::from_millis(300);
     cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
     cfg.routing.canary_percent = 100.0;

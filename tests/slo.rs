@@ -24,9 +24,7 @@ async fn a_new_path_losing_commands_violates_its_slo_and_the_state_survives_a_re
     let (legacy, legacy_addr) = start_cloud(cmds.clone()).await;
     let (backend, new_addr) = start_cloud(cmds).await;
     let mut cfg = proxy_config(legacy_addr);
-    cfg.new_path.addresses = vec![new_addr.to_string()];
-    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
-    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    use_new_path(&mut cfg, new_addr);
     // No retries: what the devices ignore is lost on the new path too.
     cfg.new_path.max_retries = 0;
     cfg.new_path.ack_timeout = Duration::from_millis(100);
@@ -142,9 +140,7 @@ async fn a_backend_leaving_half_its_answers_unsent_is_rolled_back_and_the_overri
     let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = proxy_config(legacy_addr);
-    cfg.new_path.addresses = vec![new_addr.to_string()];
-    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
-    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    use_new_path(&mut cfg, new_addr);
     cfg.new_path.answer_timeout = Duration::from_millis(300);
     cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
     cfg.routing.canary_percent = 100.0;
@@ -295,9 +291,7 @@ async fn the_rollout_advances_on_healthy_slos_then_holds_and_rolls_back_on_a_vio
     let (backend, new_addr) = start_cloud(cmds).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = proxy_config(legacy_addr);
-    cfg.new_path.addresses = vec![new_addr.to_string()];
-    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
-    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    use_new_path(&mut cfg, new_addr);
     cfg.new_path.answer_timeout = Duration::from_millis(300);
     // What the file says is ignored while the rollout runs.
     cfg.routing.mode = cync_mitm::route::Mode::LegacyOnly;
@@ -386,9 +380,7 @@ async fn a_violation_holds_the_rollout_before_it_rolls_back() {
     let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = proxy_config(legacy_addr);
-    cfg.new_path.addresses = vec![new_addr.to_string()];
-    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
-    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    use_new_path(&mut cfg, new_addr);
     cfg.new_path.answer_timeout = Duration::from_millis(300);
     cfg.slo.eval_interval = Duration::from_secs(1);
     cfg.slo.min_events = 10;
@@ -551,9 +543,7 @@ async fn a_rollback_drains_at_its_own_rate_even_with_the_drain_off() {
     let (backend, new_addr) = start_cloud(CloudSimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = proxy_config(legacy_addr);
-    cfg.new_path.addresses = vec![new_addr.to_string()];
-    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
-    cfg.new_path.sni = Some("cm.gelighting.com".into());
+    use_new_path(&mut cfg, new_addr);
     cfg.routing.mode = cync_mitm::route::Mode::NewPrimary;
     cfg.routing.canary_percent = 100.0;
     cfg.drain.enabled = false;

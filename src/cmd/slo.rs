@@ -600,14 +600,10 @@ pub async fn rollout(
     let v = serde_json::json!({
         "enabled": r.enabled,
         "step": state.control.rollout.position(&steps),
-        "steps": steps.iter().map(|s| serde_json::json!({"at": s.label(), "bake_secs": s.bake.as_secs(), "min_budget": s.min_budget})).collect::<Vec<_>>(),
+        "steps": crate::slo::control::steps_report(&steps),
         "paused": state.control.rollout.paused,
         "status": null,
-        "override": state.control.rollback.as_ref().map(|o| serde_json::json!({
-            "by": o.by,
-            "reason": o.reason,
-            "at": humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(o.at)).to_string(),
-        })),
+        "override": state.control.rollback.as_ref().map(crate::slo::control::Override::report),
     });
     let note = match action {
         RolloutAction::Status => format!("{why}; read from {}", path.display()),

@@ -241,7 +241,7 @@ impl Proxy {
         let l = self.live.current();
         let s = self.slo.state();
         json!({
-            "override": s.control.rollback.as_ref().map(override_json),
+            "override": s.control.rollback.as_ref().map(control::Override::report),
             "consecutive_violations": s.control.consecutive,
             "max_violations": l.config.slo.max_violations,
             "rollbacks": s.control.rollbacks,
@@ -266,12 +266,12 @@ impl Proxy {
         json!({
             "enabled": true,
             "step": r.position(&steps),
-            "steps": steps.iter().map(|s| json!({"at": s.label(), "bake_secs": s.bake.as_secs(), "min_budget": s.min_budget})).collect::<Vec<_>>(),
+            "steps": control::steps_report(&steps),
             "paused": r.paused,
             "entered_at": r.entered_at.map(|t| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(t))),
             "healthy_since": r.healthy_since.map(|t| rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(t))),
             "status": latest["last_decision"]["rollout"]["status"].clone(),
-            "override": s.control.rollback.as_ref().map(override_json),
+            "override": s.control.rollback.as_ref().map(control::Override::report),
             "mode": l.config.routing.mode,
             "canary_percent": l.config.routing.canary_percent,
         })
@@ -347,7 +347,7 @@ impl Proxy {
                 "at": rfc3339(now),
                 "action": {"rollback": {"reason": reason, "by": "manual"}},
                 "generation": self.live.current().generation,
-                "override": over.as_ref().map(override_json),
+                "override": over.as_ref().map(control::Override::report),
             });
             self.log_decision(&l.config.slo, now, &record);
             self.send_webhook(&l.config.slo, &record);
@@ -374,7 +374,7 @@ impl Proxy {
             tracing::info!(reason = %o.reason, "rollback override cleared; routing follows the configuration again");
             let record = json!({
                 "at": rfc3339(now),
-                "action": {"clear_override": override_json(o)},
+                "action": {"clear_override": o.report()},
                 "generation": self.live.current().generation,
             });
             self.log_decision(&l.config.slo, now, &record);
@@ -693,14 +693,6 @@ impl Quiet {
     }
 }
 
-fn override_json(o: &control::Override) -> Value {
-    json!({
-        "by": o.by,
-        "reason": o.reason,
-        "at": rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(o.at)),
-    })
-}
-
 fn window_label(secs: u64) -> String {
     match secs {
         s if s % 86_400 == 0 => format!("{}d", s / 86_400),
@@ -771,7 +763,7 @@ fn decision_record(
         "slos": slos,
         "violations": d.violations,
         "consecutive": d.consecutive,
-        "override": c.rollback.as_ref().map(override_json),
+        "override": c.rollback.as_ref().map(control::Override::report),
         "rollout": d.rollout,
         "action": d.action,
     })
@@ -875,22 +867,18 @@ mod tests {
         let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
         let i = Duration::from_secs(10);
         // 2.5 s settle: from t = 1000.0 s the next wake-up is 1002.5 s.
-        assert_eq!(
-            until_next_tick(at(1_000_000), i),
-            Duration::from_millis(2500)
-        );
-        assert_eq!(
-            until_next_tick(at(1_002_400), i),
-            Duration::from_millis(100)
-        );
-        assert_eq!(
-            until_next_tick(at(1_002_500), i),
-            Duration::from_millis(10_000)
-        );
-        assert_eq!(
-            until_next_tick(at(1_009_999), i),
-            Duration::from_millis(2501)
-        );
+        for (now, wait) in [
+            (1_000_000, 2500),
+            (1_002_400, 100),
+            (1_002_500, 10_000),
+            (1_009_999, 2501),
+        ] {
+            assert_eq!(
+                until_next_tick(at(now), i),
+                Duration::from_millis(wait),
+                "{now}"
+            );
+        }
     }
 
     #[test]

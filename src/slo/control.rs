@@ -39,6 +39,28 @@ pub struct Override {
     pub at: u64,
 }
 
+impl Override {
+    /// As `GET /slo`, `GET /rollout` and the CLI show it.
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "by": self.by,
+            "reason": self.reason,
+            "at": humantime::format_rfc3339_seconds(
+                std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.at)
+            )
+            .to_string(),
+        })
+    }
+}
+
+/// The steps as `GET /rollout` and the CLI show them.
+pub fn steps_report(steps: &[Step]) -> Vec<serde_json::Value> {
+    steps
+        .iter()
+        .map(|s| serde_json::json!({"at": s.label(), "bake_secs": s.bake.as_secs(), "min_budget": s.min_budget}))
+        .collect()
+}
+
 /// The rollout's progress.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

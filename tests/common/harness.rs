@@ -69,6 +69,13 @@ pub fn proxy_config(cloud: SocketAddr) -> Config {
     c
 }
 
+/// Points `cfg`'s new path at `backend` (a simulated cloud with the test certificates).
+pub fn use_new_path(cfg: &mut Config, backend: SocketAddr) {
+    cfg.new_path.addresses = vec![backend.to_string()];
+    cfg.new_path.ca_file = Some(certs().ca_cert.clone());
+    cfg.new_path.sni = Some("cm.gelighting.com".into());
+}
+
 /// A `[slo]` table keeping a file-configured test proxy's SLO state out of the working tree.
 pub fn slo_scratch_toml() -> String {
     let scratch = certs().ca_cert.parent().unwrap().join("scratch");
