@@ -15,14 +15,24 @@
 //! | `POST /rollback` | every device back to the legacy path until cleared (loopback only) |
 //! | `POST /rollback/clear` | lift the rollback override (loopback only) |
 //! | `POST /rollout/pause`, `POST /rollout/resume` | hold or continue the rollout (loopback only) |
+//! | `GET /` | the web console (HTML, CSS and JS embedded in the binary) |
+//! | `GET /api/devices` | each connected device with its path, why, and the state its frames reported |
+//! | `GET /api/events` | decoded frames as they pass (Server-Sent Events; `?device=…&type=…`) |
+//! | `GET /api/rollout` | rollout, SLOs, parity and the newest decisions in one document |
+//! | `POST /api/canary?percent=N` | set `routing.canary_percent` in the config file and reload (loopback only) |
+//!
+//! State-changing requests are also refused when a browser says they come from another site
+//! (an `Origin` that is not this server, or `Sec-Fetch-Site: cross-site`) or when they name a
+//! host other than an IP address or `localhost` (DNS rebinding).
 
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::Trigger;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -42,6 +52,8 @@ pub struct AdminState {
     pub ready: AtomicBool,
     /// The proxy, for `/routing`, `/config` and `/reload`.
     pub proxy: Option<Arc<Proxy>>,
+    /// Ends the console's event streams (the server's shutdown).
+    pub stop: CancellationToken,
 }
 
 impl AdminState {
@@ -51,14 +63,17 @@ impl AdminState {
             metrics,
             ready: AtomicBool::new(false),
             proxy,
+            stop: CancellationToken::new(),
         })
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// An admin response's body: whole, or a stream (`/api/events`).
+pub type Body = BoxBody<Bytes, Infallible>;
+type Resp = Response<Body>;
 
 fn text(status: StatusCode, body: impl Into<Bytes>, ctype: &'static str) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
@@ -69,6 +84,18 @@ fn json_resp(status: StatusCode, v: &Value) -> Resp {
     let mut body = serde_json::to_string_pretty(v).unwrap_or_default();
     body.push('\n');
     text(status, body, "application/json")
+}
+
+/// Compact JSON (the console's endpoints: a thousand devices stay small), not cached.
+fn api_json(status: StatusCode, v: &Value) -> Resp {
+    let mut body = serde_json::to_string(v).unwrap_or_default();
+    body.push('\n');
+    let mut r = text(status, body, "application/json");
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -99,38 +126,51 @@ pub fn mask_secrets(v: &mut Value) {
     }
 }
 
+/// One connected device as `/routing` and `/api/devices` show it.
+fn device_entry(
+    loaded: &crate::reload::Loaded,
+    id: crate::codec::DeviceId,
+    s: &crate::proxy::control::LiveSession,
+) -> Value {
+    let now = loaded.policy.decide(crate::route::PeerKind::Device(id));
+    json!({
+        "device_id": id.to_string(),
+        // The path it is relayed on (legacy after a new_primary fallback).
+        "path": s.path.label(),
+        "decided_path": s.decision.path.label(),
+        "fell_back": s.path != s.decision.path,
+        "mirror": s.decision.mirror,
+        "fallback": s.decision.fallback,
+        "mode": s.decision.mode.label(),
+        // Why it took its path when it connected, under the policy of then.
+        "connect_reason": s.decision.reason,
+        "connect_reason_text": s.decision.reason.to_string(),
+        // What the policy in force now says (its threshold is the top-level one).
+        "current_path": now.path.label(),
+        "current_reason": now.reason,
+        "current_reason_text": now.reason.to_string(),
+        "would_move": s.moves_under(&now),
+        "bucket": loaded.policy.bucket(id),
+        "since": rfc3339(s.since),
+        "peer": s.peer.to_string(),
+        "connection": s.conn.to_string(),
+    })
+}
+
+fn sorted_devices(
+    proxy: &Proxy,
+) -> Vec<(crate::codec::DeviceId, crate::proxy::control::LiveSession)> {
+    let mut v = proxy.registry().snapshot();
+    v.sort_by_key(|(id, _)| id.0);
+    v
+}
+
 fn routing(proxy: &Proxy) -> Value {
     let loaded = proxy.config();
-    let mut devices: Vec<Value> = proxy
-        .registry()
-        .snapshot()
-        .into_iter()
-        .map(|(id, s)| {
-            let now = loaded.policy.decide(crate::route::PeerKind::Device(id));
-            json!({
-                "device_id": id.to_string(),
-                // The path it is relayed on (legacy after a new_primary fallback).
-                "path": s.path.label(),
-                "decided_path": s.decision.path.label(),
-                "fell_back": s.path != s.decision.path,
-                "mirror": s.decision.mirror,
-                "fallback": s.decision.fallback,
-                "mode": s.decision.mode.label(),
-                // Why it took its path when it connected, under the policy of then.
-                "connect_reason": s.decision.reason,
-                // What the policy in force now says (its threshold is the top-level one).
-                "current_path": now.path.label(),
-                "current_reason": now.reason,
-                "current_reason_text": now.reason.to_string(),
-                "would_move": s.moves_under(&now),
-                "bucket": loaded.policy.bucket(id),
-                "since": rfc3339(s.since),
-                "peer": s.peer.to_string(),
-                "connection": s.conn.to_string(),
-            })
-        })
+    let devices: Vec<Value> = sorted_devices(proxy)
+        .iter()
+        .map(|(id, s)| device_entry(&loaded, *id, s))
         .collect();
-    devices.sort_by(|a, b| a["device_id"].as_str().cmp(&b["device_id"].as_str()));
     let r = &loaded.config.routing;
     json!({
         "generation": loaded.generation,
@@ -138,6 +178,51 @@ fn routing(proxy: &Proxy) -> Value {
         "canary_percent": r.canary_percent,
         "threshold": loaded.policy.threshold,
         "devices": devices,
+    })
+}
+
+/// `GET /api/devices`: `/routing`'s fields and what each device's frames said.
+fn api_devices(proxy: &Proxy) -> Value {
+    let loaded = proxy.config();
+    let now = SystemTime::now();
+    let (mut legacy, mut new, mut mirrored, mut fps) = (0u64, 0u64, 0u64, 0.0f64);
+    let devices: Vec<Value> = sorted_devices(proxy)
+        .iter()
+        .map(|(id, s)| {
+            let mut v = device_entry(&loaded, *id, s);
+            let live = s.meta.live.report(now);
+            if let (Value::Object(m), Value::Object(l)) = (&mut v, live) {
+                m.extend(l);
+            }
+            match s.path {
+                crate::route::Path::Legacy => legacy += 1,
+                crate::route::Path::New => new += 1,
+            }
+            mirrored += u64::from(s.path == crate::route::Path::Legacy && s.decision.mirror);
+            fps += v["frames_per_second"].as_f64().unwrap_or(0.0);
+            v
+        })
+        .collect();
+    let r = &loaded.config.routing;
+    json!({
+        "generated_at": humantime::format_rfc3339_millis(now).to_string(),
+        "generation": loaded.generation,
+        "mode": r.mode.label(),
+        "canary_percent": r.canary_percent,
+        "rolled_back": loaded.runtime.rollback.is_some(),
+        "counts": {"devices": devices.len(), "legacy": legacy, "new": new, "mirrored": mirrored},
+        "frames_per_second": fps,
+        "devices": devices,
+    })
+}
+
+/// `GET /api/rollout`: `/rollout`, `/slo`, `/parity` and the newest decisions.
+fn api_rollout(proxy: &Proxy) -> Value {
+    json!({
+        "rollout": proxy.rollout_report(),
+        "slo": proxy.slo_report(),
+        "parity": proxy.parity_report(),
+        "decisions": proxy.recent_decisions(),
     })
 }
 
@@ -159,11 +244,259 @@ fn config(proxy: &Proxy) -> Value {
     })
 }
 
-/// Answers one request from `remote`.
+/// What [`handle`] needs of a request.
+pub struct Req<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// Path, without the query.
+    pub path: &'a str,
+    /// The query string (empty when none).
+    pub query: &'a str,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+    /// The client's address.
+    pub remote: SocketAddr,
+}
+
+/// Answers `method path` (a `?query` allowed) from `remote`, with no headers.
 pub async fn route(state: &AdminState, method: &Method, path: &str, remote: SocketAddr) -> Resp {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let headers = HeaderMap::new();
+    handle(
+        state,
+        &Req {
+            method,
+            path,
+            query,
+            headers: &headers,
+            remote,
+        },
+    )
+    .await
+}
+
+/// The host part of a `Host` header or an origin's authority (port and brackets removed).
+fn host_of(authority: &str) -> &str {
+    let a = authority.trim();
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    a.rsplit_once(':').map_or(a, |(h, _)| h)
+}
+
+/// Why a state-changing request is refused although it came from loopback: a browser says it
+/// comes from another site, or it names a host that is neither an IP address nor `localhost`
+/// (a DNS-rebinding page). `curl` and scripts send no `Origin` and pass.
+pub fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
+    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    // Every Host header counts (two of them are no excuse).
+    for v in headers.get_all(hyper::header::HOST) {
+        let name = v.to_str().map(host_of).unwrap_or("");
+        if name.parse::<std::net::IpAddr>().is_err() && !name.eq_ignore_ascii_case("localhost") {
+            return Some("the Host header names neither an IP address nor localhost");
+        }
+    }
+    let host = h("host");
+    if h("sec-fetch-site").is_some_and(|v| v.eq_ignore_ascii_case("cross-site")) {
+        return Some("the browser says the request comes from another site");
+    }
+    if let Some(origin) = h("origin") {
+        let same = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .zip(host)
+            .is_some_and(|(o, h)| o.eq_ignore_ascii_case(h));
+        if !same {
+            return Some("the Origin header is not this server");
+        }
+    }
+    None
+}
+
+const CONSOLE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+fn asset(body: &'static str, ctype: &'static str) -> Resp {
+    let mut r = text(StatusCode::OK, body, ctype);
+    let h = r.headers_mut();
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    h.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONSOLE_CSP),
+    );
+    h.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        hyper::header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("DENY"),
+    );
+    h.insert(
+        hyper::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+/// `GET /api/events`.
+fn events(state: &AdminState, p: &Proxy, query: &str) -> Resp {
+    let filter = match crate::console::Filter::parse(query) {
+        Ok(f) => f,
+        Err(e) => {
+            return api_json(
+                StatusCode::BAD_REQUEST,
+                &json!({"result": "error", "error": e}),
+            );
+        }
+    };
+    let a = &p.config().config.admin;
+    let limits = crate::console::sse::StreamLimits {
+        max_streams: a.console_max_streams,
+        max_rate: a.console_max_events_per_second,
+        keepalive: (a.idle_timeout / 3).min(Duration::from_secs(15)),
+    };
+    match p
+        .console()
+        .open_stream(filter, &limits, state.stop.child_token())
+    {
+        Ok(body) => {
+            let mut r = Response::new(body.boxed());
+            let h = r.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(
+                hyper::header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store"),
+            );
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            r
+        }
+        Err(open) => api_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"result": "error", "error": format!("{open} event streams are open (admin.console_max_streams)")}),
+        ),
+    }
+}
+
+/// `POST /api/canary?percent=N`: the `canary set` code path (the file is edited, comments
+/// kept, and re-read at once).
+async fn set_canary(p: &Proxy, query: &str) -> Resp {
+    let percent = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("percent="))
+        .map(|v| v.parse::<f64>());
+    let percent = match percent {
+        Some(Ok(v)) if v.is_finite() => v,
+        Some(_) => {
+            return api_json(
+                StatusCode::BAD_REQUEST,
+                &json!({"result": "error", "error": "percent must be a number between 0 and 100"}),
+            );
+        }
+        None => {
+            return api_json(
+                StatusCode::BAD_REQUEST,
+                &json!({"result": "error", "error": "give ?percent=N (0–100)"}),
+            );
+        }
+    };
+    let Some(file) = p.live().source().map(std::path::Path::to_owned) else {
+        return api_json(
+            StatusCode::CONFLICT,
+            &json!({"result": "error", "error": "this proxy was started without a configuration file: the canary share is set in the file (start it with --config FILE)"}),
+        );
+    };
+    let live = p.live().clone();
+    let f = file.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let old = crate::cmd::canary::set_percent(&f, percent)?;
+        Ok::<_, crate::cmd::canary::Error>((old, live.reload(Trigger::Admin)))
+    })
+    .await;
+    let loaded = p.config();
+    let notes = crate::cmd::canary::moot_notes(&loaded.config, |k| std::env::var(k).ok());
+    match done {
+        Ok(Ok((old, reload))) => {
+            let reload = match reload {
+                Ok(o) => json!(o),
+                Err(e) => json!({"result": "error", "error": e.to_string()}),
+            };
+            api_json(
+                StatusCode::OK,
+                &json!({
+                    "result": "set",
+                    "file": file.display().to_string(),
+                    "previous_percent": old,
+                    "percent": percent,
+                    "reload": reload,
+                    "generation": loaded.generation,
+                    "canary_percent_in_force": loaded.config.routing.canary_percent,
+                    "notes": notes,
+                }),
+            )
+        }
+        Ok(Err(e)) => {
+            let status = match e {
+                crate::cmd::canary::Error::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            api_json(status, &json!({"result": "error", "error": e.to_string()}))
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}\n"),
+            "text/plain; charset=utf-8",
+        ),
+    }
+}
+
+const CONSOLE_PATHS: [&str; 8] = [
+    "/",
+    "/index.html",
+    "/console.js",
+    "/console.css",
+    "/api/devices",
+    "/api/events",
+    "/api/rollout",
+    "/api/canary",
+];
+
+/// Answers one request.
+pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
     const PLAIN: &str = "text/plain; charset=utf-8";
+    let (method, path, remote) = (req.method, req.path, req.remote);
     let get = method == Method::GET || method == Method::HEAD;
+    let console_on = state
+        .proxy
+        .as_ref()
+        .is_some_and(|p| p.config().config.admin.console);
+    if CONSOLE_PATHS.contains(&path) && !console_on {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: the web console is off (admin.console = false)\n",
+            PLAIN,
+        );
+    }
     match (path, get, &state.proxy) {
+        ("/" | "/index.html", true, Some(_)) => asset(
+            crate::console::assets::INDEX_HTML,
+            "text/html; charset=utf-8",
+        ),
+        ("/console.js", true, Some(_)) => asset(
+            crate::console::assets::CONSOLE_JS,
+            "text/javascript; charset=utf-8",
+        ),
+        ("/console.css", true, Some(_)) => asset(
+            crate::console::assets::CONSOLE_CSS,
+            "text/css; charset=utf-8",
+        ),
+        ("/api/devices", true, Some(p)) => api_json(StatusCode::OK, &api_devices(p)),
+        ("/api/rollout", true, Some(p)) => api_json(StatusCode::OK, &api_rollout(p)),
+        ("/api/events", true, Some(p)) => events(state, p, req.query),
         ("/metrics", true, _) => text(
             StatusCode::OK,
             state.metrics.render(),
@@ -215,7 +548,8 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
         ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
         ("/rollout", true, Some(p)) => json_resp(StatusCode::OK, &p.rollout_report()),
         (
-            "/reload" | "/rollback" | "/rollback/clear" | "/rollout/pause" | "/rollout/resume",
+            "/reload" | "/rollback" | "/rollback/clear" | "/rollout/pause" | "/rollout/resume"
+            | "/api/canary",
             false,
             Some(_),
         ) if method == Method::POST && !remote.ip().is_loopback() => text(
@@ -223,6 +557,20 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
             "state-changing endpoints answer loopback only\n",
             PLAIN,
         ),
+        (
+            "/reload" | "/rollback" | "/rollback/clear" | "/rollout/pause" | "/rollout/resume"
+            | "/api/canary",
+            false,
+            Some(_),
+        ) if method == Method::POST && cross_site(req.headers).is_some() => text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "refused: {} (state-changing requests are same-origin only)\n",
+                cross_site(req.headers).unwrap_or_default()
+            ),
+            PLAIN,
+        ),
+        ("/api/canary", false, Some(p)) if method == Method::POST => set_canary(p, req.query).await,
         ("/rollback", false, Some(p)) if method == Method::POST => {
             let set = p.rollback_now("POST /rollback").await;
             json_resp(
@@ -260,7 +608,8 @@ pub async fn route(state: &AdminState, method: &Method, path: &str, remote: Sock
         (
             "/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload" | "/upstreams"
             | "/parity" | "/slo" | "/rollout" | "/rollback" | "/rollback/clear" | "/rollout/pause"
-            | "/rollout/resume",
+            | "/rollout/resume" | "/" | "/index.html" | "/console.js" | "/console.css"
+            | "/api/devices" | "/api/events" | "/api/rollout" | "/api/canary",
             _,
             _,
         ) => text(
@@ -369,7 +718,10 @@ pub async fn run(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
         let (stream, remote) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                state.stop.cancel();
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -399,7 +751,14 @@ pub async fn run(
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
-                    let resp = route(&state, req.method(), req.uri().path(), remote).await;
+                    let r = Req {
+                        method: req.method(),
+                        path: req.uri().path(),
+                        query: req.uri().query().unwrap_or(""),
+                        headers: req.headers(),
+                        remote,
+                    };
+                    let resp = handle(&state, &r).await;
                     Ok::<_, Infallible>(resp)
                 }
             });
@@ -514,6 +873,118 @@ mod tests {
         let cut = cut.expect("a slowloris kept its admin connection for 5 s");
         assert!(cut < Duration::from_secs(3), "{cut:?}");
         stop.cancel();
+    }
+
+    #[test]
+    fn cross_site_and_rebinding_requests_are_told_apart_from_scripts_and_the_console() {
+        let hm = |pairs: &[(&'static str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        // curl, scripts: no Origin.
+        assert_eq!(cross_site(&hm(&[("host", "127.0.0.1:9400")])), None);
+        assert_eq!(cross_site(&hm(&[])), None);
+        assert_eq!(cross_site(&hm(&[("host", "localhost:9400")])), None);
+        assert_eq!(cross_site(&hm(&[("host", "[::1]:9400")])), None);
+        // The console itself.
+        let same = [
+            ("host", "127.0.0.1:9400"),
+            ("origin", "http://127.0.0.1:9400"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(cross_site(&hm(&same)), None);
+        // Another site's page, a rebinding name, a second Host header.
+        assert!(
+            cross_site(&hm(&[
+                ("host", "127.0.0.1:9400"),
+                ("origin", "http://evil.example")
+            ]))
+            .is_some()
+        );
+        assert!(cross_site(&hm(&[("host", "127.0.0.1:9400"), ("origin", "null")])).is_some());
+        assert!(
+            cross_site(&hm(&[
+                ("host", "127.0.0.1:9400"),
+                ("origin", "http://127.0.0.1:9401")
+            ]))
+            .is_some()
+        );
+        assert!(
+            cross_site(&hm(&[
+                ("host", "127.0.0.1:9400"),
+                ("sec-fetch-site", "cross-site")
+            ]))
+            .is_some()
+        );
+        assert!(cross_site(&hm(&[("host", "evil.example:9400")])).is_some());
+        assert!(cross_site(&hm(&[("host", "127.0.0.1:9400"), ("host", "evil.example")])).is_some());
+        assert!(cross_site(&hm(&[("host", "127.0.0.1.evil.example")])).is_some());
+    }
+
+    #[tokio::test]
+    async fn the_console_can_be_turned_off() {
+        let m = Arc::new(Metrics::new(false));
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::Config::default();
+        cfg.slo.state_file = dir.path().join("slo/state.json");
+        cfg.admin.console = false;
+        let live = crate::reload::LiveConfig::fixed(cfg, m.clone()).unwrap();
+        let certs = crate::tls::init_certs(dir.path(), false).unwrap();
+        let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
+        let st = AdminState::new(m, Some(proxy));
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        for p in [
+            "/",
+            "/console.js",
+            "/api/devices",
+            "/api/events",
+            "/api/rollout",
+        ] {
+            assert_eq!(
+                route(&st, &Method::GET, p, local).await.status(),
+                StatusCode::NOT_FOUND,
+                "{p}"
+            );
+        }
+        assert_eq!(
+            route(&st, &Method::POST, "/api/canary?percent=5", local)
+                .await
+                .status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&st, &Method::GET, "/routing", local).await.status(),
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_without_a_config_file_says_so_when_the_canary_is_set() {
+        let m = Arc::new(Metrics::new(false));
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::Config::default();
+        cfg.slo.state_file = dir.path().join("slo/state.json");
+        let live = crate::reload::LiveConfig::fixed(cfg, m.clone()).unwrap();
+        let certs = crate::tls::init_certs(dir.path(), false).unwrap();
+        let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
+        let st = AdminState::new(m, Some(proxy));
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let r = route(&st, &Method::POST, "/api/canary?percent=5", local).await;
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        let r = route(&st, &Method::GET, "/", local).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            r.headers()["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .contains("default-src 'none'")
+        );
+        let outside: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let r = route(&st, &Method::POST, "/api/canary?percent=5", outside).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
     }
 
     #[test]

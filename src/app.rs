@@ -167,6 +167,16 @@ pub async fn run(cfg: Config, source: Option<std::path::PathBuf>) -> Result<(), 
 /// Starts the proxy: certificates, capture, file watch, listeners, admin server; returns once
 /// it is ready. `source` is the file reloads read.
 pub async fn start(cfg: Config, source: Option<std::path::PathBuf>) -> Result<Running, AppError> {
+    start_with_env(cfg, source, |k| std::env::var(k).ok()).await
+}
+
+/// [`start`] with the environment overrides (`CANARY_PERCENTAGE`, `DARK_LAUNCH`, …) read
+/// through `env` (the demo passes none: a shell's settings must not change its plan).
+pub async fn start_with_env(
+    cfg: Config,
+    source: Option<std::path::PathBuf>,
+    env: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+) -> Result<Running, AppError> {
     check_descriptor_limit(&cfg);
     let (certs, created) = tls::ensure_certs(&cfg.tls.cert_dir)?;
     if created {
@@ -186,7 +196,7 @@ pub async fn start(cfg: Config, source: Option<std::path::PathBuf>) -> Result<Ru
     let backlog = cfg.listen.backlog;
     let admin_cfg = cfg.admin.clone();
     let reload_cfg = cfg.reload.clone();
-    let live = LiveConfig::new(cfg, source, metrics.clone(), |k| std::env::var(k).ok())?;
+    let live = LiveConfig::new(cfg, source, metrics.clone(), env)?;
     for o in &live.current().env_overrides {
         tracing::info!("environment override: {o}");
     }

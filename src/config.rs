@@ -1064,6 +1064,16 @@ pub struct AdminConfig {
     /// Admin connections at once; more are closed at accept (they share the process's
     /// descriptors with the devices). Default 64.
     pub max_connections: usize,
+    /// Serve the web console at `/` and its JSON endpoints (`/api/devices`, `/api/events`,
+    /// `/api/rollout`, `POST /api/canary`). Default true.
+    pub console: bool,
+    /// Console event streams (`GET /api/events`) open at once; more are answered 503.
+    /// Default 8.
+    pub console_max_streams: usize,
+    /// Decoded frames put on the console's streams per second at most; above it frames are
+    /// left out (counted in `cync_mitm_console_events_dropped_total{reason="rate"}`), so a
+    /// busy proxy spends no more than this on the console. Default 2000.
+    pub console_max_events_per_second: u64,
 }
 
 impl Default for AdminConfig {
@@ -1074,6 +1084,9 @@ impl Default for AdminConfig {
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
             max_connections: 64,
+            console: true,
+            console_max_streams: 8,
+            console_max_events_per_second: 2000,
         }
     }
 }
@@ -1620,6 +1633,18 @@ impl Config {
             return Err(invalid(
                 "admin.max_connections",
                 "must be between 1 and 4096",
+            ));
+        }
+        if !(1..=a.max_connections.min(256)).contains(&a.console_max_streams) {
+            return Err(invalid(
+                "admin.console_max_streams",
+                "must be between 1 and admin.max_connections (at most 256)",
+            ));
+        }
+        if !(1..=100_000).contains(&a.console_max_events_per_second) {
+            return Err(invalid(
+                "admin.console_max_events_per_second",
+                "must be between 1 and 100000",
             ));
         }
         if !(crate::codec::HEADER_LEN + 7..=16 * 1024 * 1024).contains(&self.limits.max_frame) {

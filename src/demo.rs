@@ -11,6 +11,7 @@ use crate::config::{Config, StepConfig};
 use crate::route::{Mode, Path};
 use crate::sim::cloud::{CloudSim, CloudSimConfig, ServerTls};
 use crate::sim::devices::{ClientTls, Fleet, FleetConfig};
+use crate::slo::Counts;
 use crate::slo::sli::{Block, Blocks, Sli, Thresholds};
 use crate::tls::{ClientProfile, DeviceAcceptor, LegacyClient};
 use std::io::{IsTerminal as _, Write as _};
@@ -31,6 +32,8 @@ pub struct Options {
     pub quiet: bool,
     /// Where the files go (kept); default a temporary folder.
     pub dir: Option<PathBuf>,
+    /// After the rollback, keep everything running (the console stays up) until a signal.
+    pub stay: bool,
 }
 
 /// How the demo ended.
@@ -61,6 +64,31 @@ async fn start_sim(
     Ok((sim, addr))
 }
 
+/// The fleet's seed (its device ids).
+const FLEET_SEED: u64 = 7;
+
+/// A routing seed under which the first canary step (10 %) moves at least one of the fleet's
+/// `devices` (else a small fleet holds there for want of events, and the demo never ends)
+/// and, with two or more, 50 % leaves at least one on the cloud.
+fn routing_seed(devices: u32) -> String {
+    let ids: Vec<crate::codec::DeviceId> = (0..devices)
+        .map(|i| crate::sim::device_identity(FLEET_SEED, i).0)
+        .collect();
+    let below = |p: &crate::route::Policy, percent: f64| {
+        ids.iter()
+            .filter(|id| p.bucket(**id) < crate::route::threshold(percent))
+            .count()
+    };
+    for n in 0..100_000u32 {
+        let seed = format!("demo-{n}");
+        let p = crate::route::Policy::new(Mode::NewPrimary, 10.0, &seed, Vec::new(), Vec::new());
+        if below(&p, 10.0) >= 1 && (devices < 2 || below(&p, 50.0) < ids.len()) {
+            return seed;
+        }
+    }
+    "demo".into()
+}
+
 /// The demo's configuration: everything on loopback, in `dir`.
 fn config(
     devices: u32,
@@ -85,6 +113,7 @@ fn config(
     c.new_path.sni = Some("cm.gelighting.com".into());
     c.new_path.answer_timeout = Duration::from_secs(1);
     c.routing.mode = Mode::LegacyOnly;
+    c.routing.seed = routing_seed(devices);
     c.capture.enabled = true;
     c.capture.dir = dir.join("captures");
     c.capture.max_files = c.capture.max_files.max(devices as usize * 2);
@@ -133,8 +162,9 @@ struct View {
     on_legacy: usize,
     on_new: usize,
     frames: u64,
-    success: [Option<f64>; 2],
-    requests: [Option<f64>; 2],
+    /// Command and request outcomes per path since the start (legacy, new).
+    commands: [Counts; 2],
+    requests: [Counts; 2],
     p99: [Option<f64>; 2],
     parity: (u64, u64),
     drops: u64,
@@ -154,15 +184,8 @@ fn look(run: &crate::app::Running) -> View {
     let th = Thresholds::default();
     let paths = [Path::Legacy, Path::New];
     let blocks = paths.map(|p| Blocks::read(m, p, th));
-    let share = |sli: Sli| {
-        [0, 1].map(|i| {
-            blocks[i]
-                .counts(paths[i], sli)
-                .error_ratio()
-                .map(|e| 1.0 - e)
-        })
-    };
-    let (success, requests) = (share(Sli::CommandSuccess), share(Sli::RequestSuccess));
+    let counts = |sli: Sli| [0, 1].map(|i| blocks[i].counts(paths[i], sli));
+    let (commands, requests) = (counts(Sli::CommandSuccess), counts(Sli::RequestSuccess));
     let nb = blocks[1];
     let frames = [Path::Legacy, Path::New]
         .iter()
@@ -174,7 +197,7 @@ fn look(run: &crate::app::Running) -> View {
         on_legacy: snap.len() - on_new,
         on_new,
         frames,
-        success,
+        commands,
         requests,
         p99: [p99(m, Path::Legacy), p99(m, Path::New)],
         parity: (nb.get(Block::ParityMatches), nb.get(Block::ParityDrifts)),
@@ -203,6 +226,30 @@ fn look(run: &crate::app::Running) -> View {
     }
 }
 
+/// good ÷ total, `None` without events.
+fn share(c: Counts) -> Option<f64> {
+    c.error_ratio().map(|e| 1.0 - e)
+}
+
+/// What happened between `old` and `new` (counters only grow).
+fn since(new: Counts, old: Counts) -> Counts {
+    Counts {
+        good: new.good.saturating_sub(old.good),
+        bad: new.bad.saturating_sub(old.bad),
+    }
+}
+
+/// Seconds the panel's success figures cover.
+const PANEL_WINDOW: Duration = Duration::from_secs(10);
+
+/// The success shares of the last [`PANEL_WINDOW`]: `now` against the oldest look kept.
+fn windowed(now: &View, old: &View) -> ([Option<f64>; 2], [Option<f64>; 2]) {
+    (
+        [0, 1].map(|i| share(since(now.commands[i], old.commands[i]))),
+        [0, 1].map(|i| share(since(now.requests[i], old.requests[i]))),
+    )
+}
+
 fn pct(v: Option<f64>) -> String {
     v.map_or_else(|| "–".to_owned(), |v| format!("{:.2} %", v * 100.0))
 }
@@ -225,7 +272,8 @@ fn verdict(v: f64) -> &'static str {
     }
 }
 
-fn panel(v: &View, fps: f64, elapsed: Duration, phase: &str, url: &str) -> String {
+fn panel(v: &View, old: &View, fps: f64, elapsed: Duration, phase: &str, url: &str) -> String {
+    let (success, requests) = windowed(v, old);
     let verdicts: Vec<String> = v
         .verdicts
         .iter()
@@ -233,12 +281,12 @@ fn panel(v: &View, fps: f64, elapsed: Duration, phase: &str, url: &str) -> Strin
         .collect();
     format!(
         "cync-mitm demo  {:>5.1} s   {phase}\n\
-         admin          {url}\n\
+         console        {url}\n\
          rollout        step {} ({}), mode {}, canary {} %, generation {}{}\n\
          devices        legacy {:>4}   new {:>4}\n\
          frames/s       {fps:>8.0}\n\
-         command ok     legacy {:>9}   new {:>9}\n\
-         request ok     legacy {:>9}   new {:>9}\n\
+         command ok     legacy {:>9}   new {:>9}   (last 10 s)\n\
+         request ok     legacy {:>9}   new {:>9}   (last 10 s)\n\
          command p99    legacy {:>9}   new {:>9}\n\
          parity         {} alike, {} drifted\n\
          drops          {}\n\
@@ -252,10 +300,10 @@ fn panel(v: &View, fps: f64, elapsed: Duration, phase: &str, url: &str) -> Strin
         if v.rollback { "   ROLLED BACK" } else { "" },
         v.on_legacy,
         v.on_new,
-        pct(v.success[0]),
-        pct(v.success[1]),
-        pct(v.requests[0]),
-        pct(v.requests[1]),
+        pct(success[0]),
+        pct(success[1]),
+        pct(requests[0]),
+        pct(requests[1]),
         secs(v.p99[0]),
         secs(v.p99[1]),
         v.parity.0,
@@ -393,16 +441,16 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             cfg.to_toml()
         ),
     )?;
-    let running = crate::app::start(cfg, Some(file.clone())).await?;
+    let running = crate::app::start_with_env(cfg, Some(file.clone()), |_| None).await?;
     let url = running.admin_addr.map_or_else(
         || "(admin off)".to_owned(),
-        |a| format!("http://{a}  (/slo, /rollout, /routing, /parity, /metrics)"),
+        |a| format!("http://{a}/  (JSON: /api/devices, /api/rollout, /metrics)"),
     );
     let tty = std::io::stdout().is_terminal();
     let mut printing = !opts.quiet;
     if printing {
         printing = out(&format!(
-            "cync-mitm demo: {} simulated devices, files in {}\nadmin: {url}\n\n",
+            "cync-mitm demo: {} simulated devices, files in {}\nconsole: {url}\n\n",
             opts.devices,
             dir.display()
         ));
@@ -411,7 +459,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         FleetConfig {
             count: opts.devices,
             target: running.tls_addr,
-            seed: 7,
+            seed: FLEET_SEED,
             heartbeat: Duration::from_secs(1),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_millis(500),
@@ -427,6 +475,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     // The rollout, then the fault, then the rollback; a deadline in case it stalls.
     let deadline = start + opts.duration * 3 + Duration::from_secs(30);
     let mut last = look(&running);
+    // The looks of the last PANEL_WINDOW, for the panel's windowed figures.
+    let mut history: std::collections::VecDeque<(Instant, View)> = Default::default();
     let mut timeline: Vec<String> = vec![format!(
         "  0.0 s  rollout at {} (dark launch: every device mirrored to the new backend, parity on)",
         last.step
@@ -474,12 +524,27 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         let phase = match (fault_at, rolled_at) {
             (None, _) => "rolling out",
             (Some(_), None) => "fault injected, watching the SLOs",
+            (Some(_), Some(_)) if opts.stay => "rolled back; staying up (Ctrl-C ends)",
             (Some(_), Some(_)) => "rolled back",
         };
+        while history
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > PANEL_WINDOW)
+        {
+            history.pop_front();
+        }
+        let (success, requests) = windowed(&v, history.front().map_or(&last, |(_, o)| o));
         if printing && tty {
             printing = out(&format!(
                 "\x1b[H\x1b[2J{}",
-                panel(&v, fps, start.elapsed(), phase, &url)
+                panel(
+                    &v,
+                    history.front().map_or(&last, |(_, o)| o),
+                    fps,
+                    start.elapsed(),
+                    phase,
+                    &url
+                )
             ));
         } else if printing {
             printing = out(&format!(
@@ -490,20 +555,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
                 v.canary,
                 v.on_legacy,
                 v.on_new,
-                pct(v.success[1]),
-                pct(v.requests[1]),
+                pct(success[1]),
+                pct(requests[1]),
                 v.parity.0,
                 v.parity.1
             ));
         }
-        last = v;
-        // Rolled back and drained back to the cloud, or out of time.
-        if rolled_at.is_some_and(|t| now.duration_since(t) >= Duration::from_secs(2))
-            && last.on_new == 0
-        {
+        history.push_back((now, std::mem::replace(&mut last, v)));
+        // Rolled back and drained back to the cloud, or out of time (unless staying up).
+        let done = rolled_at.is_some_and(|t| now.duration_since(t) >= Duration::from_secs(2))
+            && last.on_new == 0;
+        if done && !opts.stay {
             break;
         }
-        if now >= deadline {
+        if now >= deadline && !(opts.stay && rolled_at.is_some()) {
             break;
         }
     }
@@ -545,10 +610,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     }
     text.push_str(&format!(
         "  whole run: command success legacy {} / new {}, request success legacy {} / new {}, parity {} alike / {} drifted\n",
-        pct(last.success[0]),
-        pct(last.success[1]),
-        pct(last.requests[0]),
-        pct(last.requests[1]),
+        pct(share(last.commands[0])),
+        pct(share(last.commands[1])),
+        pct(share(last.requests[0])),
+        pct(share(last.requests[1])),
         last.parity.0,
         last.parity.1
     ));

@@ -20,6 +20,7 @@ pub mod capture;
 pub mod cmd;
 pub mod codec;
 pub mod config;
+pub mod console;
 pub mod dailylog;
 pub mod demo;
 pub mod hexutil;

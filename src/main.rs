@@ -48,6 +48,7 @@ enum Cmd {
     #[command(after_help = "Examples:\n  \
         cync-mitm demo\n  \
         cync-mitm demo --devices 200 --duration 2m --keep\n  \
+        cync-mitm demo --stay          # the console stays up after the rollback\n  \
         cync-mitm demo --quiet --duration 20s   # CI: the summary only, exit 0 when complete\n\n\
         Everything runs on 127.0.0.1; nothing leaves the machine.")]
     Demo {
@@ -67,6 +68,9 @@ enum Cmd {
         /// Put the files here (kept) instead of a temporary folder.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// After the rollback, keep the proxy, devices and console running until Ctrl-C.
+        #[arg(long)]
+        stay: bool,
     },
     /// Certificate management.
     #[command(after_help = "Example:\n  cync-mitm certs init --config config/cync-mitm.toml")]
@@ -668,6 +672,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keep,
             quiet,
             dir,
+            stay,
         } => {
             // Quiet: the summary only (the rollback it provokes is logged at error level).
             init_logging(
@@ -684,6 +689,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 keep,
                 quiet,
                 dir,
+                stay,
             }))?;
             {
                 use std::io::Write as _;

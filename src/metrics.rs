@@ -340,6 +340,12 @@ pub struct Metrics {
     pub upstream_up_v: IntGaugeVec,
     /// Admin connections closed at accept because `admin.max_connections` were open.
     pub admin_rejected: IntCounter,
+    /// Decoded frames put on the console's stream.
+    pub console_events: IntCounter,
+    /// Console stream events not delivered, by reason.
+    pub console_dropped: IntCounterVec,
+    /// Console streams open.
+    pub console_streams: IntGauge,
     /// Capture chunks dropped because the writer's queue was full.
     pub capture_dropped: IntCounter,
     /// Capture writes skipped because their file failed (disk full, unwritable folder).
@@ -560,6 +566,24 @@ impl Metrics {
             "cync_mitm_admin_rejected_total",
             "Admin connections closed at accept because admin.max_connections were open.",
         );
+        let console_events = simple(
+            "cync_mitm_console_events_total",
+            "Decoded frames put on the web console's live stream (only while a stream is open).",
+        );
+        let console_dropped = counter_vec(
+            &r,
+            "cync_mitm_console_events_dropped_total",
+            "Console stream events not delivered (the relay never waits for the console), by reason: rate (above admin.console_max_events_per_second), slow_client (a stream fell behind its buffer).",
+            &["reason"],
+        );
+        for k in ["rate", "slow_client"] {
+            console_dropped.with_label_values(&[k]);
+        }
+        let console_streams = int_gauge(
+            &r,
+            "cync_mitm_console_streams",
+            "Web console event streams (GET /api/events) open.",
+        );
         let capture_deleted = simple(
             "cync_mitm_capture_files_deleted_total",
             "Capture files deleted by retention.",
@@ -678,6 +702,9 @@ impl Metrics {
             slo,
             upstream_up_v,
             admin_rejected,
+            console_events,
+            console_dropped,
+            console_streams,
             capture_dropped,
             capture_dropped_error,
             capture_errors,

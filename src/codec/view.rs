@@ -391,25 +391,43 @@ pub fn summarize(bytes: &Bytes) -> FrameSummary {
         detail: String::new(),
     };
     match Frame::decode(bytes) {
-        Ok(f) => {
-            out.id = f.id();
-            out.msg = f.msg();
-            out.detail = match &f.body {
-                Body::Handshake(h) => format!("device={}", h.device_id),
-                Body::Login(l) => format!("user={:08x}", l.user_id),
-                Body::Pipe(p) => match &p.inner {
-                    Ok(i) => inner_summary(i),
-                    Err(bad) => format!("error: inner frame: {}", bad.error),
-                },
-                Body::Sync(sy) => format!("records={}", sy.records.len()),
-                Body::TimeAnswer(t) => format!("{} {}{}", t.date(), t.time(), t.offset()),
-                Body::CloudStatus(c) => format!("status=0x{:02x}", c.status()),
-                _ => String::new(),
-            };
-        }
+        Ok(f) => describe(&mut out, &f),
         Err(e) => out.detail = format!("error: {e}"),
     }
     out
+}
+
+/// [`summarize`] of a frame already decoded (`None`: it did not decode, and is decoded again
+/// for the error).
+pub fn summarize_decoded(bytes: &Bytes, decoded: Option<&Frame>) -> FrameSummary {
+    let Some(f) = decoded else {
+        return summarize(bytes);
+    };
+    let mut out = FrameSummary {
+        ptype: f.ptype,
+        id: None,
+        msg: None,
+        detail: String::new(),
+    };
+    describe(&mut out, f);
+    out
+}
+
+fn describe(out: &mut FrameSummary, f: &Frame) {
+    out.id = f.id();
+    out.msg = f.msg();
+    out.detail = match &f.body {
+        Body::Handshake(h) => format!("device={}", h.device_id),
+        Body::Login(l) => format!("user={:08x}", l.user_id),
+        Body::Pipe(p) => match &p.inner {
+            Ok(i) => inner_summary(i),
+            Err(bad) => format!("error: inner frame: {}", bad.error),
+        },
+        Body::Sync(sy) => format!("records={}", sy.records.len()),
+        Body::TimeAnswer(t) => format!("{} {}{}", t.date(), t.time(), t.offset()),
+        Body::CloudStatus(c) => format!("status=0x{:02x}", c.status()),
+        _ => String::new(),
+    };
 }
 
 /// One-line description of a whole frame, for logs, tables and capture comments.

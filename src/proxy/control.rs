@@ -129,6 +129,8 @@ pub struct LiveSession {
     pub auth: [u8; 32],
     /// The path it is relayed on: the decision's, or legacy after a `new_primary` fallback.
     pub path: crate::route::Path,
+    /// The connection's facts and what its frames said (the web console's devices table).
+    pub meta: Arc<super::tap::ConnMeta>,
 }
 
 impl LiveSession {
@@ -219,6 +221,18 @@ impl Registry {
 mod tests {
     use super::*;
 
+    fn test_meta(id: Uuid) -> Arc<crate::proxy::tap::ConnMeta> {
+        Arc::new(crate::proxy::tap::ConnMeta {
+            id,
+            device_addr: "127.0.0.1:1".parse().unwrap(),
+            proxy_device_addr: "127.0.0.1:2".parse().unwrap(),
+            peer: crate::route::PeerKind::Device(DeviceId(1)),
+            started: std::time::SystemTime::now(),
+            upstream: std::sync::OnceLock::new(),
+            live: Default::default(),
+        })
+    }
+
     #[test]
     fn a_fallen_back_device_moves_only_when_the_policy_really_changes() {
         use crate::route::{Mode, Path, Policy};
@@ -235,6 +249,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             auth: [0; 32],
             path: Path::Legacy, // fell back
+            meta: test_meta(Uuid::now_v7()),
         };
         // Still new_primary: it stays on the cloud until it reconnects.
         assert!(!s.moves_under(&primary));
@@ -268,6 +283,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             auth: [0; 32],
             path: decision.path,
+            meta: test_meta(conn),
         };
         assert!(r.register(DeviceId(1), s(ca, a.clone())).is_none());
         let old = r.register(DeviceId(1), s(cb, b.clone())).unwrap();

@@ -81,6 +81,8 @@ pub struct Proxy {
     parity: Arc<crate::parity::hub::Hub>,
     /// The SLO engine, its controller and their state.
     slo: slo::Slo,
+    /// The web console's tap (also in `sinks`).
+    console: Arc<crate::console::Console>,
 }
 
 struct GaugeGuard(prometheus::IntGauge);
@@ -123,7 +125,11 @@ impl Proxy {
         }
         health.track(Path::New, &cfg.config.new_path.addresses);
         let parity = crate::parity::hub::Hub::new(metrics.parity.clone());
+        let console = crate::console::Console::new(metrics.clone());
+        let mut sinks = sinks;
+        sinks.push(console.clone());
         let me = Arc::new(Self {
+            console,
             slo: slo::Slo::load(&cfg.config.slo.state_file, &metrics),
             parity,
             health,
@@ -147,6 +153,11 @@ impl Proxy {
             me.background.spawn(async move { s.slo_loop().await });
         }
         Ok(me)
+    }
+
+    /// The web console's live data and frame stream.
+    pub fn console(&self) -> &Arc<crate::console::Console> {
+        &self.console
     }
 
     /// The configuration in force.

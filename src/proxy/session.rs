@@ -110,6 +110,7 @@ impl Session<'_> {
             peer: peer_kind,
             started: SystemTime::now(),
             upstream: OnceLock::new(),
+            live: Default::default(),
         });
         let mut routed = self.route(first.as_ref(), meta.clone(), orig_dst);
         // 4. Upstream, 5. relay.
@@ -261,6 +262,7 @@ impl Session<'_> {
                 peer: self.peer,
                 auth: openssl::sha::sha256(&h.auth_code),
                 path: decision.path,
+                meta: meta.clone(),
             };
             match p.registry.get(id) {
                 Some(live) if live.auth != session.auth => deferred = Some((id, session)),

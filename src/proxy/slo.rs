@@ -37,7 +37,12 @@ pub(super) struct Slo {
     _lock: Option<std::fs::File>,
     log: std::sync::mpsc::SyncSender<LogLine>,
     webhooks: Arc<tokio::sync::Semaphore>,
+    /// The newest decisions logged (the console's decision log), oldest first.
+    recent: Mutex<std::collections::VecDeque<Value>>,
 }
+
+/// Decisions kept in memory for `GET /api/rollout`.
+pub const RECENT_DECISIONS: usize = 50;
 
 struct LogLine {
     dir: std::path::PathBuf,
@@ -104,6 +109,7 @@ impl Slo {
             _lock: lock,
             log: tx,
             webhooks: Arc::new(tokio::sync::Semaphore::new(WEBHOOKS_IN_FLIGHT)),
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_DECISIONS)),
         }
     }
 
@@ -430,7 +436,21 @@ impl Proxy {
         save_state(&file, &snapshot);
     }
 
+    /// The newest decisions logged (at most [`RECENT_DECISIONS`]), newest first, whether or
+    /// not `slo.decision_log` writes them to a file.
+    pub fn recent_decisions(&self) -> Vec<Value> {
+        let r = self.slo.recent.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().rev().cloned().collect()
+    }
+
     fn log_decision(&self, cfg: &SloConfig, at: SystemTime, record: &Value) {
+        {
+            let mut r = self.slo.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if r.len() >= RECENT_DECISIONS {
+                r.pop_front();
+            }
+            r.push_back(record.clone());
+        }
         if !cfg.decision_log {
             return;
         }

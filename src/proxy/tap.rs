@@ -30,6 +30,8 @@ pub struct ConnMeta {
     pub started: SystemTime,
     /// Our address on the upstream leg and the upstream's, once connected.
     pub upstream: OnceLock<(SocketAddr, SocketAddr)>,
+    /// What its frames said, for the web console.
+    pub live: crate::console::DeviceLive,
 }
 
 /// Receives copies of what a session relays. Implementations must not block.
