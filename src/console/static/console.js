@@ -200,22 +200,18 @@ async function pollRollout() {
   renderRollout(await r.json());
 }
 
-function every(ms, f) {
-  let busy = false;
+// Runs f now and again `delay()` ms after each run ends (never two at once).
+function every(delay, f) {
   const run = async () => {
-    if (busy) return;
-    busy = true;
     try {
       await f();
       link(true);
     } catch (e) {
       link(false, e);
-    } finally {
-      busy = false;
     }
+    setTimeout(run, delay());
   };
   run();
-  setInterval(run, ms);
 }
 
 function link(ok, e) {
@@ -339,7 +335,8 @@ let refilter = null;
 $("f-device").addEventListener("input", () => { clearTimeout(refilter); refilter = setTimeout(openStream, 400); });
 $("f-type").addEventListener("change", openStream);
 
-every(POLL_MS, pollDevices);
-every(POLL_MS, pollRollout);
+// A big fleet's table is polled less often (about 0.8 KB per device per poll).
+every(() => (devices.length > 300 ? 3 * POLL_MS : POLL_MS), pollDevices);
+every(() => POLL_MS, pollRollout);
 openStream();
 requestAnimationFrame(flush);
