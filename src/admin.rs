@@ -22,8 +22,8 @@
 //! | `POST /api/canary?percent=N` | set `routing.canary_percent` in the config file and reload (loopback only) |
 //!
 //! State-changing requests are also refused when a browser says they come from another site
-//! (an `Origin` that is not this server, or `Sec-Fetch-Site: cross-site`) or when they name a
-//! host other than an IP address or `localhost` (DNS rebinding).
+//! (an `Origin` that is not this server, or `Sec-Fetch-Site: cross-site`) or when a browser's
+//! request names a host other than an IP address or `localhost` (DNS rebinding).
 
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -285,10 +285,15 @@ fn host_of(authority: &str) -> &str {
 }
 
 /// Why a state-changing request is refused although it came from loopback: a browser says it
-/// comes from another site, or it names a host that is neither an IP address nor `localhost`
-/// (a DNS-rebinding page). `curl` and scripts send no `Origin` and pass.
+/// comes from another site, or a browser's request names a host that is neither an IP address
+/// nor `localhost` (a DNS-rebinding page: its `Origin` and `Host` agree, on the attacker's
+/// name). Scripts (`curl`, no `Origin` and no `Sec-Fetch-*`) pass whatever host they name.
 pub fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let browser = headers.contains_key("origin") || headers.contains_key("sec-fetch-site");
+    if !browser {
+        return None;
+    }
     // Every Host header counts (two of them are no excuse).
     for v in headers.get_all(hyper::header::HOST) {
         let name = v.to_str().map(host_of).unwrap_or("");
@@ -296,7 +301,6 @@ pub fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
             return Some("the Host header names neither an IP address nor localhost");
         }
     }
-    let host = h("host");
     if h("sec-fetch-site").is_some_and(|v| v.eq_ignore_ascii_case("cross-site")) {
         return Some("the browser says the request comes from another site");
     }
@@ -304,7 +308,7 @@ pub fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
         let same = origin
             .strip_prefix("http://")
             .or_else(|| origin.strip_prefix("https://"))
-            .zip(host)
+            .zip(h("host"))
             .is_some_and(|(o, h)| o.eq_ignore_ascii_case(h));
         if !same {
             return Some("the Origin header is not this server");
@@ -919,9 +923,37 @@ mod tests {
             ]))
             .is_some()
         );
-        assert!(cross_site(&hm(&[("host", "evil.example:9400")])).is_some());
-        assert!(cross_site(&hm(&[("host", "127.0.0.1:9400"), ("host", "evil.example")])).is_some());
-        assert!(cross_site(&hm(&[("host", "127.0.0.1.evil.example")])).is_some());
+        let rebound = |host: &'static str| {
+            cross_site(&hm(&[
+                ("host", host),
+                ("origin", "http://evil.example:9400"),
+            ]))
+        };
+        assert!(rebound("evil.example:9400").is_some());
+        assert!(
+            cross_site(&hm(&[
+                ("host", "evil.example:9400"),
+                ("sec-fetch-site", "same-origin")
+            ]))
+            .is_some()
+        );
+        assert!(
+            cross_site(&hm(&[
+                ("host", "127.0.0.1.evil.example"),
+                ("sec-fetch-site", "none")
+            ]))
+            .is_some()
+        );
+        assert!(
+            cross_site(&hm(&[
+                ("host", "127.0.0.1:9400"),
+                ("host", "evil.example"),
+                ("origin", "http://127.0.0.1:9400")
+            ]))
+            .is_some()
+        );
+        // A script naming the machine by its name (Debian maps it to 127.0.1.1) passes.
+        assert_eq!(cross_site(&hm(&[("host", "cyncbox:9400")])), None);
     }
 
     #[tokio::test]

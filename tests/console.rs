@@ -276,7 +276,11 @@ async fn devices_stream_and_canary_control_over_http() {
     let cross = [("origin", "http://evil.example".to_owned())];
     let (st, b) = http(a, hyper::Method::POST, "/api/canary?percent=100", &cross).await;
     assert_eq!(st, 403, "{b}");
-    let rebinding = [("host", "evil.example:80".to_owned())];
+    // A rebinding page: its Origin and Host agree, on the attacker's name.
+    let rebinding = [
+        ("host", "evil.example:80".to_owned()),
+        ("origin", "http://evil.example:80".to_owned()),
+    ];
     let (st, _) = http(
         a,
         hyper::Method::POST,
