@@ -599,22 +599,26 @@ async fn the_console_in_a_real_browser() {
         "{:?}",
         attr_all(&c, "#frames tbody tr", "data-type").await
     );
-    // And the device filter.
-    let one = want[2].clone();
+    // And the device filter, two ids (the page encodes the comma).
+    let (one, two) = (want[2].clone(), want[5].clone());
     select.select_by_value("").await.unwrap();
     c.find(fantoccini::Locator::Id("f-device"))
         .await
         .unwrap()
-        .send_keys(&one)
+        .send_keys(&format!("{one}, {two}"))
         .await
         .unwrap();
-    let only_one = poll(Duration::from_secs(10), || async {
+    let only_these = poll(Duration::from_secs(10), || async {
         let devs = attr_all(&c, "#frames tbody tr", "data-device").await;
-        (devs.len() >= 3 && devs.iter().all(|d| *d == one)).then_some(())
+        (devs.len() >= 4
+            && devs.iter().all(|d| *d == one || *d == two)
+            && devs.contains(&one)
+            && devs.contains(&two))
+        .then_some(())
     })
     .await;
     assert!(
-        only_one.is_some(),
+        only_these.is_some(),
         "{:?}",
         attr_all(&c, "#frames tbody tr", "data-device").await
     );

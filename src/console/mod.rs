@@ -365,6 +365,8 @@ impl Filter {
         let mut f = Self::default();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            // Browsers encode the commas (URLSearchParams): `device=a%2Cb`.
+            let v = percent_decode(v);
             for item in v.split(',').map(|s| s.trim()).filter(|s| !s.is_empty()) {
                 match k {
                     "device" => {
@@ -388,6 +390,33 @@ impl Filter {
         (self.devices.is_empty() || e.device.is_some_and(|d| self.devices.contains(&d)))
             && (self.types.is_empty() || self.types.contains(&e.ptype))
     }
+}
+
+/// `%XX` and `+` of a query value decoded (invalid escapes kept as they are).
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(x) => {
+                        out.push(x);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn parse_type(s: &str) -> Result<u8, String> {
@@ -520,6 +549,13 @@ mod tests {
         assert!(Filter::parse("type=0x1234").is_err());
         assert!(Filter::parse("evil=1").is_err());
         assert_eq!(Filter::parse("").unwrap(), Filter::default());
+        // As a browser sends it.
+        let f2 = Filter::parse("device=0000abcd%2C12&type=pipe_sync").unwrap();
+        assert_eq!(f2.devices, vec![0xabcd, 0x12]);
+        assert_eq!(f2.types, vec![0x83]);
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%zz%41+"), "%zzA ");
+        assert_eq!(percent_decode("%"), "%");
         let many = format!("device={}", vec!["1"; 300].join(","));
         assert!(Filter::parse(&many).is_err());
         let ev = Event {
