@@ -31,6 +31,22 @@ const RATE_WINDOW: usize = 10;
 const MAX_MESH: usize = 256;
 /// Longest firmware string kept.
 const MAX_FIRMWARE: usize = 64;
+/// Longest frame summary put on the stream (a 64 KiB mesh-relay frame would be 130 KB of hex).
+const MAX_SUMMARY: usize = 240;
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` when cut.
+fn capped(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
+    s
+}
 
 /// The last state of one light.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -313,7 +329,7 @@ impl Console {
             "type": format!("0x{ptype:02x}"),
             "name": raw.ptype().name(),
             "len": raw.bytes().len(),
-            "summary": summary.to_string(),
+            "summary": capped(summary.to_string(), MAX_SUMMARY),
         })
         .to_string();
         let rest = data.strip_prefix('{').unwrap_or(&data);
@@ -566,6 +582,15 @@ mod tests {
         };
         assert!(f.matches(&ev));
         assert!(!Filter::parse("type=0x43").unwrap().matches(&ev));
+    }
+
+    #[test]
+    fn long_summaries_are_capped_on_a_character_boundary() {
+        assert_eq!(capped("abc".into(), 5), "abc");
+        assert_eq!(capped("abcdef".into(), 3), "abc…");
+        let s = capped("ééé".into(), 3);
+        assert_eq!(s, "é…");
+        assert!(capped("x".repeat(200_000), MAX_SUMMARY).len() <= MAX_SUMMARY + 3);
     }
 
     #[test]

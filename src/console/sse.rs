@@ -229,7 +229,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_that_falls_behind_loses_the_oldest_counts_them_and_says_so() {
+    async fn a_stream_that_falls_behind_loses_events_counts_them_and_says_so() {
         let m = Arc::new(Metrics::new(false));
         let c = Console::new(m.clone());
         let mut body = c
