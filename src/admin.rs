@@ -958,15 +958,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_console_can_be_turned_off() {
-        let m = Arc::new(Metrics::new(false));
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::config::Config::default();
-        cfg.slo.state_file = dir.path().join("slo/state.json");
-        cfg.admin.console = false;
-        let live = crate::reload::LiveConfig::fixed(cfg, m.clone()).unwrap();
-        let certs = crate::tls::init_certs(dir.path(), false).unwrap();
-        let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
-        let st = AdminState::new(m, Some(proxy));
+        let (st, _dir) = state_with(|c| c.admin.console = false);
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         for p in [
             "/",
@@ -995,14 +987,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_proxy_without_a_config_file_says_so_when_the_canary_is_set() {
-        let m = Arc::new(Metrics::new(false));
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::config::Config::default();
-        cfg.slo.state_file = dir.path().join("slo/state.json");
-        let live = crate::reload::LiveConfig::fixed(cfg, m.clone()).unwrap();
-        let certs = crate::tls::init_certs(dir.path(), false).unwrap();
-        let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
-        let st = AdminState::new(m, Some(proxy));
+        let (st, _dir) = state_with(|_| {});
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let r = route(&st, &Method::POST, "/api/canary?percent=5", local).await;
         assert_eq!(r.status(), StatusCode::CONFLICT);
@@ -1019,6 +1004,23 @@ mod tests {
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
     }
 
+    /// Admin state over a proxy on the default configuration changed by `edit` (its SLO state
+    /// in a scratch folder, kept while the returned folder lives).
+    fn state_with(
+        edit: impl FnOnce(&mut crate::config::Config),
+    ) -> (AdminState, tempfile::TempDir) {
+        let m = Arc::new(Metrics::new(false));
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::Config::default();
+        cfg.slo.state_file = dir.path().join("slo/state.json");
+        edit(&mut cfg);
+        let live = crate::reload::LiveConfig::fixed(cfg, m.clone()).unwrap();
+        let certs = crate::tls::init_certs(dir.path(), false).unwrap();
+        let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
+        let st = Arc::into_inner(AdminState::new(m, Some(proxy))).unwrap();
+        (st, dir)
+    }
+
     #[test]
     fn masks_secret_looking_keys() {
         let mut v = json!({"routing": {"seed": "abc", "mode": "shadow"}, "x": [{"api_token": "t"}], "ca_file": null});
@@ -1031,14 +1033,7 @@ mod tests {
 
     #[tokio::test]
     async fn reload_is_loopback_only_and_unknown_paths_404() {
-        let m = Arc::new(Metrics::new(false));
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = crate::config::Config::default();
-        cfg.slo.state_file = dir.path().join("slo/state.json");
-        let live = crate::reload::LiveConfig::fixed(cfg, m.clone()).unwrap();
-        let certs = crate::tls::init_certs(dir.path(), false).unwrap();
-        let proxy = Proxy::new(live, &certs, m.clone(), Vec::new()).unwrap();
-        let st = AdminState::new(m, Some(proxy));
+        let (st, _dir) = state_with(|_| {});
         let outside: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         assert_eq!(

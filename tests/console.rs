@@ -480,6 +480,15 @@ async fn attr_all(c: &fantoccini::Client, css: &str, attr: &str) -> Vec<String> 
     out
 }
 
+/// Waits (20 s at most) until the devices table lists `n` rows, all on `path`.
+async fn all_rows_on(c: &fantoccini::Client, n: u32, path: &str) -> Option<()> {
+    poll(Duration::from_secs(20), || async {
+        let paths = attr_all(c, "#devices tbody tr", "data-path").await;
+        (paths.len() == n as usize && paths.iter().all(|p| p == path)).then_some(())
+    })
+    .await
+}
+
 /// How the page writes a state (console.js `stateText`).
 fn state_text(s: &cync_mitm::codec::payload::LightState) -> String {
     use cync_mitm::codec::payload::Color;
@@ -646,11 +655,7 @@ async fn the_console_in_a_real_browser() {
         "the config file was not edited: {}",
         canary_in_file(&s.file)
     );
-    let on_new = poll(Duration::from_secs(20), || async {
-        let paths = attr_all(&c, "#devices tbody tr", "data-path").await;
-        (paths.len() == s.devices as usize && paths.iter().all(|p| p == "new")).then_some(())
-    })
-    .await;
+    let on_new = all_rows_on(&c, s.devices, "new").await;
     assert!(
         on_new.is_some(),
         "{:?}",
@@ -680,11 +685,7 @@ async fn the_console_in_a_real_browser() {
     })
     .await;
     assert!(banner.is_some(), "no rollback banner");
-    let back = poll(Duration::from_secs(20), || async {
-        let paths = attr_all(&c, "#devices tbody tr", "data-path").await;
-        (paths.len() == s.devices as usize && paths.iter().all(|p| p == "legacy")).then_some(())
-    })
-    .await;
+    let back = all_rows_on(&c, s.devices, "legacy").await;
     assert!(back.is_some(), "the rollback did not move the devices back");
     c.find(fantoccini::Locator::Id("clear"))
         .await
