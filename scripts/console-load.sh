@@ -6,7 +6,10 @@
 #   page  one stream read as fast as it comes (curl), /api/devices polled every 6 s and
 #         /api/rollout every 2 s, as an open console page does with more than 300 devices;
 #   slow  one stream read 1 KiB per second through a 4 KiB receive buffer (a stalled browser), with
-#         the same polling.
+#         the same polling;
+#   chrome  the console page itself in a headless Chromium (through chromedriver), rendering
+#         what it receives; events delivered are what the page counted (skipped when chromium
+#         or chromedriver is missing: apt-get install chromium chromium-driver).
 # For each: the proxy's CPU seconds per second (from /proc), the fleet's answered heartbeats and
 # request → answer p99 (the relay), events delivered per second to the stream, and the events
 # dropped (cync_mitm_console_events_dropped_total by reason).
@@ -93,8 +96,24 @@ poller() {
   echo $!
 }
 
+wd=""
+if command -v chromedriver >/dev/null && command -v chromium >/dev/null; then
+  wd_port=$(free_port)
+  chromedriver --port="$wd_port" --allowed-ips=127.0.0.1 >"$work/chromedriver.log" 2>&1 &
+  pids+=($!)
+  wd="http://127.0.0.1:$wd_port"
+  for _ in $(seq 50); do curl -fs "$wd/status" >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+json_get() { python3 -c 'import json,sys; v=json.load(sys.stdin)["value"]; print(eval(sys.argv[1]))' "$1"; }
+page_counts() {
+  curl -fs -X POST "$wd/session/$session/execute/sync" -H 'content-type: application/json' \
+    -d '{"script":"return [stream.received, stream.dropped]","args":[]}' | json_get 'f"{v[0]} {v[1]}"'
+}
+runs="none page slow"
+[ -n "$wd" ] && runs="$runs chrome"
+
 printf '%-6s %10s %10s %12s %10s %12s %10s %10s\n' run "CPU s/s" "answered/s" "p99 ms" "events/s" "delivered" "drop rate" "drop slow"
-for run in none page slow; do
+for run in $runs; do
   extra=()
   rm -f "$work/stream.out" "$work/slow.out"
   case $run in
@@ -107,6 +126,11 @@ for run in none page slow; do
       extra+=("$(slow_reader)")
       extra+=("$(poller)")
       ;;
+    chrome)
+      session=$(curl -fs -X POST "$wd/session" -H 'content-type: application/json' -d '{"capabilities":{"alwaysMatch":{"goog:chromeOptions":{"binary":"'"$(command -v chromium)"'","args":["--headless=new","--no-sandbox","--disable-gpu","--disable-dev-shm-usage","--window-size=1400,1800"]}}}}' | json_get 'v["sessionId"]')
+      curl -fs -X POST "$wd/session/$session/url" -H 'content-type: application/json' \
+        -d "{\"url\":\"$admin/\"}" >/dev/null
+      ;;
   esac
   sleep 1
   r0=$(dropped rate); s0=$(dropped slow_client)
@@ -115,8 +139,14 @@ for run in none page slow; do
   fleet=$!
   sleep 8 # connected and heartbeating
   c0=$(cpu); e0=$( [ -f "$work/stream.out" ] && grep -c '^data: {"seq"' "$work/stream.out" || echo 0 )
+  [ "$run" = chrome ] && read -r e0 p0 < <(page_counts)
   sleep "$duration"
   c1=$(cpu); e1=$( [ -f "$work/stream.out" ] && grep -c '^data: {"seq"' "$work/stream.out" || echo 0 )
+  if [ "$run" = chrome ]; then
+    read -r e1 p1 < <(page_counts)
+    curl -fs -X DELETE "$wd/session/$session" >/dev/null || true
+    echo "chrome: the page counted $((p1 - p0)) events dropped for it (slow page)" >&2
+  fi
   if [ "$run" = page ]; then devsize=$(curl -fs "$admin/api/devices" | wc -c); fi
   wait "$fleet" || true
   r1=$(dropped rate); s1=$(dropped slow_client)

@@ -21,9 +21,10 @@
 //! | `GET /api/rollout` | rollout, SLOs, parity and the newest decisions in one document |
 //! | `POST /api/canary?percent=N` | set `routing.canary_percent` in the config file and reload (loopback only) |
 //!
-//! State-changing requests are also refused when a browser says they come from another site
-//! (an `Origin` that is not this server, or `Sec-Fetch-Site: cross-site`) or when a browser's
-//! request names a host other than an IP address or `localhost` (DNS rebinding).
+//! A request naming a host other than an IP address, `localhost` or one of
+//! `admin.allowed_hosts` is refused (DNS rebinding; `/healthz` and `/readyz` excepted), and so
+//! is a browser's request another page sent (`Origin`, `Sec-Fetch-Site`), a link to the
+//! console excepted. See [`refusal`].
 
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -54,7 +55,12 @@ pub struct AdminState {
     pub proxy: Option<Arc<Proxy>>,
     /// Ends the console's event streams (the server's shutdown).
     pub stop: CancellationToken,
+    /// Large answers built at once (`/api/devices`, `/routing`); more are answered 503.
+    heavy: Arc<tokio::sync::Semaphore>,
 }
+
+/// Large answers built at once, off the runtime.
+const HEAVY_AT_ONCE: usize = 2;
 
 impl AdminState {
     /// State with readiness off.
@@ -64,6 +70,7 @@ impl AdminState {
             ready: AtomicBool::new(false),
             proxy,
             stop: CancellationToken::new(),
+            heavy: Arc::new(tokio::sync::Semaphore::new(HEAVY_AT_ONCE)),
         })
     }
 }
@@ -99,7 +106,8 @@ fn api_json(status: StatusCode, v: &Value) -> Resp {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    // humantime panics on a time before 1970 (a clock without RTC, stepped back).
+    humantime::format_rfc3339_seconds(t.max(std::time::UNIX_EPOCH)).to_string()
 }
 
 /// Replaces values of keys that look secret (`seed`, `*password*`, `*token*`, `*secret*`,
@@ -182,15 +190,16 @@ fn routing(proxy: &Proxy) -> Value {
 }
 
 /// `GET /api/devices`: `/routing`'s fields and what each device's frames said.
-fn api_devices(proxy: &Proxy) -> Value {
+fn api_devices(proxy: &Proxy, with_mesh: bool) -> Value {
     let loaded = proxy.config();
     let now = SystemTime::now();
+    let pair = (std::time::Instant::now(), now);
     let (mut legacy, mut new, mut mirrored, mut fps) = (0u64, 0u64, 0u64, 0.0f64);
     let devices: Vec<Value> = sorted_devices(proxy)
         .iter()
         .map(|(id, s)| {
             let mut v = device_entry(&loaded, *id, s);
-            let live = s.meta.live.report(now);
+            let live = s.meta.live.report(pair, with_mesh);
             if let (Value::Object(m), Value::Object(l)) = (&mut v, live) {
                 m.extend(l);
             }
@@ -205,15 +214,56 @@ fn api_devices(proxy: &Proxy) -> Value {
         .collect();
     let r = &loaded.config.routing;
     json!({
-        "generated_at": humantime::format_rfc3339_millis(now).to_string(),
+        "generated_at": humantime::format_rfc3339_millis(now.max(std::time::UNIX_EPOCH)).to_string(),
         "generation": loaded.generation,
         "mode": r.mode.label(),
         "canary_percent": r.canary_percent,
         "rolled_back": loaded.runtime.rollback.is_some(),
         "counts": {"devices": devices.len(), "legacy": legacy, "new": new, "mirrored": mirrored},
         "frames_per_second": fps,
+        "console": {
+            "streams": proxy.console().streams(),
+            "events": proxy.metrics().console_events.get(),
+            "dropped_rate": proxy.metrics().console_dropped.with_label_values(&["rate"]).get(),
+            "dropped_slow_client": proxy.metrics().console_dropped.with_label_values(&["slow_client"]).get(),
+        },
         "devices": devices,
     })
+}
+
+/// `build` and its rendering run on a blocking thread: a fleet's answer is large (about 0.8 KB
+/// per device) and must not hold up the runtime's other admin requests. At most
+/// [`HEAVY_AT_ONCE`] at a time (the blocking pool also resolves upstream names and saves the
+/// SLO state; a client that asks and hangs up does not cancel a build): more are answered 503.
+async fn off_runtime(
+    state: &AdminState,
+    p: &Arc<Proxy>,
+    build: impl FnOnce(&Proxy) -> Value + Send + 'static,
+    render: fn(StatusCode, &Value) -> Resp,
+) -> Resp {
+    let Ok(permit) = state.heavy.clone().try_acquire_owned() else {
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("busy: {HEAVY_AT_ONCE} large answers are being built; try again\n"),
+            "text/plain; charset=utf-8",
+        );
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    let p = p.clone();
+    let job = move || {
+        let _permit = permit;
+        render(StatusCode::OK, &build(&p))
+    };
+    match tokio::task::spawn_blocking(job).await {
+        Ok(r) => r,
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}\n"),
+            "text/plain; charset=utf-8",
+        ),
+    }
 }
 
 /// `GET /api/rollout`: `/rollout`, `/slo`, `/parity` and the newest decisions.
@@ -284,25 +334,50 @@ fn host_of(authority: &str) -> &str {
     a.rsplit_once(':').map_or(a, |(h, _)| h)
 }
 
-/// Why a state-changing request is refused although it came from loopback: a browser says it
-/// comes from another site, or a browser's request names a host that is neither an IP address
-/// nor `localhost` (a DNS-rebinding page: its `Origin` and `Host` agree, on the attacker's
-/// name). Scripts (`curl`, no `Origin` and no `Sec-Fetch-*`) pass whatever host they name.
-pub fn cross_site(headers: &HeaderMap) -> Option<&'static str> {
+/// Why a request is refused before it is answered (`None`: it is not).
+///
+/// - Its `Host` names neither an IP address, `localhost` nor one of `allowed_hosts` (`"*"`
+///   allows any): a DNS-rebinding page (the attacker's name resolving to this machine) sends
+///   no `Origin` on a same-origin `GET`, and Chromium sends no `Sec-Fetch-*` to plain-HTTP
+///   names, so the name is all that tells it from the console. Applies to every request, a
+///   script's too, except `/healthz` and `/readyz` (they tell nothing).
+/// - A browser says another page sent it (`Sec-Fetch-Site` other than `same-origin` or `none`,
+///   or an `Origin` that is not this server): an `<img src=…/api/events>` elsewhere would hold
+///   a stream slot, a form would change state. A top-level link to the console itself (`GET /`,
+///   `Sec-Fetch-Mode: navigate`, `Sec-Fetch-Dest: document`) is let through: the other site
+///   reads nothing.
+pub fn refusal(
+    headers: &HeaderMap,
+    method: &Method,
+    path: &str,
+    allowed_hosts: &[String],
+) -> Option<&'static str> {
     let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    let browser = headers.contains_key("origin") || headers.contains_key("sec-fetch-site");
-    if !browser {
-        return None;
-    }
-    // Every Host header counts (two of them are no excuse).
-    for v in headers.get_all(hyper::header::HOST) {
-        let name = v.to_str().map(host_of).unwrap_or("");
-        if name.parse::<std::net::IpAddr>().is_err() && !name.eq_ignore_ascii_case("localhost") {
-            return Some("the Host header names neither an IP address nor localhost");
+    if !matches!(path, "/healthz" | "/readyz") && !allowed_hosts.iter().any(|a| a == "*") {
+        // Every Host header counts (two of them are no excuse).
+        for v in headers.get_all(hyper::header::HOST) {
+            let name = v.to_str().map(host_of).unwrap_or("");
+            let allowed = name.parse::<std::net::IpAddr>().is_ok()
+                || name.eq_ignore_ascii_case("localhost")
+                || allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(name));
+            if !allowed {
+                return Some(
+                    "the Host header names neither an IP address, localhost nor one of admin.allowed_hosts",
+                );
+            }
         }
     }
-    if h("sec-fetch-site").is_some_and(|v| v.eq_ignore_ascii_case("cross-site")) {
-        return Some("the browser says the request comes from another site");
+    let reads = *method == Method::GET || *method == Method::HEAD;
+    let link_to_console = reads
+        && matches!(path, "/" | "/index.html")
+        && h("sec-fetch-mode").is_some_and(|v| v.eq_ignore_ascii_case("navigate"))
+        && h("sec-fetch-dest").is_none_or(|v| v.eq_ignore_ascii_case("document"));
+    if let Some(site) = h("sec-fetch-site")
+        && !site.eq_ignore_ascii_case("same-origin")
+        && !site.eq_ignore_ascii_case("none")
+        && !link_to_console
+    {
+        return Some("the browser says another page sent it");
     }
     if let Some(origin) = h("origin") {
         let same = origin
@@ -347,8 +422,18 @@ fn asset(body: &'static str, ctype: &'static str) -> Resp {
     r
 }
 
-/// `GET /api/events`.
-fn events(state: &AdminState, p: &Proxy, query: &str) -> Resp {
+fn event_stream_headers(r: &mut Resp) {
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// `GET /api/events` (`HEAD`: the headers, and no stream opened).
+fn events(state: &AdminState, p: &Proxy, query: &str, head: bool) -> Resp {
     let filter = match crate::console::Filter::parse(query) {
         Ok(f) => f,
         Err(e) => {
@@ -358,6 +443,11 @@ fn events(state: &AdminState, p: &Proxy, query: &str) -> Resp {
             );
         }
     };
+    if head {
+        let mut r = text(StatusCode::OK, Bytes::new(), "text/event-stream");
+        event_stream_headers(&mut r);
+        return r;
+    }
     let a = &p.config().config.admin;
     let limits = crate::console::sse::StreamLimits {
         max_streams: a.console_max_streams,
@@ -370,13 +460,7 @@ fn events(state: &AdminState, p: &Proxy, query: &str) -> Resp {
     {
         Ok(body) => {
             let mut r = Response::new(body.boxed());
-            let h = r.headers_mut();
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-            h.insert(
-                hyper::header::CACHE_CONTROL,
-                HeaderValue::from_static("no-store"),
-            );
-            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            event_stream_headers(&mut r);
             r
         }
         Err(open) => api_json(
@@ -478,6 +562,20 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
         .proxy
         .as_ref()
         .is_some_and(|p| p.config().config.admin.console);
+    let no_hosts = Vec::new();
+    let cfg = state.proxy.as_ref().map(|p| p.config());
+    let allowed = cfg
+        .as_ref()
+        .map_or(&no_hosts, |c| &c.config.admin.allowed_hosts);
+    if let Some(why) = refusal(req.headers, method, path, allowed) {
+        return text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "refused: {why} (name this server by an IP address, localhost or a name in admin.allowed_hosts; a browser only from its own pages)\n"
+            ),
+            PLAIN,
+        );
+    }
     if CONSOLE_PATHS.contains(&path) && !console_on {
         return text(
             StatusCode::NOT_FOUND,
@@ -498,9 +596,15 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
             crate::console::assets::CONSOLE_CSS,
             "text/css; charset=utf-8",
         ),
-        ("/api/devices", true, Some(p)) => api_json(StatusCode::OK, &api_devices(p)),
+        ("/api/devices", true, Some(p)) => {
+            let with_mesh = req
+                .query
+                .split('&')
+                .any(|kv| kv == "mesh=1" || kv == "mesh=true");
+            off_runtime(state, p, move |p| api_devices(p, with_mesh), api_json).await
+        }
         ("/api/rollout", true, Some(p)) => api_json(StatusCode::OK, &api_rollout(p)),
-        ("/api/events", true, Some(p)) => events(state, p, req.query),
+        ("/api/events", true, Some(p)) => events(state, p, req.query, method == Method::HEAD),
         ("/metrics", true, _) => text(
             StatusCode::OK,
             state.metrics.render(),
@@ -546,7 +650,7 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
             StatusCode::OK,
             &json!({"ready": p.upstream_ready(), "upstreams": p.health().report()}),
         ),
-        ("/routing", true, Some(p)) => json_resp(StatusCode::OK, &routing(p)),
+        ("/routing", true, Some(p)) => off_runtime(state, p, routing, json_resp).await,
         ("/parity", true, Some(p)) => json_resp(StatusCode::OK, &p.parity_report()),
         ("/slo", true, Some(p)) => json_resp(StatusCode::OK, &p.slo_report()),
         ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
@@ -559,19 +663,6 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
         ) if method == Method::POST && !remote.ip().is_loopback() => text(
             StatusCode::FORBIDDEN,
             "state-changing endpoints answer loopback only\n",
-            PLAIN,
-        ),
-        (
-            "/reload" | "/rollback" | "/rollback/clear" | "/rollout/pause" | "/rollout/resume"
-            | "/api/canary",
-            false,
-            Some(_),
-        ) if method == Method::POST && cross_site(req.headers).is_some() => text(
-            StatusCode::FORBIDDEN,
-            format!(
-                "refused: {} (state-changing requests are same-origin only)\n",
-                cross_site(req.headers).unwrap_or_default()
-            ),
             PLAIN,
         ),
         ("/api/canary", false, Some(p)) if method == Method::POST => set_canary(p, req.query).await,
@@ -888,6 +979,83 @@ mod tests {
             }
             h
         };
+        let cross_site = |h: &HeaderMap| refusal(h, &Method::POST, "/reload", &[]);
+        let get = |h: &HeaderMap| refusal(h, &Method::GET, "/", &[]);
+        let stream = |h: &HeaderMap| refusal(h, &Method::GET, "/api/events", &[]);
+        // Reads: a link from another site to the console passes; an image, a frame or a
+        // script of another site asking for the stream does not.
+        let nav = [
+            ("host", "127.0.0.1:9400"),
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+            ("sec-fetch-dest", "document"),
+        ];
+        assert_eq!(get(&hm(&nav)), None);
+        assert!(cross_site(&hm(&nav)).is_some(), "a cross-site form post");
+        assert!(
+            stream(&hm(&nav)).is_some(),
+            "a link to the stream holds a slot"
+        );
+        // Another port of this machine (same-site) is another page too.
+        let img_same_site = [
+            ("host", "127.0.0.1:9400"),
+            ("sec-fetch-site", "same-site"),
+            ("sec-fetch-mode", "no-cors"),
+            ("sec-fetch-dest", "image"),
+        ];
+        assert!(stream(&hm(&img_same_site)).is_some());
+        for (mode, dest) in [
+            ("no-cors", "image"),
+            ("navigate", "iframe"),
+            ("cors", "empty"),
+        ] {
+            assert!(
+                stream(&hm(&[
+                    ("host", "127.0.0.1:9400"),
+                    ("sec-fetch-site", "cross-site"),
+                    ("sec-fetch-mode", mode),
+                    ("sec-fetch-dest", dest),
+                ]))
+                .is_some(),
+                "{mode} {dest}"
+            );
+        }
+        // A rebinding page reading the devices: by its name, and no browser header at all
+        // (a same-origin GET has no Origin; Chromium sends no Sec-Fetch-* to plain HTTP).
+        assert!(
+            refusal(
+                &hm(&[("host", "evil.example:9400")]),
+                &Method::GET,
+                "/api/devices",
+                &[]
+            )
+            .is_some()
+        );
+        // Health probes name what they like.
+        assert_eq!(
+            refusal(
+                &hm(&[("host", "pod-name:9400")]),
+                &Method::GET,
+                "/healthz",
+                &[]
+            ),
+            None
+        );
+        // The machine's own name, once allowed.
+        let named = hm(&[
+            ("host", "CyncBox:9400"),
+            ("sec-fetch-site", "none"),
+            ("sec-fetch-mode", "navigate"),
+        ]);
+        assert!(get(&named).is_some());
+        assert_eq!(
+            refusal(&named, &Method::GET, "/", &["cyncbox".to_string()]),
+            None
+        );
+        assert_eq!(
+            refusal(&named, &Method::GET, "/metrics", &["*".to_string()]),
+            None
+        );
         // curl, scripts: no Origin.
         assert_eq!(cross_site(&hm(&[("host", "127.0.0.1:9400")])), None);
         assert_eq!(cross_site(&hm(&[])), None);
@@ -952,8 +1120,43 @@ mod tests {
             ]))
             .is_some()
         );
-        // A script naming the machine by its name (Debian maps it to 127.0.1.1) passes.
-        assert_eq!(cross_site(&hm(&[("host", "cyncbox:9400")])), None);
+        // A script naming the machine by its name (Debian maps it to 127.0.1.1) needs the
+        // name allowed: nothing tells it from a rebinding page.
+        assert!(cross_site(&hm(&[("host", "cyncbox:9400")])).is_some());
+        assert_eq!(
+            refusal(
+                &hm(&[("host", "cyncbox:9400")]),
+                &Method::POST,
+                "/reload",
+                &["cyncbox".into()]
+            ),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn large_answers_are_built_two_at_a_time() {
+        let (st, _dir) = state_with(|_| {});
+        let local: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let held = st
+            .heavy
+            .clone()
+            .try_acquire_many_owned(HEAVY_AT_ONCE as u32)
+            .unwrap();
+        let r = route(&st, &Method::GET, "/api/devices", local).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(hyper::header::RETRY_AFTER));
+        assert_eq!(
+            route(&st, &Method::GET, "/routing", local).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        drop(held);
+        assert_eq!(
+            route(&st, &Method::GET, "/api/devices", local)
+                .await
+                .status(),
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]

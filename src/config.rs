@@ -1074,6 +1074,11 @@ pub struct AdminConfig {
     /// left out (counted in `cync_mitm_console_events_dropped_total{reason="rate"}`), so a
     /// busy proxy spends no more than this on the console. Default 2000.
     pub console_max_events_per_second: u64,
+    /// Host names (no port) requests may name the admin server by besides IP addresses and
+    /// `localhost`, for example the machine's own name or a Compose service name when `listen`
+    /// is not loopback; `"*"` allows any. A request naming another host is refused (DNS
+    /// rebinding), `/healthz` and `/readyz` excepted. Default none.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
@@ -1087,6 +1092,7 @@ impl Default for AdminConfig {
             console: true,
             console_max_streams: 8,
             console_max_events_per_second: 2000,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -1635,10 +1641,10 @@ impl Config {
                 "must be between 1 and 4096",
             ));
         }
-        if !(1..=a.max_connections.min(256)).contains(&a.console_max_streams) {
+        if !(1..=a.max_connections.min(64)).contains(&a.console_max_streams) {
             return Err(invalid(
                 "admin.console_max_streams",
-                "must be between 1 and admin.max_connections (at most 256)",
+                "must be between 1 and admin.max_connections (at most 64)",
             ));
         }
         if !(1..=100_000).contains(&a.console_max_events_per_second) {
@@ -1646,6 +1652,24 @@ impl Config {
                 "admin.console_max_events_per_second",
                 "must be between 1 and 100000",
             ));
+        }
+        if a.allowed_hosts.len() > 64 {
+            return Err(invalid("admin.allowed_hosts", "at most 64 names"));
+        }
+        for h in &a.allowed_hosts {
+            let ok = h == "*"
+                || !h.is_empty()
+                    && h.len() <= 253
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(invalid(
+                    "admin.allowed_hosts",
+                    format!(
+                        "`{h}` is not a host name (letters, digits, `-` and `.`; no port) nor `*`"
+                    ),
+                ));
+            }
         }
         if !(crate::codec::HEADER_LEN + 7..=16 * 1024 * 1024).contains(&self.limits.max_frame) {
             return Err(invalid(

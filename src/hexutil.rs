@@ -73,6 +73,15 @@ pub fn to_hex(b: &[u8]) -> String {
     s
 }
 
+/// [`to_hex`] of at most the first `max` bytes, then `…(+N bytes)` for the rest (one-line
+/// summaries of a 64 KiB frame stay short and cost nothing to build).
+pub fn to_hex_capped(b: &[u8], max: usize) -> String {
+    match b.get(..max) {
+        Some(head) if b.len() > max => format!("{}…(+{} bytes)", to_hex(head), b.len() - max),
+        _ => to_hex(b),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +114,13 @@ mod tests {
         assert!(parse_hex("0xzz").is_err());
         assert!(parse_hex("x23").is_err());
         assert!(parse_hex("…").is_err());
+    }
+
+    #[test]
+    fn capped_hex_names_what_it_left_out() {
+        assert_eq!(to_hex_capped(&[1, 2, 3], 3), "010203");
+        assert_eq!(to_hex_capped(&[1, 2, 3], 2), "0102…(+1 bytes)");
+        assert_eq!(to_hex_capped(&[], 0), "");
+        assert!(to_hex_capped(&vec![0u8; 1 << 20], 48).len() < 140);
     }
 }

@@ -1083,7 +1083,7 @@ async fn learn_paths(fleet: &cync_mitm::sim::devices::Fleet, admin: &str) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(admin).await?;
-        s.write_all(b"GET /routing HTTP/1.0\r\nHost: cync-mitm\r\n\r\n")
+        s.write_all(format!("GET /routing HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
             .await?;
         let mut body = Vec::new();
         s.take(64 << 20).read_to_end(&mut body).await?;
@@ -1099,6 +1099,11 @@ async fn learn_paths(fleet: &cync_mitm::sim::devices::Fleet, admin: &str) {
         .position(|w| w == b"\r\n\r\n")
         .and_then(|i| serde_json::from_slice::<serde_json::Value>(&body[i + 4..]).ok());
     let Some(v) = json else {
+        if body.starts_with(b"HTTP/1.1 403") || body.starts_with(b"HTTP/1.0 403") {
+            return eprintln!(
+                "sim devices: {admin}/routing refused the request: name the admin server by its IP address, or add the name to the proxy's admin.allowed_hosts"
+            );
+        }
         return eprintln!("sim devices: {admin}/routing did not answer JSON");
     };
     let paths: Vec<(cync_mitm::codec::DeviceId, String)> = v["devices"]

@@ -36,8 +36,10 @@ fn proxy_toml(
         &cfg,
         format!(
             "listen.tls = \"127.0.0.1:0\"\nupstream.addresses = [\"{upstream}\"]\n\
-             admin.listen = \"127.0.0.1:0\"\ntls.cert_dir = \"{}\"\n{extra}",
-            dir.join("certs").display()
+             admin.listen = \"127.0.0.1:0\"\ntls.cert_dir = \"{}\"\n\
+             slo.state_file = \"{}\"\n{extra}",
+            dir.join("certs").display(),
+            dir.join("slo/state.json").display()
         ),
     )
     .unwrap();
@@ -214,7 +216,7 @@ fn certs_init_refuses_to_overwrite_without_force() {
 async fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
-        format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
     )
     .await
     .unwrap();
@@ -395,6 +397,12 @@ fn spawn_proxy(
         Some((p, rest)) => {
             let mut c = Command::new(p);
             c.args(rest).arg(env!("CARGO_BIN_EXE_cync-mitm"));
+            // Not the checkout: relative default paths (captures/slo/state.json) land here.
+            c.current_dir(
+                bin()
+                    .get_current_dir()
+                    .unwrap_or(std::path::Path::new("/tmp")),
+            );
             c
         }
         None => bin(),

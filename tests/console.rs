@@ -27,6 +27,10 @@ struct Setup {
 }
 
 async fn setup(devices: u32, heartbeat: Duration) -> Setup {
+    setup_with(devices, heartbeat, |_| {}).await
+}
+
+async fn setup_with(devices: u32, heartbeat: Duration, edit: impl FnOnce(&mut Config)) -> Setup {
     let (_legacy, legacy_addr) = start_cloud(CloudSimConfig {
         command_interval: Some(Duration::from_millis(300)),
         ..CloudSimConfig::default()
@@ -48,6 +52,7 @@ async fn setup(devices: u32, heartbeat: Duration) -> Setup {
     cfg.slo.state_file = dir.path().join("slo/state.json");
     cfg.parity.dir = dir.path().join("parity");
     cfg.reload.debounce = Duration::from_millis(50);
+    edit(&mut cfg);
     let file = dir.path().join("cync-mitm.toml");
     std::fs::write(
         &file,
@@ -270,6 +275,56 @@ async fn devices_stream_and_canary_control_over_http() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(streams, 1.0, "streams left open");
+    // Another site's page cannot hold a stream slot (an <img> or a fetch) nor read through a
+    // rebound name; HEAD opens no stream; a top-level link to the console is let through.
+    let img = [
+        ("sec-fetch-site", "cross-site".to_owned()),
+        ("sec-fetch-mode", "no-cors".to_owned()),
+        ("sec-fetch-dest", "image".to_owned()),
+    ];
+    let (st, b) = http(a, hyper::Method::GET, "/api/events", &img).await;
+    assert_eq!(st, 403, "{b}");
+    let rebound_read = [
+        ("host", "evil.example:80".to_owned()),
+        ("sec-fetch-site", "same-origin".to_owned()),
+        ("sec-fetch-mode", "cors".to_owned()),
+    ];
+    for path in ["/api/devices", "/routing", "/config", "/api/events"] {
+        let (st, b) = http(a, hyper::Method::GET, path, &rebound_read).await;
+        assert_eq!(st, 403, "{path}: {b}");
+        // As a rebinding page really sends it: its name alone, no browser header.
+        let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+        s.write_all(
+            format!(
+                "GET {path} HTTP/1.0\r\nHost: evil.example:{}\r\n\r\n",
+                a.port()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.0 403"), "{path}: {out}");
+    }
+    let link = [
+        ("sec-fetch-site", "cross-site".to_owned()),
+        ("sec-fetch-mode", "navigate".to_owned()),
+        ("sec-fetch-dest", "document".to_owned()),
+    ];
+    let (st, b) = http(a, hyper::Method::GET, "/", &link).await;
+    assert_eq!(st, 200, "{b}");
+    let (st, b) = http(a, hyper::Method::HEAD, "/api/events", &[]).await;
+    assert_eq!((st, b.as_str()), (200, ""));
+    let (_, t) = http(a, hyper::Method::GET, "/metrics", &[]).await;
+    assert_eq!(m(&t), 1.0, "a refused or HEAD request held a stream");
+    // Mesh members are counted; listed on request.
+    let d = get_json(a, "/api/devices").await;
+    assert!(d["devices"][0]["mesh_count"].is_u64(), "{d}");
+    assert!(d["devices"][0].get("mesh").is_none());
+    assert!(d["console"]["events"].as_u64().unwrap() > 0, "{d}");
+    let d = get_json(a, "/api/devices?mesh=1").await;
+    assert!(d["devices"][0]["mesh"].is_array(), "{d}");
     drop(all);
 
     // The canary control: guarded, validated, then the file and the routing change.
@@ -332,6 +387,31 @@ async fn devices_stream_and_canary_control_over_http() {
     assert!(r["parity"]["settings"].is_object(), "{r}");
     assert!(r["rollout"]["enabled"] == false);
     assert!(r["decisions"].is_array());
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_console_off_its_tap_is_not_installed() {
+    let s = setup_with(3, Duration::from_millis(200), |c| c.admin.console = false).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (st, _) = http(s.admin, hyper::Method::GET, "/api/devices", &[]).await;
+    assert_eq!(st, 404);
+    let p = s.running.as_ref().unwrap().proxy.clone();
+    let now = (std::time::Instant::now(), std::time::SystemTime::now());
+    let live: Vec<Value> = p
+        .registry()
+        .snapshot()
+        .iter()
+        .map(|(_, l)| l.meta.live.report(now, false))
+        .collect();
+    assert_eq!(live.len(), 3);
+    // The devices talked, yet nothing counted their frames: no per-frame console work.
+    assert!(live.iter().all(|l| l["frames"] == 0), "{live:?}");
+    let (_, m) = http(s.admin, hyper::Method::GET, "/metrics", &[]).await;
+    assert!(
+        m.contains("cync_mitm_frames_total{"),
+        "the devices' frames were decoded"
+    );
     s.stop().await;
 }
 
@@ -712,6 +792,78 @@ async fn the_console_in_a_real_browser() {
     std::fs::write(&path, &shot).unwrap();
     assert!(shot.starts_with(b"\x89PNG"), "not a PNG");
     eprintln!("screenshot: {}", path.display());
+
+    // The canary box follows the file when someone else sets it (nobody is editing it).
+    let (st, b) = http(a, hyper::Method::POST, "/api/canary?percent=40", &[]).await;
+    assert_eq!(st, 200, "{b}");
+    let follows = poll(Duration::from_secs(10), || async {
+        let v = c
+            .find(fantoccini::Locator::Id("canary-input"))
+            .await
+            .ok()?
+            .prop("value")
+            .await
+            .ok()??;
+        (v == "40").then_some(())
+    })
+    .await;
+    assert!(follows.is_some(), "the canary box kept its old value");
+
+    // Every stream slot taken: the page is refused, says so, and gets in once one is free.
+    let streams = || async {
+        let (_, t) = http(a, hyper::Method::GET, "/metrics", &[]).await;
+        metric(&t, "cync_mitm_console_streams")
+    };
+    c.goto("about:blank").await.unwrap();
+    let gone = poll(Duration::from_secs(10), || async {
+        (streams().await == 0.0).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the page left, its stream stayed");
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(open_raw(a, "/api/events").await);
+    }
+    let full = poll(Duration::from_secs(10), || async {
+        (streams().await == 8.0).then_some(())
+    })
+    .await;
+    assert!(full.is_some(), "{} streams", streams().await);
+    c.goto(&format!("http://{a}/")).await.unwrap();
+    let refused = poll(Duration::from_secs(10), || async {
+        let t = c
+            .find(fantoccini::Locator::Id("stream-stats"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        t.contains("refused").then_some(())
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "the page did not say its stream was refused"
+    );
+    held.pop();
+    let back = poll(Duration::from_secs(40), || async {
+        texts(&c, "#frames tbody tr").await.into_iter().next()
+    })
+    .await;
+    if back.is_none() {
+        let t = c
+            .find(fantoccini::Locator::Id("stream-stats"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        panic!(
+            "the page never retried its stream: {t:?}, {} streams open",
+            streams().await
+        );
+    }
+    drop(held);
     c.close().await.unwrap();
     let _ = certs();
     s.stop().await;

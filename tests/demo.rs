@@ -162,3 +162,76 @@ fn ctrl_c_stops_the_demo_cleanly_and_deletes_its_files() {
     let cfg = std::path::Path::new(line(&text, "config"));
     assert!(!cfg.parent().unwrap().exists(), "files left behind");
 }
+
+#[test]
+fn with_stay_the_demo_keeps_its_console_up_after_the_rollback_until_ctrl_c() {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
+        .args(["demo", "--duration", "12s", "--devices", "10", "--stay"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut seen = Vec::new();
+    let mut admin = None;
+    let mut staying_since = None;
+    while std::time::Instant::now() < deadline {
+        let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(1)) else {
+            continue;
+        };
+        if let Some(rest) = l.strip_prefix("console: http://") {
+            admin = rest.split('/').next().map(str::to_owned);
+        }
+        if l.contains("rolled back; staying up") && staying_since.is_none() {
+            staying_since = Some(std::time::Instant::now());
+        }
+        seen.push(l);
+        // Well past the point where a demo without --stay ends (2 s after the rollback).
+        if staying_since.is_some_and(|t| t.elapsed() > std::time::Duration::from_secs(6)) {
+            break;
+        }
+    }
+    let all = seen.join("\n");
+    assert!(staying_since.is_some(), "never stayed up: {all}");
+    assert!(child.try_wait().unwrap().is_none(), "it exited: {all}");
+    assert!(!all.contains("cync-mitm demo complete"), "{all}");
+    // Its console still answers.
+    let admin = admin.unwrap_or_else(|| panic!("no console line: {all}"));
+    let mut s = std::net::TcpStream::connect(&admin).unwrap();
+    s.write_all(
+        format!("GET /api/rollout HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("\"override\":{"),
+        "the rollback override is shown: {body}"
+    );
+    // Ctrl-C ends it, with the summary, exit 0 (the rollout completed).
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = rx.iter().collect();
+    let rest = rest.join("\n");
+    assert_eq!(status.code(), Some(0), "{rest}");
+    assert!(rest.contains("cync-mitm demo complete"), "{rest}");
+}

@@ -75,6 +75,10 @@ pub fn set_percent(file: &Path, percent: f64) -> Result<Option<f64>, Error> {
         path: file.display().to_string(),
         source,
     };
+    // One edit at a time in this process (two clicks in the console); the temporary file's
+    // name is this process's own (the CLI may edit the same file meanwhile).
+    static EDITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = EDITING.lock().unwrap_or_else(|p| p.into_inner());
     let text = std::fs::read_to_string(file).map_err(io)?;
     let (out, old) = set_percent_in(&text, percent, file)?;
     let is_link = std::fs::symlink_metadata(file)
@@ -83,7 +87,7 @@ pub fn set_percent(file: &Path, percent: f64) -> Result<Option<f64>, Error> {
     if is_link {
         std::fs::write(file, out).map_err(io)?;
     } else {
-        let tmp = file.with_extension("toml.tmp");
+        let tmp = file.with_extension(format!("toml.tmp.{}", std::process::id()));
         let perms = std::fs::metadata(file).map_err(io)?.permissions();
         std::fs::write(&tmp, out).map_err(io)?;
         std::fs::set_permissions(&tmp, perms).map_err(io)?;

@@ -7,7 +7,10 @@ use super::framer::FramerError;
 use super::inner::InnerFrame;
 use super::payload::{Action, Color, LightState, Payload, decode_payload};
 use super::tlv::{Record, RecordValue};
-use crate::hexutil::to_hex;
+use crate::hexutil::{to_hex, to_hex_capped};
+
+/// Bytes of an opaque payload a one-line summary shows in hex (the JSON view shows them all).
+const SUMMARY_HEX: usize = 48;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
@@ -332,9 +335,17 @@ pub fn inner_summary(f: &InnerFrame) -> String {
             }
             Action::ColorTemp { temp } => format!("ct mesh={} {temp}", c.mesh_id),
             Action::Rgb { rgb } => format!("rgb mesh={} {}", c.mesh_id, to_hex(rgb)),
-            Action::Effect { effect } => format!("effect mesh={} {}", c.mesh_id, to_hex(effect)),
+            Action::Effect { effect } => format!(
+                "effect mesh={} {}",
+                c.mesh_id,
+                to_hex_capped(effect, SUMMARY_HEX)
+            ),
             Action::Combo { .. } => format!("combo mesh={}", c.mesh_id),
-            Action::MeshRelay { ops } => format!("relay mesh={} {}", c.mesh_id, to_hex(ops)),
+            Action::MeshRelay { ops } => format!(
+                "relay mesh={} {}",
+                c.mesh_id,
+                to_hex_capped(ops, SUMMARY_HEX)
+            ),
         },
         Payload::StatusQuery => "status query".into(),
         Payload::PageAck => "page ack".into(),
@@ -342,7 +353,15 @@ pub fn inner_summary(f: &InnerFrame) -> String {
         Payload::Result(c) => format!("result={c}"),
         Payload::Pages(p) => format!("pages n={}", p.records.len()),
         Payload::Status(st) => format!("status mesh={} {}", st.mesh_id, state_summary(&st.state)),
-        Payload::Firmware(v) => format!("firmware {}={}", v.kind_label(), v.version),
+        Payload::Firmware(v) => {
+            let shown: String = v.version.chars().take(SUMMARY_HEX).collect();
+            let more = if shown.len() < v.version.len() {
+                "…"
+            } else {
+                ""
+            };
+            format!("firmware {}={shown}{more}", v.kind_label())
+        }
         Payload::Opaque => String::new(),
     };
     if !what.is_empty() {

@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 const QUEUE: usize = 8;
 /// Events batched into one chunk at most.
 const BATCH: usize = 256;
+/// Bytes batched into one chunk at most (a stalled page holds at most [`QUEUE`] of them).
+const BATCH_BYTES: usize = 64 * 1024;
 
 /// The HTTP body of one stream.
 pub struct SseBody {
@@ -54,14 +56,20 @@ pub struct StreamLimits {
     pub keepalive: Duration,
 }
 
-/// Holds a stream's slot; gives it back when the stream's task ends.
-struct Slot(Arc<Console>);
+/// Holds a stream's slot and its filter's place among what is wanted; gives both back when
+/// the stream's task ends.
+struct Slot(Arc<Console>, u64);
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.0.forget(self.1);
         self.0.streams.fetch_sub(1, Ordering::Relaxed);
         self.0.metrics.console_streams.dec();
     }
+}
+
+fn dropped_msg(n: u64) -> Bytes {
+    Bytes::from(format!("event: dropped\ndata: {{\"dropped\":{n}}}\n\n"))
 }
 
 async fn send(tx: &mpsc::Sender<Bytes>, b: Bytes, stop: &CancellationToken) -> bool {
@@ -85,7 +93,7 @@ impl Console {
             return Err(open - 1);
         }
         self.metrics.console_streams.inc();
-        let slot = Slot(self.clone());
+        let slot = Slot(self.clone(), self.want(filter.clone()));
         self.max_rate
             .store(limits.max_rate.max(1), Ordering::Relaxed);
         let mut events = self.tx.subscribe();
@@ -123,11 +131,18 @@ impl Console {
                     _ = stop.cancelled() => break,
                     _ = tx.closed() => break,
                     _ = tick.tick() => {
-                        // A full queue already has something for the page.
-                        if let Err(mpsc::error::TrySendError::Closed(_)) =
-                            tx.try_send(Bytes::from_static(b": keepalive\n\n"))
-                        {
-                            break;
+                        // Losses not told yet are told now (a quiet filtered stream may see
+                        // no other event for long); else a comment. A full queue already has
+                        // something for the page.
+                        let msg = if untold > 0 {
+                            dropped_msg(untold)
+                        } else {
+                            Bytes::from_static(b": keepalive\n\n")
+                        };
+                        match tx.try_send(msg) {
+                            Ok(()) => untold = 0,
+                            Err(mpsc::error::TrySendError::Full(_)) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
                         }
                         continue;
                     }
@@ -152,7 +167,7 @@ impl Console {
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
                     n += 1;
-                    if n < BATCH {
+                    if n < BATCH && chunk.len() < BATCH_BYTES {
                         next = match events.try_recv() {
                             Ok(e) => Some(Ok(e)),
                             Err(broadcast::error::TryRecvError::Lagged(k)) => {
@@ -167,9 +182,7 @@ impl Console {
                 }
                 let mut out = BytesMut::new();
                 if untold > 0 {
-                    out.extend_from_slice(
-                        format!("event: dropped\ndata: {{\"dropped\":{untold}}}\n\n").as_bytes(),
-                    );
+                    out.extend_from_slice(&dropped_msg(untold));
                 }
                 out.extend_from_slice(&chunk);
                 // Never wait for the page: while its queue is full, what comes is lost
@@ -337,5 +350,80 @@ mod tests {
         .await
         .expect("no keepalive");
         assert!(!text.contains("id: 1\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_chunk_holds_at_most_64_kib() {
+        let c = Console::new(Arc::new(Metrics::new(false)));
+        let mut body = c
+            .open_stream(Filter::default(), &limits(1), CancellationToken::new())
+            .unwrap();
+        let big = |seq: u64| {
+            Arc::new(Event {
+                seq,
+                device: Some(7),
+                ptype: 0xd3,
+                sse: Bytes::from(format!("id: {seq}\ndata: {}\n\n", "x".repeat(1000))),
+            })
+        };
+        // 200 events of 1 KiB arrive before the task reads: under the 256-event batch limit.
+        for i in 1..=200 {
+            c.tx.send(big(i)).unwrap();
+        }
+        let mut sizes = Vec::new();
+        while let Ok(Some(Ok(f))) =
+            tokio::time::timeout(Duration::from_millis(200), body.frame()).await
+        {
+            if let Ok(d) = f.into_data() {
+                sizes.push(d.len());
+            }
+        }
+        assert!(sizes.len() >= 4, "{sizes:?}");
+        assert!(sizes.iter().all(|n| *n <= BATCH_BYTES + 1100), "{sizes:?}");
+        let total: usize = sizes.iter().sum();
+        assert!(total > 200 * 1000, "every event delivered: {total}");
+    }
+
+    #[tokio::test]
+    async fn losses_on_a_quiet_filtered_stream_are_told_at_the_next_keepalive() {
+        let m = Arc::new(Metrics::new(false));
+        let c = Console::new(m.clone());
+        let mut body = c
+            .open_stream(
+                Filter::parse("type=0xd3").unwrap(),
+                &StreamLimits {
+                    keepalive: Duration::from_millis(100),
+                    ..limits(1)
+                },
+                CancellationToken::new(),
+            )
+            .unwrap();
+        // One event at a time, the page not reading: the queue (hello + 7) fills, the rest
+        // are lost. Then nothing more passes the filter.
+        for i in 1..=30 {
+            c.tx.send(event(i)).unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let dropped = m.console_dropped.with_label_values(&["slow_client"]).get();
+        assert!(dropped > 0, "nothing was lost");
+        let text = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut t = String::new();
+            while !t.contains("event: dropped") {
+                if let Some(Ok(fr)) = body.frame().await
+                    && let Ok(d) = fr.into_data()
+                {
+                    t.push_str(&String::from_utf8_lossy(&d));
+                }
+            }
+            t
+        })
+        .await
+        .expect("the losses were never told");
+        let told: u64 = text
+            .split("event: dropped\ndata: {\"dropped\":")
+            .skip(1)
+            .filter_map(|t| t.split('}').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(told, dropped);
     }
 }

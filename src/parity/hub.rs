@@ -390,7 +390,8 @@ fn answer_json(a: &Option<Answer>) -> Value {
 /// One drift as a JSON object (a line of the log, an entry of `/parity`).
 pub fn drift_json(device: Option<DeviceId>, o: &Outcome, reason: Reason, detail: &str) -> Value {
     json!({
-        "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        "ts": humantime::format_rfc3339_millis(SystemTime::now().max(std::time::UNIX_EPOCH))
+            .to_string(),
         "device": device.map(|d| d.to_string()),
         "type": o.request_type.name(),
         "reason": reason.label(),

@@ -384,9 +384,9 @@ impl Health {
                 up: s.healthy(now, self.window()),
                 consecutive_failures: s.consecutive_failures,
                 last_error: s.last_error.clone(),
-                last_error_at: s
-                    .last_error_at
-                    .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                last_error_at: s.last_error_at.map(|t| {
+                    humantime::format_rfc3339_seconds(t.max(std::time::UNIX_EPOCH)).to_string()
+                }),
                 last_answer_secs_ago: ago(s.last_answer),
                 last_reachable_secs_ago: ago(s.last_reachable),
                 backoff_secs: s

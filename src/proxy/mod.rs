@@ -127,7 +127,10 @@ impl Proxy {
         let parity = crate::parity::hub::Hub::new(metrics.parity.clone());
         let console = crate::console::Console::new(metrics.clone());
         let mut sinks = sinks;
-        sinks.push(console.clone());
+        // `admin.console` needs a restart: off, the console costs nothing per frame.
+        if cfg.config.admin.console {
+            sinks.push(console.clone());
+        }
         let me = Arc::new(Self {
             console,
             slo: slo::Slo::load(&cfg.config.slo.state_file, &metrics),

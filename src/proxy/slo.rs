@@ -59,7 +59,8 @@ fn unix(t: SystemTime) -> u64 {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    // humantime panics on a time before 1970 (a clock without RTC, stepped back).
+    humantime::format_rfc3339_seconds(t.max(SystemTime::UNIX_EPOCH)).to_string()
 }
 
 impl Slo {

@@ -54,7 +54,7 @@ function stateCell(d) {
   const sw = el("span", null, "swatch");
   sw.style.background = !s.on ? "transparent" : s.color && s.color.rgb ? s.color.rgb : tempColour(s.color ? s.color.temp : 50);
   td.append(sw, el("span", stateText(s), s.on ? "" : "off"));
-  if (d.mesh && d.mesh.length) td.append(el("span", ` +${d.mesh.length} mesh`, "muted"));
+  if (d.mesh_count) td.append(el("span", ` +${d.mesh_count} mesh`, "muted"));
   td.title = "reported " + ago(d.state_at) + (d.firmware ? ", firmware " + d.firmware : "");
   return td;
 }
@@ -106,6 +106,7 @@ async function pollDevices() {
   $("s-paths").textContent = `${d.counts.legacy} / ${d.counts.new}`;
   $("s-mirrored").textContent = d.counts.mirrored;
   $("s-fps").textContent = d.frames_per_second.toFixed(1);
+  if (d.console) stream.rateCapped = d.console.dropped_rate;
   renderDevices();
 }
 
@@ -154,8 +155,10 @@ function renderRollout(d) {
   if (ov) banner.textContent = `Rolled back by ${ov.by} at ${ov.at}: ${ov.reason}. Every device is on the legacy path until the override is cleared.`;
   $("clear").disabled = !ov;
   $("rollback").disabled = !!ov;
-  const inp = $("canary-input");
-  if (document.activeElement !== inp && inp.value === "") inp.value = ctl.file_canary_percent ?? "";
+  // Follows the file's value unless someone is editing it.
+  const inp = $("canary-input"), fileValue = String(ctl.file_canary_percent ?? "");
+  if (document.activeElement !== inp && (inp.value === "" || inp.value === inp.dataset.server)) inp.value = fileValue;
+  inp.dataset.server = fileValue;
 
   const tbody = document.createDocumentFragment();
   for (const s of d.slo.slos || []) {
@@ -200,18 +203,25 @@ async function pollRollout() {
   renderRollout(await r.json());
 }
 
-// Runs f now and again `delay()` ms after each run ends (never two at once).
+// Runs f now and again `delay()` ms after each run ends, never two at once (an older answer
+// must not overwrite a newer one). The returned kick() runs it again as soon as it may.
 function every(delay, f) {
+  let running = false, again = false, timer = null;
   const run = async () => {
+    clearTimeout(timer);
+    if (running) { again = true; return; }
+    running = true;
     try {
       await f();
       link(true);
     } catch (e) {
       link(false, e);
     }
-    setTimeout(run, delay());
+    running = false;
+    if (again) { again = false; run(); } else timer = setTimeout(run, delay());
   };
   run();
+  return run;
 }
 
 function link(ok, e) {
@@ -235,8 +245,8 @@ async function post(path, what) {
     let msg = what + ": " + ((j && j.result) || "ok");
     if (j && j.notes && j.notes.length) msg += " — " + j.notes.join(" ");
     out.textContent = msg;
-    pollRollout().catch(() => {});
-    pollDevices().catch(() => {});
+    kick.rollout();
+    kick.devices();
   } catch (e) {
     out.classList.add("error");
     out.textContent = what + " failed: " + e.message;
@@ -256,9 +266,10 @@ $("dev-filter").addEventListener("input", renderDevices);
 
 // ---- frame stream ----------------------------------------------------------------------------
 
-const stream = { es: null, received: 0, dropped: 0, paused: false, held: [], queue: [], lastCount: 0, rate: 0, max: null };
+const stream = { es: null, received: 0, dropped: 0, paused: false, held: [], heldLost: 0, queue: [], lastCount: 0, rate: 0, max: null, rateCapped: 0, retry: 1000, timer: null, note: "" };
 
 function openStream() {
+  clearTimeout(stream.timer);
   if (stream.es) stream.es.close();
   const q = new URLSearchParams();
   const dev = $("f-device").value.split(/[\s,]+/).filter(Boolean).join(",");
@@ -269,9 +280,12 @@ function openStream() {
   // What is shown is what the new filter passes.
   stream.queue = [];
   stream.held = [];
+  stream.heldLost = 0;
   $("frames").tBodies[0].replaceChildren();
   es.addEventListener("hello", (m) => {
     stream.max = JSON.parse(m.data).max_events_per_second;
+    stream.retry = 1000;
+    stream.note = "";
   });
   es.addEventListener("dropped", (m) => {
     stream.dropped += JSON.parse(m.data).dropped;
@@ -282,13 +296,26 @@ function openStream() {
     try { ev = JSON.parse(m.data); } catch (_) { return; }
     if (stream.paused) {
       stream.held.push(ev);
-      if (stream.held.length > MAX_ROWS) stream.held.shift();
+      if (stream.held.length > MAX_ROWS) { stream.held.shift(); stream.heldLost++; }
     } else {
       stream.queue.push(ev);
       if (stream.queue.length > MAX_ROWS) stream.queue.shift();
     }
   };
-  es.onerror = () => { $("stream-stats").textContent = "stream reconnecting…"; };
+  es.onerror = () => {
+    if (es !== stream.es) return;
+    if (es.readyState === EventSource.CLOSED) {
+      // Refused (every stream slot taken, or a filter the proxy rejects): the browser gives
+      // up, so try again later, each time waiting longer.
+      const wait = stream.retry;
+      stream.retry = Math.min(30000, stream.retry * 2);
+      stream.note = `stream refused by the proxy (all admin.console_max_streams in use, or a bad filter); retrying in ${Math.round(wait / 1000)} s`;
+      stream.timer = setTimeout(openStream, wait);
+    } else {
+      stream.note = "stream reconnecting…";
+    }
+    $("stream-stats").textContent = stream.note;
+  };
 }
 
 function frameRow(ev) {
@@ -317,8 +344,9 @@ setInterval(() => {
   stream.rate = stream.received - stream.lastCount;
   stream.lastCount = stream.received;
   let s = `${stream.rate}/s · ${stream.received} received · ${stream.dropped} dropped (slow page)`;
-  if (stream.max) s += ` · server samples above ${stream.max}/s`;
-  if (stream.paused) s += ` · paused, ${stream.held.length} held`;
+  if (stream.max) s += ` · server samples above ${stream.max}/s (${stream.rateCapped} left out)`;
+  if (stream.paused) s += ` · paused, ${stream.held.length} held` + (stream.heldLost ? `, ${stream.heldLost} older not kept` : "");
+  if (stream.note) s = stream.note + " · " + s;
   $("stream-stats").textContent = s;
 }, 1000);
 
@@ -329,14 +357,23 @@ $("pause").addEventListener("click", () => {
   if (!stream.paused) {
     stream.queue = stream.queue.concat(stream.held).slice(-MAX_ROWS);
     stream.held = [];
+    stream.heldLost = 0;
   }
+});
+// Leaving the page gives its stream slot back at once (the proxy would otherwise notice only
+// at its next write).
+window.addEventListener("pagehide", () => {
+  clearTimeout(stream.timer);
+  if (stream.es) stream.es.close();
 });
 let refilter = null;
 $("f-device").addEventListener("input", () => { clearTimeout(refilter); refilter = setTimeout(openStream, 400); });
 $("f-type").addEventListener("change", openStream);
 
 // A big fleet's table is polled less often (about 0.8 KB per device per poll).
-every(() => (devices.length > 300 ? 3 * POLL_MS : POLL_MS), pollDevices);
-every(() => POLL_MS, pollRollout);
+const kick = {
+  devices: every(() => (devices.length > 300 ? 3 * POLL_MS : POLL_MS), pollDevices),
+  rollout: every(() => POLL_MS, pollRollout),
+};
 openStream();
 requestAnimationFrame(flush);
