@@ -15,6 +15,7 @@
 # dropped (cync_mitm_console_events_dropped_total by reason).
 #
 #   scripts/console-load.sh [DEVICES] [DURATION_S]      # defaults: 1000 devices, 30 s
+#   RUNS="none chrome" scripts/console-load.sh          # only those runs
 #
 # Nothing leaves the machine. Needs curl and python3.
 set -euo pipefail
@@ -111,6 +112,9 @@ page_counts() {
 }
 runs="none page slow"
 [ -n "$wd" ] && runs="$runs chrome"
+runs=${RUNS:-$runs}
+# CPU seconds of every Chromium process (the browser shares the machine's cores).
+chrome_cpu() { ps -C chromium -o times= 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 
 printf '%-6s %10s %10s %12s %10s %12s %10s %10s\n' run "CPU s/s" "answered/s" "p99 ms" "events/s" "delivered" "drop rate" "drop slow"
 for run in $runs; do
@@ -139,13 +143,14 @@ for run in $runs; do
   fleet=$!
   sleep 8 # connected and heartbeating
   c0=$(cpu); e0=$( [ -f "$work/stream.out" ] && grep -c '^data: {"seq"' "$work/stream.out" || echo 0 )
-  [ "$run" = chrome ] && read -r e0 p0 < <(page_counts)
+  [ "$run" = chrome ] && read -r e0 p0 < <(page_counts) && b0=$(chrome_cpu)
   sleep "$duration"
   c1=$(cpu); e1=$( [ -f "$work/stream.out" ] && grep -c '^data: {"seq"' "$work/stream.out" || echo 0 )
   if [ "$run" = chrome ]; then
     read -r e1 p1 < <(page_counts)
+    b1=$(chrome_cpu)
     curl -fs -X DELETE "$wd/session/$session" >/dev/null || true
-    echo "chrome: the page counted $((p1 - p0)) events dropped for it (slow page)" >&2
+    echo "chrome: the page counted $((p1 - p0)) events dropped for it (slow page); Chromium used $(awk -v a="$b0" -v b="$b1" -v d="$duration" 'BEGIN {printf "%.2f", (b - a) / d}') CPU s/s" >&2
   fi
   if [ "$run" = page ]; then devsize=$(curl -fs "$admin/api/devices" | wc -c); fi
   wait "$fleet" || true
