@@ -136,6 +136,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RolloutCmd,
     },
+    /// Ask a running proxy's admin server whether it is alive (`/healthz`) or ready
+    /// (`/readyz`): exit 0 if so, 1 if not (for container health checks; no curl needed).
+    #[command(after_help = "Examples:\n  \
+        cync-mitm healthcheck --config /etc/cync-mitm/cync-mitm.toml\n  \
+        cync-mitm healthcheck -c config/cync-mitm.toml --ready")]
+    Healthcheck {
+        /// The proxy's configuration file (its admin address); the built-in default
+        /// (127.0.0.1:9400) when none is given.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Ask `/readyz` (listening, not draining, an upstream answered) instead of `/healthz`.
+        #[arg(long)]
+        ready: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Service level objectives.
     #[command(after_help = "Examples:\n  \
         cync-mitm slo report --config config/cync-mitm.toml --days 30\n  \
@@ -858,6 +875,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => {
                     eprintln!("cync-mitm canary clear-override: {e}");
                     Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Cmd::Healthcheck {
+            config,
+            ready,
+            timeout,
+        } => {
+            let cfg = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let Some(addr) = cync_mitm::cmd::slo::admin_addr(&cfg) else {
+                eprintln!("cync-mitm healthcheck: the admin server is off (admin.enabled = false)");
+                return Ok(ExitCode::from(1));
+            };
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let t = cync_mitm::httpc::Target {
+                tls: false,
+                host: addr.ip().to_string(),
+                port: addr.port(),
+                path: path.to_owned(),
+            };
+            let timeout = timeout.clamp(Duration::from_millis(100), Duration::from_secs(300));
+            let answer = runtime()?.block_on(cync_mitm::httpc::request(
+                &t,
+                hyper::Method::GET,
+                &[],
+                bytes::Bytes::new(),
+                timeout,
+            ));
+            match answer {
+                Ok((status, body)) if status.is_success() => {
+                    print!("{}", String::from_utf8_lossy(&body));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok((status, body)) => {
+                    eprintln!(
+                        "cync-mitm healthcheck: http://{addr}{path}: {status}: {}",
+                        String::from_utf8_lossy(&body).trim()
+                    );
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm healthcheck: http://{addr}{path}: {e}");
+                    Ok(ExitCode::from(1))
                 }
             }
         }
