@@ -56,7 +56,7 @@ ulimit -n 65536 2>/dev/null || true
 pids+=($!)
 RUST_LOG=warn "$bin" run --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 proxy=$!
-pids+=($proxy)
+pids+=("$proxy")
 for _ in $(seq 100); do
   curl -fs "$admin/healthz" >/dev/null 2>&1 && break
   sleep 0.1

@@ -19,6 +19,7 @@ bin="$root/target/release/cync-mitm"
 [ -x "$bin" ] || (cd "$root" && cargo build --release -q)
 work=$(mktemp -d)
 pids=()
+# shellcheck disable=SC2329 # called by the EXIT trap
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -76,7 +77,7 @@ if [ "$backend" = 1 ]; then
 fi
 RUST_LOG=warn "$bin" run --config "$work/proxy.toml" >"$work/proxy.log" 2>&1 &
 proxy=$!
-pids+=($proxy)
+pids+=("$proxy")
 for _ in $(seq 100); do
   curl -fs "http://127.0.0.1:$admin_port/healthz" >/dev/null 2>&1 && break
   sleep 0.1

@@ -191,3 +191,25 @@ fn hadolint_passes_the_dnsmasq_image() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn shellcheck_passes_the_scripts_and_ci() {
+    if !have_tool("shellcheck", "--version") {
+        return;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("scripts"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sh"))
+        .collect();
+    files.push(root().join(".ci/run"));
+    assert!(files.len() >= 3, "{files:?}");
+    let out = Command::new("shellcheck").args(&files).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
