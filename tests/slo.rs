@@ -421,7 +421,14 @@ async fn a_violation_holds_the_rollout_before_it_rolls_back() {
         "{}",
         p.proxy.slo_report()
     );
-    assert_eq!(status(&p)["state"], "rolled_back");
+    // The override is set first, the rollout's status right after it (a moment apart).
+    assert!(
+        wait_until(Duration::from_secs(5), || status(&p)["state"]
+            == "rolled_back")
+        .await,
+        "{}",
+        p.proxy.rollout_report()
+    );
     fleet.stop().await;
     legacy.stop().await;
     backend.stop().await;
