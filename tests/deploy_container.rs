@@ -260,12 +260,14 @@ async fn the_image_entrypoint_runs_as_its_user_with_its_paths_and_passes_its_hea
 }
 
 #[test]
-fn hadolint_passes_the_dockerfile() {
+fn hadolint_passes_the_dockerfiles() {
     if !have_tool("hadolint", "--version") {
         return;
     }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = Command::new("hadolint")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/docker/Dockerfile"))
+        .arg(root.join("deploy/docker/Dockerfile"))
+        .arg(root.join("deploy/compose/dnsmasq/Dockerfile"))
         .output()
         .unwrap();
     assert!(
