@@ -15,6 +15,8 @@
 //! | `POST /rollback` | every device back to the legacy path until cleared (loopback only) |
 //! | `POST /rollback/clear` | lift the rollback override (loopback only) |
 //! | `POST /rollout/pause`, `POST /rollout/resume` | hold or continue the rollout (loopback only) |
+//! | `GET /drain` | the operator's drain: begun or not, sessions left |
+//! | `POST /drain?rate=N` | stop accepting, not ready, close the sessions N per second (default 100; loopback only; one-way) |
 //! | `GET /` | the web console (HTML, CSS and JS embedded in the binary) |
 //! | `GET /api/devices` | each connected device with its path, why, and the state its frames reported |
 //! | `GET /api/events` | decoded frames as they pass (Server-Sent Events; `?device=…&type=…`) |
@@ -472,6 +474,27 @@ fn events(state: &AdminState, p: &Proxy, query: &str, head: bool) -> Resp {
 
 /// `POST /api/canary?percent=N`: the `canary set` code path (the file is edited, comments
 /// kept, and re-read at once).
+/// `POST /drain`'s rate when the query names none: devices closed per second.
+pub const DEFAULT_DRAIN_RATE: u32 = 100;
+
+/// The value of `key` in a query string as a whole number of 1..=100000 (`None` when absent).
+fn query_u32(query: &str, key: &str) -> Result<Option<u32>, String> {
+    let Some(v) = query.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }) else {
+        return Ok(None);
+    };
+    match v.parse::<u32>() {
+        Ok(n) if (1..=crate::proxy::drain::MAX_RATE).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "{key} must be a whole number from 1 to {}",
+            crate::proxy::drain::MAX_RATE
+        )),
+    }
+}
+
 async fn set_canary(p: &Proxy, query: &str) -> Resp {
     let percent = query
         .split('&')
@@ -612,7 +635,9 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
         ),
         ("/healthz", true, _) => text(StatusCode::OK, "ok\n", PLAIN),
         ("/readyz", true, _) => {
-            if !state.ready.load(Ordering::Relaxed) {
+            if !state.ready.load(Ordering::Relaxed)
+                || state.proxy.as_ref().is_some_and(|p| p.is_draining())
+            {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: not listening yet, or draining\n",
@@ -655,9 +680,10 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
         ("/slo", true, Some(p)) => json_resp(StatusCode::OK, &p.slo_report()),
         ("/config", true, Some(p)) => json_resp(StatusCode::OK, &config(p)),
         ("/rollout", true, Some(p)) => json_resp(StatusCode::OK, &p.rollout_report()),
+        ("/drain", true, Some(p)) => json_resp(StatusCode::OK, &p.drain_report()),
         (
             "/reload" | "/rollback" | "/rollback/clear" | "/rollout/pause" | "/rollout/resume"
-            | "/api/canary",
+            | "/api/canary" | "/drain",
             false,
             Some(_),
         ) if method == Method::POST && !remote.ip().is_loopback() => text(
@@ -689,6 +715,26 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
                 ),
             }
         }
+        ("/drain", false, Some(p)) if method == Method::POST => {
+            let per_second = match query_u32(req.query, "rate") {
+                Ok(r) => r.unwrap_or(DEFAULT_DRAIN_RATE),
+                Err(e) => {
+                    return json_resp(
+                        StatusCode::BAD_REQUEST,
+                        &json!({"result": "error", "error": e}),
+                    );
+                }
+            };
+            state.ready.store(false, Ordering::Relaxed);
+            let begun = p.begin_drain(per_second);
+            let mut doc = p.drain_report();
+            doc["result"] = json!(if begun {
+                "draining"
+            } else {
+                "already_draining"
+            });
+            json_resp(StatusCode::OK, &doc)
+        }
         ("/reload", false, Some(p)) if method == Method::POST => {
             let live = p.live().clone();
             match tokio::task::spawn_blocking(move || live.reload(Trigger::Admin)).await {
@@ -704,7 +750,7 @@ pub async fn handle(state: &AdminState, req: &Req<'_>) -> Resp {
             "/metrics" | "/healthz" | "/readyz" | "/routing" | "/config" | "/reload" | "/upstreams"
             | "/parity" | "/slo" | "/rollout" | "/rollback" | "/rollback/clear" | "/rollout/pause"
             | "/rollout/resume" | "/" | "/index.html" | "/console.js" | "/console.css"
-            | "/api/devices" | "/api/events" | "/api/rollout" | "/api/canary",
+            | "/api/devices" | "/api/events" | "/api/rollout" | "/api/canary" | "/drain",
             _,
             _,
         ) => text(
@@ -1132,6 +1178,47 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[tokio::test]
+    async fn a_drain_is_begun_from_loopback_only_and_once() {
+        // Transparent: ready with no upstream known (nothing is probed here).
+        let (st, _dir) = state_with(|c| c.upstream.mode = crate::config::UpstreamMode::Transparent);
+        st.ready.store(true, Ordering::Relaxed);
+        let lan: SocketAddr = "192.0.2.7:5".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let r = route(&st, &Method::POST, "/drain", lan).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            route(&st, &Method::GET, "/drain", local).await.status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            route(&st, &Method::PUT, "/drain", local).await.status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        for bad in ["rate=0", "rate=100001", "rate=-3", "rate=1.5", "rate="] {
+            let r = route(&st, &Method::POST, &format!("/drain?{bad}"), local).await;
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+        }
+        let p = st.proxy.clone().unwrap();
+        assert!(!p.is_draining(), "a refused request began a drain");
+        assert_eq!(
+            route(&st, &Method::GET, "/readyz", local).await.status(),
+            StatusCode::OK
+        );
+        let r = route(&st, &Method::POST, "/drain?rate=5", local).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(p.is_draining());
+        assert_eq!(p.drain_report()["per_second"], 5);
+        assert_eq!(
+            route(&st, &Method::GET, "/readyz", local).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Once begun, the first rate holds.
+        assert!(!p.begin_drain(1000));
+        assert_eq!(p.drain_report()["per_second"], 5);
+        assert_eq!(st.metrics.draining.get(), 1);
     }
 
     #[tokio::test]

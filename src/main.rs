@@ -153,6 +153,29 @@ enum Cmd {
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Drain a running proxy before it stops (a Kubernetes preStop hook): it stops accepting,
+    /// answers /readyz with 503 and closes its sessions --rate per second, so the devices
+    /// reconnect to the other replicas gradually. Waits until every session closed: exit 0,
+    /// or 1 at --timeout. One-way: restart the proxy to serve again.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm drain --config /etc/cync-mitm/cync-mitm.toml --rate 50 --timeout 40s\n  \
+        cync-mitm drain -c config/cync-mitm.toml --no-wait")]
+    Drain {
+        /// The proxy's configuration file (its admin address); the built-in default
+        /// (127.0.0.1:9400) when none is given.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Devices closed per second (1–100000).
+        #[arg(long, default_value_t = cync_mitm::admin::DEFAULT_DRAIN_RATE,
+              value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        rate: u32,
+        /// Give up waiting after this long (the drain goes on).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Begin the drain and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Service level objectives.
     #[command(after_help = "Examples:\n  \
         cync-mitm slo report --config config/cync-mitm.toml --days 30\n  \
@@ -921,6 +944,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => {
                     eprintln!("cync-mitm healthcheck: http://{addr}{path}: {e}");
                     Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Cmd::Drain {
+            config,
+            rate,
+            timeout,
+            no_wait,
+        } => {
+            let cfg = match load_config(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let Some(addr) = cync_mitm::cmd::slo::admin_addr(&cfg) else {
+                eprintln!("cync-mitm drain: the admin server is off (admin.enabled = false)");
+                return Ok(ExitCode::from(2));
+            };
+            let timeout = timeout.min(Duration::from_secs(86_400));
+            match runtime()?.block_on(cync_mitm::cmd::drain::run(addr, rate, timeout, !no_wait)) {
+                Ok((true, msg)) => {
+                    println!("{msg}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok((false, msg)) => {
+                    eprintln!("cync-mitm drain: {msg}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm drain: {e}");
+                    Ok(ExitCode::from(2))
                 }
             }
         }

@@ -346,6 +346,8 @@ pub struct Metrics {
     pub console_dropped: IntCounterVec,
     /// Console streams open.
     pub console_streams: IntGauge,
+    /// 1 while an operator's drain (`POST /drain`) is under way or done, else 0.
+    pub draining: IntGauge,
     /// Capture chunks dropped because the writer's queue was full.
     pub capture_dropped: IntCounter,
     /// Capture writes skipped because their file failed (disk full, unwritable folder).
@@ -584,6 +586,11 @@ impl Metrics {
             "cync_mitm_console_streams",
             "Web console event streams (GET /api/events) open.",
         );
+        let draining = int_gauge(
+            &r,
+            "cync_mitm_draining",
+            "1 once an operator's drain (POST /drain, cync-mitm drain) has begun: not ready, not accepting, sessions being closed.",
+        );
         let capture_deleted = simple(
             "cync_mitm_capture_files_deleted_total",
             "Capture files deleted by retention.",
@@ -705,6 +712,7 @@ impl Metrics {
             console_events,
             console_dropped,
             console_streams,
+            draining,
             capture_dropped,
             capture_dropped_error,
             capture_errors,

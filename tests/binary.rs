@@ -128,6 +128,157 @@ async fn sigterm_drains_and_exits_cleanly() {
     cloud.stop().await;
 }
 
+/// Runs the binary's `args` off the async threads (it blocks until the command ends).
+async fn cli_async(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || bin().args(args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_sessions_at_its_rate_then_sigterm_ends_at_once() {
+    let (cloud, cloud_addr) = start_cloud(CloudSimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = proxy_toml(dir.path(), cloud_addr, "timeouts.drain = \"30s\"\n");
+    let (mut child, rx, tls, admin, mut log) = spawn_proxy(&cfg, &[]);
+    // The CLI finds the admin server in a config file: one naming the address it took.
+    let cli_cfg = dir.path().join("cli.toml");
+    std::fs::write(&cli_cfg, format!("admin.listen = \"{admin}\"\n")).unwrap();
+    let cli_cfg = cli_cfg.display().to_string();
+
+    let fleet = start_fleet(fleet_config(tls, 20));
+    assert!(
+        wait_until(Duration::from_secs(20), || fleet
+            .stats()
+            .online
+            .load(Ordering::Relaxed)
+            == 20)
+        .await
+    );
+    assert_eq!(http_get(&admin, "/readyz").await.0, 200);
+    let (code, before) = http_get(&admin, "/drain").await;
+    assert_eq!(code, 200);
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    assert_eq!(before["draining"], false, "{before}");
+    assert_eq!(before["sessions"], 20, "{before}");
+    // A drain is state-changing: GET does not begin it, and a bad rate is refused.
+    assert_eq!(http(&admin, "POST", "/drain?rate=0").await.0, 400);
+    assert_eq!(http(&admin, "POST", "/drain?rate=x").await.0, 400);
+    assert_eq!(http_get(&admin, "/readyz").await.0, 200);
+
+    // 20 devices at 10 a second: about 2 s, a device each tenth of a second.
+    let t0 = Instant::now();
+    let drain = tokio::spawn(cli_async(
+        [
+            "drain",
+            "--config",
+            &cli_cfg,
+            "--rate",
+            "10",
+            "--timeout",
+            "20s",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ));
+    assert!(
+        wait_until(Duration::from_secs(5), || fleet
+            .stats()
+            .disconnects
+            .load(Ordering::Relaxed)
+            >= 1)
+        .await
+    );
+    let (code, body) = http_get(&admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("draining"), "{body}");
+    // Paced, not all at once.
+    let (_, mid) = http_get(&admin, "/drain").await;
+    let mid: serde_json::Value = serde_json::from_str(&mid).unwrap();
+    assert_eq!(mid["draining"], true, "{mid}");
+    assert!(mid["sessions"].as_u64().unwrap() >= 5, "{mid}");
+    // Nothing new is accepted meanwhile.
+    assert!(
+        tokio::net::TcpStream::connect(tls).await.is_err(),
+        "a draining proxy accepted a connection"
+    );
+    let (_, metrics) = http_get(&admin, "/metrics").await;
+    assert!(metrics.contains("cync_mitm_draining 1"), "{metrics}");
+    // Asking again changes nothing.
+    let (code, again) = http(&admin, "POST", "/drain?rate=1000").await;
+    assert_eq!(code, 200);
+    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(again["result"], "already_draining", "{again}");
+    assert_eq!(again["per_second"], 10, "{again}");
+
+    let out = drain.await.unwrap();
+    let took = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("drained: 20 sessions asked to close, none left"),
+        "{stdout}"
+    );
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    let disconnects = fleet.stats().disconnects.load(Ordering::Relaxed);
+    assert!(disconnects >= 20, "{disconnects}");
+    // The health check tells the two apart: alive, not ready.
+    let hc = cli_async(
+        ["healthcheck", "--config", &cli_cfg]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert!(hc.status.success(), "{hc:?}");
+    let hc = cli_async(
+        ["healthcheck", "--ready", "--config", &cli_cfg]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(hc.status.code(), Some(1), "{hc:?}");
+    assert!(
+        String::from_utf8_lossy(&hc.stderr).contains("draining"),
+        "{hc:?}"
+    );
+
+    // With nothing left open, SIGTERM ends the process at once.
+    let t1 = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(5),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
+        log.push(l);
+    }
+    let log = log.join("\n");
+    assert!(log.contains("drain: every session closed"), "{log}");
+    assert!(log.contains("all sessions closed"), "{log}");
+    // With no proxy left, the command says so and exits 2.
+    let gone = cli_async(["drain", "--config", &cli_cfg].map(String::from).to_vec()).await;
+    assert_eq!(gone.status.code(), Some(2), "{gone:?}");
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("no proxy answered"),
+        "{gone:?}"
+    );
+    fleet.stop().await;
+    cloud.stop().await;
+}
+
 #[test]
 fn config_check_reports_file_line_and_field_with_exit_64() {
     let dir = tempfile::tempdir().unwrap();

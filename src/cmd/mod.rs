@@ -4,6 +4,7 @@
 pub mod canary;
 pub mod capture;
 pub mod decode;
+pub mod drain;
 pub mod replay;
 pub mod slo;
 pub mod upstream;

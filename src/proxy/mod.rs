@@ -6,6 +6,7 @@
 //! accept loop: handshakes and connects run in the session task, under the configured timeouts.
 
 pub mod control;
+pub mod drain;
 pub mod health;
 pub mod relay;
 mod session;
@@ -83,6 +84,8 @@ pub struct Proxy {
     slo: slo::Slo,
     /// The web console's tap (also in `sinks`).
     console: Arc<crate::console::Console>,
+    /// An operator's drain, once begun (`POST /drain`).
+    operator_drain: OnceLock<Arc<drain::OperatorDrain>>,
 }
 
 struct GaugeGuard(prometheus::IntGauge);
@@ -146,6 +149,7 @@ impl Proxy {
             tracker: TaskTracker::new(),
             background: TaskTracker::new(),
             sinks: sinks.into(),
+            operator_drain: OnceLock::new(),
         });
         me.init_slo_runtime();
         if tokio::runtime::Handle::try_current().is_ok() {
