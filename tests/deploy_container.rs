@@ -268,6 +268,7 @@ fn hadolint_passes_the_dockerfiles() {
     let out = Command::new("hadolint")
         .arg(root.join("deploy/docker/Dockerfile"))
         .arg(root.join("deploy/compose/dnsmasq/Dockerfile"))
+        .arg(root.join("deploy/homeassistant/Dockerfile"))
         .output()
         .unwrap();
     assert!(
