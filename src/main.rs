@@ -319,6 +319,16 @@ enum CanaryCmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Roll back now: every device to the legacy path, through the running proxy's admin
+    /// server (POST /rollback), else in the SLO state file. Lasts until clear-override.
+    #[command(after_help = "Examples:\n  \
+        cync-mitm canary rollback --config /etc/cync-mitm/cync-mitm.toml\n  \
+        docker compose exec cync-mitm cync-mitm canary rollback -c /etc/cync-mitm/cync-mitm.toml")]
+    Rollback {
+        /// The proxy's configuration file (its admin address and state file).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Lift a rollback override (automatic or POST /rollback): through the running proxy's
     /// admin server, else in the SLO state file.
     #[command(
@@ -883,6 +893,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Cmd::Canary {
+            cmd: CanaryCmd::Rollback { config },
+        } => {
+            let cfg = match load_config(Some(&config)) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            match runtime()?.block_on(cync_mitm::cmd::slo::rollback(&cfg)) {
+                Ok(msg) => {
+                    println!("{msg}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("cync-mitm canary rollback: {e}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
         Cmd::Canary {
             cmd: CanaryCmd::ClearOverride { config },
         } => {

@@ -166,6 +166,36 @@ async fn drain_closes_sessions_at_its_rate_then_sigterm_ends_at_once() {
     assert_eq!(http(&admin, "POST", "/drain?rate=x").await.0, 400);
     assert_eq!(http_get(&admin, "/readyz").await.0, 200);
 
+    // `canary rollback` goes through the admin server (loopback), then clear-override.
+    let rb = cli_async(
+        ["canary", "rollback", "--config", &cli_cfg]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert!(rb.status.success(), "{rb:?}");
+    assert!(
+        String::from_utf8_lossy(&rb.stdout).contains("rolled back on the proxy at"),
+        "{rb:?}"
+    );
+    let (_, metrics) = http_get(&admin, "/metrics").await;
+    assert!(
+        metrics.contains("cync_mitm_rollback_override 1"),
+        "{metrics}"
+    );
+    let cl = cli_async(
+        ["canary", "clear-override", "--config", &cli_cfg]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert!(cl.status.success(), "{cl:?}");
+    let (_, metrics) = http_get(&admin, "/metrics").await;
+    assert!(
+        metrics.contains("cync_mitm_rollback_override 0"),
+        "{metrics}"
+    );
+
     // 20 devices at 10 a second: about 2 s, a device each tenth of a second.
     let t0 = Instant::now();
     let drain = tokio::spawn(cli_async(

@@ -733,6 +733,25 @@ fn the_cli_clears_overrides_and_reads_the_state_when_no_proxy_answers() {
         !out.status.success(),
         "90 days is more than the series keep"
     );
+    // Rolling back with no proxy running writes the override (and steps the rollout back).
+    let step_before = after.control.rollout.step;
+    let out = cli(&["canary", "rollback", "--config", f]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("a rollback override was written to"),
+        "{out:?}"
+    );
+    let rolled = cync_mitm::cmd::slo::read_state(&state).unwrap().unwrap();
+    let o = rolled.control.rollback.as_ref().unwrap();
+    assert_eq!(o.by, cync_mitm::slo::control::Actor::Manual);
+    assert_eq!(rolled.control.rollout.step, step_before.saturating_sub(1));
+    assert!(rolled.control.rollout.paused);
+    let out = cli(&["canary", "rollback", "--config", f]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already holds a rollback override"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -500,6 +500,57 @@ pub async fn clear_override(cfg: &Config) -> Result<String, Error> {
     })
 }
 
+/// `canary rollback`: every device to the legacy path through the running proxy (`POST
+/// /rollback`: the override, saved in its state file); with no proxy answering, the override
+/// is written to the state file (a proxy started from it routes every device to legacy).
+pub async fn rollback(cfg: &Config) -> Result<String, Error> {
+    let mut why = "its admin server is off".to_owned();
+    if let Some(addr) = admin_addr(cfg) {
+        match admin_call(addr, "/rollback", true).await? {
+            Answer::Ok(v) => {
+                return Ok(if v["result"] == "rolled_back" {
+                    format!(
+                        "rolled back on the proxy at {addr}: every device to the legacy path until `cync-mitm canary clear-override`"
+                    )
+                } else {
+                    format!("the proxy at {addr} was already rolled back")
+                });
+            }
+            Answer::Unreachable(e) => why = format!("no proxy answered at {addr} ({e})"),
+        }
+    }
+    let path = &cfg.slo.state_file;
+    let steps = cfg
+        .rollout
+        .enabled
+        .then(|| cfg.rollout.resolved().unwrap_or_default());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let set = edit_state(path, |s| {
+        let before = s.control.rollback.is_some();
+        crate::slo::control::rollback(
+            &mut s.control,
+            steps.as_deref(),
+            crate::slo::control::Actor::Manual,
+            "cync-mitm canary rollback (no proxy running)".to_owned(),
+            now,
+        );
+        Ok(!before)
+    })?;
+    Ok(if set {
+        format!(
+            "{why}; a rollback override was written to {}: a proxy started from it routes every device to legacy",
+            path.display()
+        )
+    } else {
+        format!(
+            "{why}; {} already holds a rollback override",
+            path.display()
+        )
+    })
+}
+
 /// A rollout document (the proxy's `GET /rollout`) in a few lines.
 pub fn render_rollout(v: &Value) -> String {
     if v["enabled"] != true {
