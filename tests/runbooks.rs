@@ -164,16 +164,19 @@ fn every_metric_alert_command_endpoint_and_option_they_name_exists() {
                 if !command || named {
                     continue;
                 }
-                let args: Vec<&str> = tail
-                    .split(|c: char| c.is_whitespace() || c == '`')
-                    .take_while(|w| {
-                        !w.is_empty()
-                            && w.chars().all(|c| c.is_ascii_lowercase() || c == '-')
-                            && !w.starts_with('-')
-                    })
-                    .take(2)
+                // The whole command, flags and values included, up to the end of the span or
+                // a shell operator: clap refuses an unknown flag even with `--help`.
+                let end = tail
+                    .find(['`', '|', '>', '#', ';', ')', '('])
+                    .unwrap_or(tail.len());
+                let args: Vec<&str> = tail[..end]
+                    .split_whitespace()
+                    .take_while(|w| !matches!(*w, "…" | "&&" | "\\" | "..."))
                     .collect();
-                if args.is_empty() || args[0] == "cync-mitm" {
+                let named = args.first().is_some_and(|a| {
+                    a.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !a.starts_with('-')
+                });
+                if !named || args[0] == "cync-mitm" {
                     continue;
                 }
                 let out = Command::new(env!("CARGO_BIN_EXE_cync-mitm"))
