@@ -67,7 +67,7 @@ fn the_manifest_declares_every_option_and_run_sh_maps_each() {
     let docs = std::fs::read_to_string(addon_dir().join("DOCS.md")).unwrap();
     for k in options.keys() {
         assert!(
-            run.contains(&format!(" {k})")) || run.contains(&format!(".{k} ")),
+            run.contains(&format!("(\"{k}\")")),
             "run.sh does not map {k}"
         );
         assert!(
@@ -99,9 +99,22 @@ impl Drop for Addon {
 /// Runs run.sh with `options` in `dir` (data in `dir/data`, the user's config at
 /// `dir/config/cync-mitm.toml`), loopback addresses, dropping to 10001 when root.
 fn run_addon(dir: &Path, options: &Value) -> Addon {
+    run_addon_as(
+        dir,
+        options,
+        Some(if nix_is_root() { "10001:10001" } else { "" }),
+    )
+}
+
+/// As [`run_addon`]; `run_as: None` leaves `CYNC_MITM_RUN_AS` unset (the script's default).
+fn run_addon_as(dir: &Path, options: &Value, run_as: Option<&str>) -> Addon {
     std::fs::write(dir.join("options.json"), options.to_string()).unwrap();
-    let root = nix_is_root();
-    let mut child = Command::new("bash")
+    let mut cmd = Command::new("bash");
+    match run_as {
+        Some(r) => cmd.env("CYNC_MITM_RUN_AS", r),
+        None => cmd.env_remove("CYNC_MITM_RUN_AS"),
+    };
+    let mut child = cmd
         .arg(addon_dir().join("run.sh"))
         .env("CYNC_MITM_OPTIONS", dir.join("options.json"))
         .env("CYNC_MITM_DATA", dir.join("data"))
@@ -109,7 +122,6 @@ fn run_addon(dir: &Path, options: &Value) -> Addon {
         .env("CYNC_MITM_BIN", env!("CARGO_BIN_EXE_cync-mitm"))
         .env("CYNC_MITM_LISTEN", "127.0.0.1:0")
         .env("CYNC_MITM_ADMIN", "127.0.0.1:0")
-        .env("CYNC_MITM_RUN_AS", if root { "10001:10001" } else { "" })
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -124,6 +136,18 @@ fn run_addon(dir: &Path, options: &Value) -> Addon {
         }
     });
     Addon { child, lines }
+}
+
+/// Waits up to 30 s for `child` to exit (then fails, killing it).
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..600 {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("the add-on did not exit");
 }
 
 fn nix_is_root() -> bool {
@@ -170,6 +194,12 @@ async fn run_sh_turns_the_options_into_a_running_proxy() {
     options["canary_percent"] = 12.5.into();
     options["cohort"] = serde_json::json!(["1234abcd"]);
     options["log_level"] = "debug".into();
+    options["exclude"] = serde_json::json!(["abcd"]);
+    options["new_path_addresses"] = serde_json::json!(["127.0.0.1:10"]);
+    options["new_path_verify"] = false.into();
+    options["per_device_metrics"] = true.into();
+    options["capture"] = true.into();
+    options["capture_max_total_mb"] = 64.into();
     let mut addon = run_addon(dir.path(), &options);
     let listening = wait_line(&addon, "listening");
     let tls: std::net::SocketAddr = field(&listening, "tls").parse().unwrap();
@@ -188,9 +218,13 @@ async fn run_sh_turns_the_options_into_a_running_proxy() {
         ["homeassistant.local", "homeassistant"]
     );
     assert_eq!(cfg.log.filter, "debug");
-    assert_eq!(cfg.capture.max_total_bytes, 1024 << 20);
-    assert!(!cfg.capture.enabled);
-    assert!(cfg.new_path.verify);
+    assert_eq!(cfg.capture.max_total_bytes, 64 << 20);
+    assert!(cfg.capture.enabled);
+    assert!(!cfg.new_path.verify);
+    assert_eq!(cfg.new_path.addresses, ["127.0.0.1:10"]);
+    assert_eq!(cfg.routing.exclude.len(), 1);
+    assert!(cfg.metrics.per_device_labels);
+    assert_eq!(cfg.routing.mode, cync_mitm::route::Mode::LegacyOnly);
 
     // It serves devices, from /data, as uid 10001 when started as root.
     let fleet = start_fleet(fleet_config(tls, 3));
@@ -264,8 +298,10 @@ fn invalid_options_stop_it_with_64_and_a_users_own_file_wins() {
     let mut options = m["options"].clone();
     options["upstream_addresses"] = serde_json::json!(["127.0.0.1:9"]);
     options["canary_percent"] = 150.into();
+    options["routing_seed"] = Value::Null;
+    options["upstream_pin_sha256"] = serde_json::json!(["ab".repeat(32)]);
     let mut addon = run_addon(dir.path(), &options);
-    let status = addon.child.wait().unwrap();
+    let status = wait_exit(&mut addon.child);
     let mut out = Vec::new();
     while let Ok(l) = addon.lines.recv_timeout(Duration::from_millis(500)) {
         out.push(l);
@@ -274,6 +310,28 @@ fn invalid_options_stop_it_with_64_and_a_users_own_file_wins() {
     assert_eq!(status.code(), Some(64), "{out}");
     assert!(out.contains("routing.canary_percent"), "{out}");
     assert!(out.contains("the configuration is invalid"), "{out}");
+    // An unset option is left out (its default applies), not written as "null".
+    let written: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.path().join("data/cync-mitm.toml")).unwrap())
+            .unwrap();
+    assert!(written["routing"].get("seed").is_none(), "{written}");
+    assert_eq!(written["routing"]["canary_percent"].as_integer(), Some(150));
+    assert_eq!(
+        written["upstream"]["pin_sha256"][0].as_str(),
+        Some("ab".repeat(32).as_str())
+    );
+    // An option of the wrong type stops it before any file is written.
+    let mut wrong = options.clone();
+    wrong["canary_percent"] = 5.into();
+    wrong["capture"] = "yes".into();
+    let mut addon = run_addon(dir.path(), &wrong);
+    assert_eq!(wait_exit(&mut addon.child).code(), Some(64));
+    let out: Vec<String> = addon.lines.try_iter().collect();
+    assert!(
+        out.join("\n")
+            .contains("option capture must be true or false"),
+        "{out:?}"
+    );
 
     // Not JSON at all.
     std::fs::write(dir.path().join("options.json"), "{").unwrap();
@@ -286,6 +344,8 @@ fn invalid_options_stop_it_with_64_and_a_users_own_file_wins() {
             dir.path().join("config/cync-mitm.toml"),
         )
         .env("CYNC_MITM_BIN", env!("CARGO_BIN_EXE_cync-mitm"))
+        .env("CYNC_MITM_LISTEN", "127.0.0.1:0")
+        .env("CYNC_MITM_ADMIN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert_eq!(st.status.code(), Some(64), "{st:?}");
@@ -299,10 +359,31 @@ fn invalid_options_stop_it_with_64_and_a_users_own_file_wins() {
          upstream.addresses = [\"127.0.0.1:9\"]\nrouting.canary_percent = 3.0\n",
     )
     .unwrap();
-    let addon = run_addon(dir.path(), &options);
+    let user = dir.path().join("config/cync-mitm.toml");
+    if nix_is_root() {
+        // Readable by root only: refused before it starts, not after.
+        std::fs::set_permissions(&user, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut addon = run_addon(dir.path(), &options);
+        assert_eq!(wait_exit(&mut addon.child).code(), Some(64));
+        let out: Vec<String> = addon.lines.try_iter().collect();
+        assert!(out.join("\n").contains("invalid or unreadable"), "{out:?}");
+        std::fs::set_permissions(&user, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // The image's default: CYNC_MITM_RUN_AS unset drops to 10001 all the same.
+    let addon = run_addon_as(dir.path(), &options, None);
     wait_line(&addon, "as written");
+    // Its admin server is on loopback: the watchdog could not reach it, and it says so.
+    wait_line(&addon, "watchdog");
     wait_line(&addon, "listening");
     assert!(!dir.path().join("data/cync-mitm.toml").exists());
+    if nix_is_root() {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", addon.child.id())).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uid.split_whitespace().skip(1).all(|u| u == "10001"),
+            "{uid}"
+        );
+    }
     drop(addon);
 }
 
@@ -347,6 +428,8 @@ fn package_sh_makes_a_local_addon_folder_with_the_source() {
         .status()
         .unwrap();
     assert!(x.success());
+    let commit = std::fs::read_to_string(src.join("COMMIT")).unwrap();
+    assert!(commit.trim().len() >= 7, "{commit}");
     for f in [
         "Cargo.toml",
         "Cargo.lock",

@@ -2,11 +2,11 @@
 # The Home Assistant add-on's entry point. The add-on's options (/data/options.json, written by
 # the Supervisor from config.yaml's schema) become /data/cync-mitm.toml; a file the user put at
 # /config/cync-mitm.toml (the add-on's config folder) is used as written instead. The proxy
-# runs in /data, so its certificates, captures and SLO state are kept (and backed up) there.
+# runs in /data, so its certificates, captures and SLO state are kept there.
 #
 # Environment (defaults are the add-on's; tests set them): CYNC_MITM_OPTIONS, CYNC_MITM_DATA,
 # CYNC_MITM_USER_CONFIG, CYNC_MITM_BIN, CYNC_MITM_LISTEN, CYNC_MITM_ADMIN, and CYNC_MITM_RUN_AS
-# ("uid:gid" to drop to when started as root; empty keeps the current user).
+# ("uid:gid" to drop to when started as root, 10001:10001 when unset; empty keeps root).
 set -euo pipefail
 
 options="${CYNC_MITM_OPTIONS:-/data/options.json}"
@@ -15,54 +15,75 @@ user_config="${CYNC_MITM_USER_CONFIG:-/config/cync-mitm.toml}"
 bin="${CYNC_MITM_BIN:-/usr/local/bin/cync-mitm}"
 listen="${CYNC_MITM_LISTEN:-0.0.0.0:23779}"
 admin="${CYNC_MITM_ADMIN:-0.0.0.0:9400}"
-run_as="${CYNC_MITM_RUN_AS:-}"
+run_as="${CYNC_MITM_RUN_AS-10001:10001}"
 
 log() { echo "cync-mitm add-on: $*" >&2; }
 
-# A JSON value as TOML: strings through jq's JSON escaping (valid TOML basic strings), lists
-# of strings likewise, booleans and numbers as they are.
-opt() { jq -c --arg k "$1" '.[$k]' "$options"; }
-str() { jq -r --arg k "$1" '.[$k] | tostring | @json' "$options"; }
-list() { jq -r --arg k "$1" '"[" + ((.[$k] // []) | map(tostring | @json) | join(", ")) + "]"' "$options"; }
+# The whole file in one jq program: strings through @json (valid TOML basic strings), lists of
+# strings likewise, booleans and numbers checked for their type. An option that is missing or
+# null is left out (the proxy's default applies); one of the wrong type stops the add-on.
+toml_from_options() {
+  jq -r --arg listen "$listen" --arg admin "$admin" '
+    def s($k): if .[$k] == null or .[$k] == "" then empty
+      elif (.[$k] | type) == "string" then .[$k] | @json
+      else error("option \($k) must be a string") end;
+    def l($k): if .[$k] == null then empty
+      elif (.[$k] | type) == "array" then "[" + (.[$k] | map(tostring | @json) | join(", ")) + "]"
+      else error("option \($k) must be a list") end;
+    def b($k): if .[$k] == null then empty
+      elif (.[$k] | type) == "boolean" then .[$k] | tostring
+      else error("option \($k) must be true or false") end;
+    def n($k): if .[$k] == null then empty
+      elif (.[$k] | type) == "number" and (.[$k] | isinfinite | not) and (.[$k] | isnan | not) then .[$k] | tostring
+      else error("option \($k) must be a number") end;
+    def kv($key; v): [v] | if length == 0 then empty else "\($key) = \(.[0])" end;
+    if type != "object" then error("the options are not a JSON object") else . end
+    | [
+      "# Written by the add-on from its options at every start: change the options (or put",
+      "# your own cync-mitm.toml in the add-on config folder), not this file.",
+      "[listen]", "tls = \($listen | @json)",
+      "[upstream]",
+      (if (.upstream_addresses // []) == [] then empty else kv("addresses"; l("upstream_addresses")) end),
+      kv("pin_sha256"; l("upstream_pin_sha256")),
+      "[admin]", "listen = \($admin | @json)",
+      kv("allowed_hosts"; l("admin_allowed_hosts")),
+      "[log]", kv("filter"; s("log_level")),
+      "[metrics]", kv("per_device_labels"; b("per_device_metrics")),
+      "[routing]",
+      kv("mode"; s("routing_mode")),
+      kv("canary_percent"; n("canary_percent")),
+      kv("seed"; s("routing_seed")),
+      kv("cohort"; l("cohort")),
+      kv("exclude"; l("exclude")),
+      "[new_path]",
+      kv("addresses"; l("new_path_addresses")),
+      kv("verify"; b("new_path_verify")),
+      "[capture]",
+      kv("enabled"; b("capture")),
+      kv("max_total_bytes"; n("capture_max_total_mb") | tonumber | floor * 1048576 | tostring)
+    ] | .[]' "$options"
+}
 
 generate() {
-  local out="$1" seed upstream
-  [ -r "$options" ] || { log "no options file at $options"; exit 64; }
-  jq -e 'type == "object"' "$options" >/dev/null || { log "$options is not a JSON object"; exit 64; }
-  seed="$(str routing_seed)"
-  upstream="$(list upstream_addresses)"
-  {
-    echo "# Written by the add-on's run.sh from its options at every start: edit the options"
-    echo "# (or put your own cync-mitm.toml in the add-on's config folder), not this file."
-    echo "[listen]"
-    echo "tls = $(jq -rn --arg v "$listen" '$v | @json')"
-    echo "[upstream]"
-    # Empty: the built-in Cync cloud addresses.
-    [ "$upstream" = "[]" ] || echo "addresses = $upstream"
-    echo "pin_sha256 = $(list upstream_pin_sha256)"
-    echo "[admin]"
-    echo "listen = $(jq -rn --arg v "$admin" '$v | @json')"
-    echo "allowed_hosts = $(list admin_allowed_hosts)"
-    echo "[log]"
-    echo "filter = $(str log_level)"
-    echo "[metrics]"
-    echo "per_device_labels = $(opt per_device_metrics)"
-    echo "[routing]"
-    echo "mode = $(str routing_mode)"
-    echo "canary_percent = $(jq -r '.canary_percent | tonumber' "$options")"
-    # Empty: the built-in seed.
-    [ "$seed" = '""' ] || echo "seed = $seed"
-    echo "cohort = $(list cohort)"
-    echo "exclude = $(list exclude)"
-    echo "[new_path]"
-    echo "addresses = $(list new_path_addresses)"
-    echo "verify = $(opt new_path_verify)"
-    echo "[capture]"
-    echo "enabled = $(opt capture)"
-    echo "max_total_bytes = $(jq -r '(.capture_max_total_mb | tonumber | floor) * 1048576' "$options")"
-  } >"$out.tmp"
+  local out="$1"
+  if [ ! -r "$options" ]; then
+    log "no options file at $options"
+    exit 64
+  fi
+  if ! toml_from_options >"$out.tmp"; then
+    rm -f "$out.tmp"
+    log "the add-on's options could not be turned into a configuration (above)"
+    exit 64
+  fi
   mv -f "$out.tmp" "$out"
 }
+
+# Runs the proxy binary as the user it serves as.
+as_user=()
+if [ -n "$run_as" ] && [ "$(id -u)" = 0 ]; then
+  as_user=(setpriv "--reuid=${run_as%%:*}" "--regid=${run_as##*:}" --clear-groups
+    --inh-caps=-all --bounding-set=-all --no-new-privs)
+fi
 
 mkdir -p "$data"
 cd "$data"
@@ -74,16 +95,18 @@ else
   generate "$config"
   log "configuration written to $config from the add-on's options"
 fi
+if [ "${#as_user[@]}" -gt 0 ]; then
+  chown -R "$run_as" "$data"
+fi
 
-if ! "$bin" config check "$config" >&2; then
-  log "the configuration is invalid (above)"
+# Checked as the user that will read it (a file only root can read fails here, not later).
+if ! "${as_user[@]}" "$bin" config check "$config" >&2; then
+  log "the configuration is invalid or unreadable (above)"
   exit 64
 fi
-
-if [ -n "$run_as" ] && [ "$(id -u)" = 0 ]; then
-  chown -R "$run_as" "$data"
-  exec setpriv --reuid="${run_as%%:*}" --regid="${run_as##*:}" --clear-groups \
-    --inh-caps=-all --bounding-set=-all --no-new-privs \
-    "$bin" run --config "$config"
+if [ "$config" = "$user_config" ] \
+  && "$bin" config show "$config" 2>/dev/null | awk '/^\[/{s=$0} s=="[admin]" && /^listen = "127\./{f=1} END{exit !f}'; then
+  log "warning: admin.listen is on loopback in $config: the Supervisor's watchdog and the web UI cannot reach it (use \"0.0.0.0:9400\")"
 fi
-exec "$bin" run --config "$config"
+
+exec "${as_user[@]}" "$bin" run --config "$config"
